@@ -1,0 +1,17 @@
+"""Merge methods: pure tensor functions behind a registry, plus layer helpers.
+
+Nothing here knows about recipes, checkpoints or models; adding a method is
+one small module that calls :func:`register`.
+"""
+
+from mergesearch.merging import linear, passthrough, slerp, task_arithmetic  # noqa: F401
+from mergesearch.merging.base import (
+    MergeMethod,
+    Param,
+    compute_dtype,
+    get_method,
+    methods,
+    register,
+)
+
+__all__ = ["MergeMethod", "Param", "compute_dtype", "get_method", "methods", "register"]

@@ -1,0 +1,116 @@
+"""What a merge method is: a pure tensor function plus a short spec of its parameters."""
+
+from __future__ import annotations
+
+import keyword
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+MergeFn = Callable[..., torch.Tensor]
+"""``fn(base, models, *, generator, **params) -> merged``.
+
+``base`` is the base tensor (or ``None`` for methods without one), ``models``
+the source tensors, all of one shape and already in the compute dtype.
+Per-model parameters arrive as one float per model, method-wide ones as
+scalars, both already resolved for this tensor.
+"""
+
+PrepareFn = Callable[[Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]], dict[str, Any]]
+"""Optional whole-model pass run before the per-tensor merge (e.g. a global SLERP angle).
+
+It sees every (base, models) tensor group once and returns extra keyword
+arguments for the merge function.
+"""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method."""
+
+    name: str
+    default: float | bool | None = None  # None: required
+    per_model: bool = False
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    doc: str = ""
+
+    @property
+    def arg(self) -> str:
+        """Keyword argument name in the merge function (``lambda`` -> ``lambda_``)."""
+        return self.name + "_" if keyword.iskeyword(self.name) else self.name
+
+    def check(self, value: Any, where: str) -> None:
+        """Raise ValueError naming ``where`` if ``value`` does not fit this parameter."""
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where}: expected true or false, got {value!r}")
+            return
+        if isinstance(value, bool):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            raise ValueError(f"{where}={value:g} is outside [{lo}, {hi}]")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method."""
+
+    name: str
+    fn: MergeFn
+    params: tuple[Param, ...] = ()
+    needs_base: bool = True
+    min_models: int = 1
+    max_models: int | None = None
+    task_vectors: bool = False  # merges task vectors (so LiNeS scaling applies)
+    stochastic: bool = False  # draws random masks: uses the recipe seed
+    prepare: PrepareFn | None = None
+    doc: str = ""
+    mergekit: bool = True  # mergekit 0.1.5 has a method of this name and meaning
+    _by_name: dict[str, Param] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {p.name: p for p in self.params})
+
+    def param(self, name: str) -> Param:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"method {self.name!r} has no parameter {name!r}") from None
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry (its name must be new)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} is already registered")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look a method up by name; the error lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        raise KeyError(f"unknown merge method {name!r} (known: {known})") from None
+
+
+def methods() -> dict[str, MergeMethod]:
+    """All registered methods by name."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Merges run in float32, or float64 when the inputs already are."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

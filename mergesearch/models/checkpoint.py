@@ -1,0 +1,132 @@
+"""Opening checkpoints: local directories or hub ids, safetensors memory-mapped.
+
+Weights are read with ``safetensors.safe_open``, which maps the file instead of
+copying it: a worker holding several sources pays in page cache, shared with
+every other process reading the same files.  Pickle checkpoints (``.bin``,
+``.pt``) can run code when loaded, so they are refused unless the caller
+passes ``allow_pickle=True``; even then they are loaded with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+log = logging.getLogger(__name__)
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be found or read; the message names it and the fix."""
+
+
+def resolve_model_dir(ref: str) -> Path:
+    """A local directory for a model reference (a path or a hub id)."""
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"model {ref!r} is a file; give the checkpoint's directory")
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"model {ref!r} not found: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(
+                ref,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+            )
+        )
+    except Exception as err:  # offline, unknown repo, no access: all say the same to a user
+        raise ModelLoadError(
+            f"model {ref!r} is not a local directory and could not be fetched from the hub "
+            f"({type(err).__name__}: {err}). Download it first or give a local path."
+        ) from None
+
+
+class Checkpoint:
+    """Read access to one checkpoint's config and tensors (CPU, memory-mapped)."""
+
+    def __init__(self, ref: str, *, allow_pickle: bool = False) -> None:
+        self.ref = ref
+        self.path = resolve_model_dir(ref)
+        self._files = self._index(allow_pickle)
+
+    def _index(self, allow_pickle: bool) -> dict[str, Path]:
+        """Tensor name -> file holding it."""
+        index_file = self.path / "model.safetensors.index.json"
+        if index_file.exists():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            return {name: self.path / file for name, file in weight_map.items()}
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            files = {}
+            for shard in shards:
+                with safe_open(shard, "pt") as f:
+                    files.update(dict.fromkeys(f.keys(), shard))
+            return files
+        pickles = sorted(p for p in self.path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if not pickles:
+            raise ModelLoadError(f"model {self.ref!r}: no .safetensors weights in {self.path}")
+        if not allow_pickle:
+            raise ModelLoadError(
+                f"model {self.ref!r} has only pickle weights ({pickles[0].name}), which can run "
+                "code when loaded. Convert it to safetensors, or opt in with allow_pickle=True "
+                "(CLI: --allow-pickle) if you trust the file."
+            )
+        return {name: p for p in pickles for name in self._pickle(p)}
+
+    def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
+        cache = self.__dict__.setdefault("_pickled", {})
+        if file not in cache:
+            cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        return cache[file]
+
+    @cached_property
+    def config(self) -> PretrainedConfig:
+        try:
+            return AutoConfig.from_pretrained(self.path, trust_remote_code=False)
+        except Exception as err:
+            raise ModelLoadError(f"model {self.ref!r}: cannot read config.json ({err})") from None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    @cached_property
+    def _handles(self) -> dict[Path, object]:
+        return {
+            file: safe_open(file, "pt")
+            for file in set(self._files.values())
+            if file.suffix == ".safetensors"
+        }
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, memory-mapped (do not modify it in place)."""
+        try:
+            file = self._files[name]
+        except KeyError:
+            raise ModelLoadError(f"model {self.ref!r} has no tensor {name!r}") from None
+        if file.suffix == ".safetensors":
+            return self._handles[file].get_tensor(name)
+        return self._pickle(file)[name]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.num_hidden_layers)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.ref!r})"

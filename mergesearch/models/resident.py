@@ -1,0 +1,301 @@
+"""Merging recipes into one resident model, in place.
+
+A :class:`ModelPool` opens each checkpoint once and keeps its tensors where
+the merge runs (memory-mapped on CPU, uploaded once to a GPU).  A
+:class:`ResidentMerger` owns one ``transformers`` model and, for every recipe,
+overwrites its parameters with the merged tensors: no reallocation and no
+disk I/O per candidate.  Checks that need the models (missing tensors,
+shapes, vocabulary sizes, layer indices) run before any parameter is touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from mergesearch.merging import compute_dtype, get_method
+from mergesearch.merging.layers import (
+    Source,
+    assemble_path,
+    gradient_position,
+    layer_index,
+    lines_scale,
+)
+from mergesearch.models.checkpoint import Checkpoint
+from mergesearch.recipe import Recipe, RecipeError
+
+try:  # transformers >= 5
+    from transformers.initialization import no_init_weights
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers.modeling_utils import no_init_weights
+
+log = logging.getLogger(__name__)
+
+
+class ModelPool:
+    """Checkpoints opened once, their tensors cached on one device."""
+
+    def __init__(self, device: str | torch.device = "cpu", *, allow_pickle: bool = False):
+        self.device = torch.device(device)
+        self.allow_pickle = allow_pickle
+        self._checkpoints: dict[str, Checkpoint] = {}
+        self._tensors: dict[tuple[str, str], torch.Tensor] = {}
+
+    def checkpoint(self, ref: str) -> Checkpoint:
+        """The checkpoint for a model reference, opened on first use."""
+        if ref not in self._checkpoints:
+            self._checkpoints[ref] = Checkpoint(ref, allow_pickle=self.allow_pickle)
+        return self._checkpoints[ref]
+
+    def tensor(self, ref: str, name: str) -> torch.Tensor:
+        """A tensor in its stored dtype, on the pool's device (read-only)."""
+        key = (ref, name)
+        cached = self._tensors.get(key)
+        if cached is None:
+            cached = self.checkpoint(ref).tensor(name)
+            if cached.device != self.device:
+                cached = cached.to(self.device)
+            self._tensors[key] = cached
+        return cached
+
+    def load(self, refs: Sequence[str]) -> None:
+        """Open every model and bring all its tensors to the device now."""
+        for ref in refs:
+            for name in self.checkpoint(ref).names:
+                self.tensor(ref, name)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where each output tensor comes from, checked once per set of models."""
+
+    config: PretrainedConfig
+    sources: dict[str, list[Source]]  # output name -> one source per merged input
+    base: dict[str, Source | None]  # output name -> base tensor (None without a base)
+    vocab_rows: int | None  # rows to crop/pad vocabulary tensors to (vocab: base)
+
+
+def _seed(seed: int, name: str) -> int:
+    """A per-tensor seed independent of merge order."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+class ResidentMerger:
+    """Merge recipes into one resident model, overwriting its weights in place.
+
+    >>> merger = ResidentMerger(device="cpu")          # doctest: +SKIP
+    >>> model = merger.apply(recipe)                    # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        pool: ModelPool | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
+    ):
+        self.pool = pool or ModelPool(device, allow_pickle=allow_pickle)
+        self.device = self.pool.device
+        self.dtype = dtype
+        self.model: nn.Module | None = None
+        self._plans: dict[tuple, _Plan] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # ------------------------------------------------------------- planning
+    def plan(self, recipe: Recipe) -> _Plan:
+        """Check the recipe against its models and map output tensors to sources."""
+        method = get_method(recipe.method)
+        hops = tuple((h.model, h.layer) for h in recipe.layer_path or ())
+        key = (recipe.base, tuple(s.model for s in recipe.models), hops, recipe.vocab)
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(recipe, method.needs_base, hops)
+        return self._plans[key]
+
+    def _make_plan(self, recipe: Recipe, needs_base: bool, hops: tuple) -> _Plan:
+        refs = recipe.model_names
+        ckpts = {ref: self.pool.checkpoint(ref) for ref in refs}
+        ref0 = refs[0]
+        config = copy.deepcopy(ckpts[ref0].config)
+        ties = {r: bool(getattr(c.config, "tie_word_embeddings", False)) for r, c in ckpts.items()}
+        if len(set(ties.values())) > 1:
+            raise RecipeError(
+                "models disagree on tie_word_embeddings: "
+                + ", ".join(f"{r}={t}" for r, t in ties.items())
+            )
+        if hops:
+            for i, (ref, layer) in enumerate(hops):
+                depth = ckpts[ref].num_layers
+                if layer >= depth:
+                    raise RecipeError(
+                        f"layer_path[{i}]: layer {layer} is past the last layer of {ref} "
+                        f"({depth} layers, indices 0..{depth - 1})"
+                    )
+            _set_depth(config, len(hops))
+
+        shapes = _param_shapes(config)
+        out_names = list(shapes)
+        if hops:
+            placed = assemble_path(out_names, hops)
+            sources = {name: [placed[name]] for name in out_names}
+            base = dict.fromkeys(out_names)
+        else:
+            inputs = [s.model for s in recipe.models]
+            sources = {name: [Source(ref, name) for ref in inputs] for name in out_names}
+            base = {name: Source(recipe.base, name) if needs_base else None for name in out_names}
+
+        vocab = {ref: getattr(c.config, "vocab_size", None) for ref, c in ckpts.items()}
+        vocab_rows = None
+        if len(set(vocab.values())) > 1:
+            if recipe.vocab == "strict":
+                sizes = ", ".join(f"{r}: {v}" for r, v in vocab.items())
+                raise RecipeError(
+                    f"vocabulary sizes differ ({sizes}). Merge models that share a tokenizer, "
+                    f"or set 'vocab: base' to keep the first model's {vocab[ref0]} rows "
+                    "(rows a model lacks count as that model's, i.e. a zero task vector)"
+                )
+            vocab_rows = vocab[ref0]
+
+        for name in out_names:
+            want = shapes[name]
+            for src in [*sources[name], *([base[name]] if base[name] else [])]:
+                ckpt = ckpts[src.model]
+                if src.name not in ckpt:
+                    raise RecipeError(
+                        f"model {src.model} has no tensor {src.name!r} "
+                        f"(needed for {name!r}); are the models of the same architecture?"
+                    )
+                shape = tuple(self.pool.tensor(src.model, src.name).shape)
+                if shape != want and not (vocab_rows and shape[1:] == want[1:]):
+                    raise RecipeError(
+                        f"shape mismatch for {name!r}: {src.model} has {list(shape)}, "
+                        f"expected {list(want)} (from {ref0}); these models cannot be merged"
+                    )
+        return _Plan(config=config, sources=sources, base=base, vocab_rows=vocab_rows)
+
+    # ------------------------------------------------------------- merging
+    def apply(self, recipe: Recipe) -> nn.Module:
+        """Merge ``recipe`` into the resident model and return that model."""
+        plan = self.plan(recipe)
+        model = self._resident(plan.config)
+        method = get_method(recipe.method)
+        num_layers = plan.config.num_hidden_layers
+        extra = method.prepare(self._groups(plan)) if method.prepare else {}
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, sources in plan.sources.items():
+                merged = self._merge_tensor(recipe, method, plan, name, sources, num_layers, extra)
+                params[name].copy_(merged)
+        self._set_input_scales(model, recipe)
+        return model
+
+    def _merge_tensor(self, recipe, method, plan, name, sources, num_layers, extra):
+        base_src = plan.base[name]
+        base = self._load(base_src, plan) if base_src else None
+        models = [self._load(src, plan, base) for src in sources]
+        t = gradient_position(name, num_layers)
+        kwargs = dict(extra)
+        for p in method.params:
+            if p.per_model:
+                kwargs[p.arg] = [recipe.resolve(p.name, name, t, i) for i in range(len(models))]
+            else:
+                kwargs[p.arg] = recipe.resolve(p.name, name, t)
+        generator = None
+        if method.stochastic:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(_seed(recipe.seed, name))
+        merged = method.fn(base, models, generator=generator, **kwargs)
+        if recipe.lines is not None:
+            scale = lines_scale(name, num_layers, recipe.lines.alpha, recipe.lines.beta)
+            merged = base + scale * (merged - base)
+        if not torch.isfinite(merged).all():
+            raise RecipeError(f"merging {name!r} produced NaN or inf values; check the weights")
+        return merged
+
+    def _load(self, src: Source, plan: _Plan, fill: torch.Tensor | None = None) -> torch.Tensor:
+        """A source tensor in the compute dtype, vocabulary rows fitted if needed."""
+        x = self.pool.tensor(src.model, src.name)
+        x = x.to(compute_dtype(x.dtype))
+        rows = plan.vocab_rows
+        if rows is not None and layer_index(src.name) is None and x.dim() and x.shape[0] != rows:
+            if x.shape[0] > rows:
+                x = x[:rows]
+            else:
+                pad = fill[x.shape[0]:] if fill is not None else x.new_zeros(
+                    (rows - x.shape[0], *x.shape[1:]))
+                x = torch.cat([x, pad])
+        return x
+
+    def _groups(self, plan: _Plan) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
+        for name, sources in plan.sources.items():
+            base = self._load(plan.base[name], plan) if plan.base[name] else None
+            yield base, [self._load(s, plan, base) for s in sources]
+
+    def _resident(self, config: PretrainedConfig) -> nn.Module:
+        """The resident model, rebuilt only when the architecture changes."""
+        if self.model is None or self.model.config.to_dict() != config.to_dict():
+            device_ctx = torch.device(self.device) if self.device.type != "cpu" else nullcontext()
+            with device_ctx, no_init_weights():
+                self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            self.model.eval()
+        return self.model
+
+    def _set_input_scales(self, model: nn.Module, recipe: Recipe) -> None:
+        """Multiply each hop's layer input by its scale (forward pre-hooks)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        layers = _decoder_layers(model)
+        for layer, hop in zip(layers, recipe.layer_path or (), strict=False):
+            if hop.scale != 1.0:
+                self._hooks.append(layer.register_forward_pre_hook(_scale_input(hop.scale),
+                                                                   with_kwargs=True))
+
+
+def _scale_input(scale: float):
+    def hook(module, args, kwargs):
+        if args:
+            return (args[0] * scale, *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = kwargs["hidden_states"] * scale
+        return args, kwargs
+
+    return hook
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return module
+    raise RecipeError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _param_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a model built from ``config`` (tied ones once)."""
+    with torch.device("meta"), no_init_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    return {name: tuple(p.shape) for name, p in meta.named_parameters()}
+
+
+def _set_depth(config: PretrainedConfig, depth: int) -> None:
+    """Give a config ``depth`` layers (per-layer lists are cut or repeated to match)."""
+    old = config.num_hidden_layers
+    config.num_hidden_layers = depth
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(layer_types) == old:
+        config.layer_types = [layer_types[i % old] for i in range(depth)]
+
+
+def merge(recipe: Recipe, *, device: str = "cpu", dtype: torch.dtype | None = None,
+          allow_pickle: bool = False) -> nn.Module:
+    """One-off merge: a fresh model holding the merged weights of ``recipe``."""
+    dtype = dtype or getattr(torch, recipe.dtype)
+    return ResidentMerger(device=device, dtype=dtype, allow_pickle=allow_pickle).apply(recipe)
