@@ -26,7 +26,6 @@ from mergesearch.merging.layers import (
     Source,
     assemble_path,
     gradient_position,
-    layer_index,
     lines_scale,
 )
 from mergesearch.models.checkpoint import Checkpoint
@@ -81,6 +80,7 @@ class _Plan:
     sources: dict[str, list[Source]]  # output name -> one source per merged input
     base: dict[str, Source | None]  # output name -> base tensor (None without a base)
     vocab_rows: int | None  # rows to crop/pad vocabulary tensors to (vocab: base)
+    refit: frozenset[str]  # output tensors with a source of another vocabulary size
 
 
 def _seed(seed: int, name: str) -> int:
@@ -164,6 +164,7 @@ class ResidentMerger:
                 )
             vocab_rows = vocab[ref0]
 
+        refit = set()
         for name in out_names:
             want = shapes[name]
             for src in [*sources[name], *([base[name]] if base[name] else [])]:
@@ -174,12 +175,15 @@ class ResidentMerger:
                         f"(needed for {name!r}); are the models of the same architecture?"
                     )
                 shape = tuple(self.pool.tensor(src.model, src.name).shape)
-                if shape != want and not (vocab_rows and shape[1:] == want[1:]):
+                if shape != want and vocab_rows and shape[1:] == want[1:]:
+                    refit.add(name)
+                elif shape != want:
                     raise RecipeError(
                         f"shape mismatch for {name!r}: {src.model} has {list(shape)}, "
                         f"expected {list(want)} (from {ref0}); these models cannot be merged"
                     )
-        return _Plan(config=config, sources=sources, base=base, vocab_rows=vocab_rows)
+        return _Plan(config=config, sources=sources, base=base, vocab_rows=vocab_rows,
+                     refit=frozenset(refit))
 
     # ------------------------------------------------------------- merging
     def apply(self, recipe: Recipe) -> nn.Module:
@@ -199,8 +203,8 @@ class ResidentMerger:
 
     def _merge_tensor(self, recipe, method, plan, name, sources, num_layers, extra):
         base_src = plan.base[name]
-        base = self._load(base_src, plan) if base_src else None
-        models = [self._load(src, plan, base) for src in sources]
+        base = self._load(base_src, plan, name) if base_src else None
+        models = [self._load(src, plan, name, base) for src in sources]
         t = gradient_position(name, num_layers)
         kwargs = dict(extra)
         for p in method.params:
@@ -220,12 +224,13 @@ class ResidentMerger:
             raise RecipeError(f"merging {name!r} produced NaN or inf values; check the weights")
         return merged
 
-    def _load(self, src: Source, plan: _Plan, fill: torch.Tensor | None = None) -> torch.Tensor:
+    def _load(self, src: Source, plan: _Plan, out_name: str,
+              fill: torch.Tensor | None = None) -> torch.Tensor:
         """A source tensor in the compute dtype, vocabulary rows fitted if needed."""
         x = self.pool.tensor(src.model, src.name)
         x = x.to(compute_dtype(x.dtype))
         rows = plan.vocab_rows
-        if rows is not None and layer_index(src.name) is None and x.dim() and x.shape[0] != rows:
+        if out_name in plan.refit and x.shape[0] != rows:
             if x.shape[0] > rows:
                 x = x[:rows]
             else:
@@ -236,15 +241,15 @@ class ResidentMerger:
 
     def _groups(self, plan: _Plan) -> Iterator[tuple[torch.Tensor | None, list[torch.Tensor]]]:
         for name, sources in plan.sources.items():
-            base = self._load(plan.base[name], plan) if plan.base[name] else None
-            yield base, [self._load(s, plan, base) for s in sources]
+            base = self._load(plan.base[name], plan, name) if plan.base[name] else None
+            yield base, [self._load(s, plan, name, base) for s in sources]
 
     def _resident(self, config: PretrainedConfig) -> nn.Module:
         """The resident model, rebuilt only when the architecture changes."""
-        if self.model is None or self.model.config.to_dict() != config.to_dict():
+        if self.model is None or _architecture(self.model.config) != _architecture(config):
             device_ctx = torch.device(self.device) if self.device.type != "cpu" else nullcontext()
-            with device_ctx, no_init_weights():
-                self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            with device_ctx:
+                self.model = _empty_model(config, self.dtype)
             self.model.eval()
         return self.model
 
@@ -278,10 +283,27 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise RecipeError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
+_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "dtype", "torch_dtype",
+                     "_commit_hash", "architectures"}
+
+
+def _architecture(config: PretrainedConfig) -> dict:
+    """The config fields that decide the model's structure (not where it came from)."""
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+
+
+def _empty_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
+    """A model of ``config`` without the (slow, soon overwritten) weight initialisation."""
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped together with the initialisation
+    return model
+
+
 def _param_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     """Parameter names and shapes of a model built from ``config`` (tied ones once)."""
-    with torch.device("meta"), no_init_weights():
-        meta = AutoModelForCausalLM.from_config(config)
+    with torch.device("meta"):
+        meta = _empty_model(config, torch.float32)
     return {name: tuple(p.shape) for name, p in meta.named_parameters()}
 
 

@@ -1,0 +1,3 @@
+from mergesearch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The resident merger: correct tensors, in place, with clear errors before any write."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import state
+
+from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
+from mergesearch.models.resident import ResidentMerger, merge
+from mergesearch.recipe import Recipe, RecipeError, uniform_recipe
+
+LAYERS = 3
+
+
+def test_task_arithmetic_with_gradient_and_filter_matches_hand_computation(tiny):
+    recipe = Recipe(
+        method="task_arithmetic",
+        base=tiny.base,
+        models=[
+            {"model": tiny.sources[0], "parameters": {"weight": [0.2, 1.0]}},
+            {"model": tiny.sources[1], "parameters": {
+                "weight": [{"filter": "mlp", "value": 0.7}, {"value": -0.3}]}},
+        ],
+        parameters={"lambda": 0.9},
+    )
+    model = merge(recipe)
+    base, a, b = state(tiny.base), state(tiny.sources[0]), state(tiny.sources[1])
+    merged = model.state_dict()
+    for name in base:
+        index = int(name.split(".")[2]) if ".layers." in name else None
+        t = 0.0 if index is None else index / (LAYERS - 1)
+        w_a = 0.2 + 0.8 * t
+        w_b = 0.7 if "mlp" in name else -0.3
+        want = base[name] + 0.9 * (w_a * (a[name] - base[name]) + w_b * (b[name] - base[name]))
+        torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_parameters_are_overwritten_in_place(tiny):
+    merger = ResidentMerger()
+    first = merger.apply(uniform_recipe("linear", None, tiny.sources, weight=1.0))
+    pointers = {n: p.data_ptr() for n, p in first.named_parameters()}
+    before = {n: p.detach().clone() for n, p in first.named_parameters()}
+    second = merger.apply(uniform_recipe("ties", tiny.base, tiny.sources, weight=1.0, density=0.3))
+    assert second is first
+    assert {n: p.data_ptr() for n, p in second.named_parameters()} == pointers
+    assert any(not torch.equal(before[n], p) for n, p in second.named_parameters())
+
+
+def test_same_recipe_twice_gives_identical_weights_and_seed_matters(tiny):
+    merger = ResidentMerger()
+    recipe = uniform_recipe("dare_ties", tiny.base, tiny.sources, weight=0.5, density=0.4)
+    one = {n: p.detach().clone() for n, p in merger.apply(recipe).named_parameters()}
+    two = {n: p.detach().clone() for n, p in merger.apply(recipe).named_parameters()}
+    other = merger.apply(recipe.model_copy(update={"seed": 7}))
+    assert all(torch.equal(one[n], two[n]) for n in one)
+    assert any(not torch.equal(one[n], p) for n, p in other.named_parameters())
+
+
+def test_tied_embeddings_stay_tied(tiny):
+    model = merge(uniform_recipe("task_arithmetic", tiny.tied_base, tiny.tied_sources, weight=0.5))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    base, a, b = (state(p) for p in (tiny.tied_base, *tiny.tied_sources))
+    key = "model.embed_tokens.weight"
+    want = base[key] + 0.5 * (a[key] - base[key]) + 0.5 * (b[key] - base[key])
+    torch.testing.assert_close(model.lm_head.weight.detach(), want, rtol=0, atol=1e-6)
+
+
+def test_untied_lm_head_is_merged_on_its_own(tiny):
+    model = merge(uniform_recipe("linear", None, tiny.sources[:2], weight=1.0))
+    a, b = state(tiny.sources[0]), state(tiny.sources[1])
+    torch.testing.assert_close(model.lm_head.weight.detach(),
+                               (a["lm_head.weight"] + b["lm_head.weight"]) / 2)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+
+
+def test_vocab_mismatch_is_an_error_unless_recipe_says_base(tiny):
+    recipe = uniform_recipe("task_arithmetic", tiny.base, [tiny.big_vocab], weight=1.0)
+    with pytest.raises(RecipeError, match="vocabulary sizes differ.*vocab: base"):
+        merge(recipe)
+    model = merge(recipe.model_copy(update={"vocab": "base"}))
+    # big_vocab has base's weights on the shared rows, so the merge is the base itself
+    base = state(tiny.base)
+    assert model.model.embed_tokens.weight.shape[0] == base["model.embed_tokens.weight"].shape[0]
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(p, base[name], msg=name)
+
+
+def test_shape_mismatch_names_the_tensor_and_model(tiny):
+    with pytest.raises(RecipeError, match=r"shape mismatch for .*wide.*cannot be merged"):
+        merge(uniform_recipe("linear", None, [tiny.base, tiny.wide], weight=1.0))
+
+
+def test_missing_model_is_a_clear_error(tiny, tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="not found"):
+        merge(uniform_recipe("linear", None, [tiny.base, missing], weight=1.0))
+
+
+def test_pickle_checkpoint_refused_unless_allowed(tiny):
+    recipe = uniform_recipe("linear", None, [tiny.base, tiny.pickle_only], weight=1.0)
+    with pytest.raises(ModelLoadError, match="pickle.*allow_pickle"):
+        merge(recipe)
+    model = merge(recipe, allow_pickle=True)
+    pickled = torch.load(f"{tiny.pickle_only}/pytorch_model.bin", weights_only=True)
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(model.state_dict()[name],
+                               (state(tiny.base)[name] + pickled[name]) / 2)
+
+
+def test_layer_path_stacks_layers_and_scales_inputs(tiny):
+    hops = [(tiny.base, 0), (tiny.deep, 4), (tiny.deep, 1), (tiny.base, 2)]
+    recipe = Recipe(method="passthrough",
+                    layer_path=[{"model": m, "layer": i} for m, i in hops])
+    merger = ResidentMerger()
+    model = merger.apply(recipe)
+    assert model.config.num_hidden_layers == 4
+    sd = model.state_dict()
+    for k, (path, layer) in enumerate(hops):
+        src = state(path)
+        for name, value in src.items():
+            if f"layers.{layer}." in name:
+                assert torch.equal(sd[name.replace(f"layers.{layer}.", f"layers.{k}.")], value)
+    base = state(tiny.base)
+    assert torch.equal(sd["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert torch.equal(sd["lm_head.weight"], base["lm_head.weight"])
+
+    # Scale 0.5 on hop 1 must multiply that layer's input x.  RMSNorm hides a
+    # scale from the attention branch, so the residual stream shows it: the
+    # input of the post-attention norm becomes 0.5 x + attn(norm(x)) instead of
+    # x + attn(norm(x)), i.e. it moves by exactly -0.5 x.
+    def capture(store: dict, key: str):
+        def hook(module, args, kwargs):
+            store[key] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    ids = torch.tensor([[1, 5, 7, 9]])
+    layer = model.model.layers[1]
+    plain: dict = {}
+    handles = [layer.register_forward_pre_hook(capture(plain, "x"), with_kwargs=True),
+               layer.post_attention_layernorm.register_forward_pre_hook(
+                   capture(plain, "mid"), with_kwargs=True)]
+    with torch.no_grad():
+        plain_logits = model(ids).logits
+    for h in handles:
+        h.remove()
+    scaled_recipe = recipe.model_copy(deep=True)
+    scaled_recipe.layer_path[1].scale = 0.5
+    assert merger.apply(scaled_recipe) is model  # same depth: weights overwritten in place
+    scaled: dict = {}
+    handle = layer.post_attention_layernorm.register_forward_pre_hook(capture(scaled, "mid"),
+                                                                      with_kwargs=True)
+    with torch.no_grad():
+        scaled_logits = model(ids).logits
+    handle.remove()
+    assert not torch.allclose(plain_logits, scaled_logits)
+    torch.testing.assert_close(scaled["mid"], plain["mid"] - 0.5 * plain["x"],
+                               rtol=1e-4, atol=1e-4)
+    # back to scale 1: the hook is gone
+    merger.apply(recipe)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain_logits)
+
+
+def test_layer_index_out_of_range_is_an_error(tiny):
+    recipe = Recipe(method="passthrough", layer_path=[{"model": tiny.base, "layer": 0},
+                                                      {"model": tiny.base, "layer": 3}])
+    with pytest.raises(RecipeError, match=r"layer 3 is past the last layer .*3 layers"):
+        merge(recipe)
+
+
+def test_checkpoint_reads_safetensors_lazily(tiny):
+    ckpt = Checkpoint(tiny.base)
+    assert "lm_head.weight" in ckpt
+    assert ckpt.num_layers == LAYERS
+    with pytest.raises(ModelLoadError, match="no tensor"):
+        ckpt.tensor("nope")
