@@ -93,3 +93,11 @@ def state(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(path) / "model.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def zoo():
+    """The built-in model zoo (built once and cached; minutes on first use)."""
+    from mergesearch.zoo import build_zoo
+
+    return build_zoo(progress=False)

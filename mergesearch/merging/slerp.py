@@ -1,7 +1,7 @@
 """Spherical interpolation between a base and one other model.
 
-``slerp`` follows mergekit 0.1.5: each output row (first dimension) gets its
-own angle; nearly parallel rows, and 1-D tensors, fall back to linear
+``slerp`` follows mergekit 0.1.5: each tensor, flattened, gets its own
+angle; nearly parallel tensors (|cos| > 0.9995) fall back to linear
 interpolation.  ``global_slerp`` is the M2N2 variant: one angle for the whole
 model, computed over all parameters flattened together.
 """
@@ -26,21 +26,21 @@ def slerp(
     t: float,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Row-wise SLERP from ``base`` (t = 0) to ``models[0]`` (t = 1)."""
+    """Per-tensor SLERP from ``base`` (t = 0) to ``models[0]`` (t = 1)."""
     (other,) = models
-    a = base.reshape(base.shape[0], -1) if base.dim() else base.reshape(1, 1)
-    b = other.reshape(a.shape)
-    norm_a = torch.linalg.vector_norm(a, dim=1, keepdim=True)
-    norm_b = torch.linalg.vector_norm(b, dim=1, keepdim=True)
+    a, b = base.reshape(-1), other.reshape(-1)
+    norm_a = torch.linalg.vector_norm(a)
+    norm_b = torch.linalg.vector_norm(b)
     norm_a = torch.where(norm_a > EPS, norm_a, 1)
     norm_b = torch.where(norm_b > EPS, norm_b, 1)
-    dot = ((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True).clamp(-1, 1)
-    linear = dot.abs() > DOT_THRESHOLD
-    theta = torch.acos(torch.where(linear, 0, dot))
+    dot = ((a / norm_a) @ (b / norm_b)).clamp(-1, 1)
+    if dot.abs() > DOT_THRESHOLD:
+        return (1 - t) * base + t * other
+    theta = torch.acos(dot)
     sin_theta = torch.sin(theta)
-    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / sin_theta)
-    coef_b = torch.where(linear, t, torch.sin(t * theta) / sin_theta)
-    return (coef_a * a + coef_b * b).reshape(base.shape)
+    coef_a = torch.sin((1 - t) * theta) / sin_theta
+    coef_b = torch.sin(t * theta) / sin_theta
+    return coef_a * base + coef_b * other
 
 
 def global_angle(groups: Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]) -> dict:
@@ -80,7 +80,7 @@ SLERP = register(
         params=(T,),
         min_models=1,
         max_models=1,
-        doc="row-wise spherical interpolation between the base and one model",
+        doc="per-tensor spherical interpolation between the base and one model",
     )
 )
 GLOBAL_SLERP = register(
