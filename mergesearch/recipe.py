@@ -194,6 +194,8 @@ class Recipe(BaseModel):
                 raise ValueError(
                     f"{where}: {name!r} is a method-wide parameter; set it in 'parameters'"
                 )
+            if _has_empty_list(setting):
+                raise ValueError(f"{where}.{name}: an empty list gives no value")
             for value in setting_scalars(setting):
                 spec.check(value, where=f"{where}.{name}")
 
@@ -202,6 +204,14 @@ class Recipe(BaseModel):
         for i, source in enumerate(self.models):
             for name, setting in source.parameters.items():
                 check(name, setting, f"models[{i}].parameters", True)
+        if method.check is not None:
+            for i in range(len(self.models)):
+                values = {
+                    p.name: [*setting_scalars(self.setting(p.name, i))]
+                    if self.setting(p.name, i) is not None else [p.default]
+                    for p in method.params
+                }
+                method.check(values, f"models[{i}] ({self.models[i].model})")
         for spec in method.params:
             if spec.default is not None:
                 continue
@@ -228,28 +238,34 @@ class Recipe(BaseModel):
         names += [hop.model for hop in self.layer_path or ()]
         return list(dict.fromkeys(names))
 
-    def setting(self, name: str, model_index: int | None = None) -> Setting | None:
-        """The setting of a parameter, for one model when it is per-model."""
-        if model_index is not None:
-            own = self.models[model_index].parameters
-            if name in own:
-                return own[name]
-        return self.parameters.get(name)
-
     def resolve(self, name: str, tensor_name: str, t: float, model_index: int | None = None):
-        """Value of parameter ``name`` for one tensor (method default if unset)."""
+        """Value of parameter ``name`` for one tensor.
+
+        Scopes are tried in order, as in mergekit: the model's own setting, the
+        recipe-wide setting, the method default.  A scope whose filters all miss
+        the tensor passes to the next one.
+        """
         spec = get_method(self.method).param(name)
-        setting = self.setting(name, model_index)
-        value = None if setting is None else resolve_setting(setting, tensor_name, t)
-        if value is None:
-            value = spec.default
-        if value is None:
-            who = f" for {self.models[model_index].model}" if model_index is not None else ""
-            raise RecipeError(
-                f"parameter {name!r}{who} has no value for tensor {tensor_name!r}: "
-                "add an entry without 'filter' as the default"
-            )
-        return spec.kind(value)
+        scopes = [self.parameters.get(name)]
+        if model_index is not None:
+            scopes.insert(0, self.models[model_index].parameters.get(name))
+        for setting in scopes:
+            value = None if setting is None else resolve_setting(setting, tensor_name, t)
+            if value is not None:
+                return spec.kind(value)
+        if spec.default is not None:
+            return spec.kind(spec.default)
+        who = f" for {self.models[model_index].model}" if model_index is not None else ""
+        raise RecipeError(
+            f"parameter {name!r}{who} has no value for tensor {tensor_name!r}: "
+            "add an entry without 'filter' as the default"
+        )
+
+    def setting(self, name: str, model_index: int | None = None) -> Setting | None:
+        """The setting that applies to a model: its own, else the recipe-wide one."""
+        if model_index is not None and name in self.models[model_index].parameters:
+            return self.models[model_index].parameters[name]
+        return self.parameters.get(name)
 
     # -------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -289,6 +305,14 @@ class Recipe(BaseModel):
             return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
         except RecipeError as err:
             raise RecipeError(f"{path}: {err}") from None
+
+
+def _has_empty_list(setting: Setting) -> bool:
+    if isinstance(setting, list):
+        return not setting or any(
+            isinstance(c, Conditional) and _has_empty_list(c.value) for c in setting
+        )
+    return False
 
 
 def format_validation_error(err: ValidationError, what: str) -> str:

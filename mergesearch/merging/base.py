@@ -74,6 +74,9 @@ class MergeMethod:
     prepare: PrepareFn | None = None
     doc: str = ""
     mergekit: bool = True  # mergekit 0.1.5 has a method of this name and meaning
+    # Checks across parameters, run on every value a model's settings can take:
+    # check({param: [values...]}, where) raises ValueError naming ``where``.
+    check: Callable[[dict[str, list], str], None] | None = None
     _by_name: dict[str, Param] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

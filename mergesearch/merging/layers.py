@@ -13,7 +13,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 _LAYER = re.compile(r"(?<![^.])(layers|h|blocks|layer)\.(\d+)\.")
-_PRE = ("embed", "wte", "wpe", "word_embeddings")
+# Input embeddings; GPT-NeoX's output head is called embed_out, so no bare "embed".
+_PRE = ("embed_tokens", "embed_in", "embed_positions", "wte", "wpe", "word_embeddings")
 
 
 def layer_index(name: str) -> int | None:

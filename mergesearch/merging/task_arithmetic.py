@@ -103,6 +103,17 @@ EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0,
                 doc="spread of keep probabilities around density")
 
 
+def _check_della(values: dict[str, list], where: str) -> None:
+    """DELLA keep probabilities span density +/- epsilon and must stay inside (0, 1)."""
+    eps = max(values["epsilon"])
+    for density in values["density"]:
+        if density < 1 and not (0 < density - eps and density + eps < 1):
+            raise ValueError(
+                f"{where}: della needs 0 < density - epsilon and density + epsilon < 1 "
+                f"(density {density:g}, epsilon {eps:g}); lower epsilon or move density"
+            )
+
+
 def _method(name: str, doc: str, sparsifier: str | None, consensus: bool,
             params: tuple[Param, ...]) -> MergeMethod:
     return register(
@@ -112,6 +123,7 @@ def _method(name: str, doc: str, sparsifier: str | None, consensus: bool,
             params=params,
             task_vectors=True,
             stochastic=sparsifier in ("random", "magprune"),
+            check=_check_della if sparsifier == "magprune" else None,
             doc=doc,
         )
     )
