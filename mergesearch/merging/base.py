@@ -10,12 +10,13 @@ from typing import Any
 import torch
 
 MergeFn = Callable[..., torch.Tensor]
-"""``fn(base, models, *, generator, **params) -> merged``.
+"""``fn(base, models, *, seed, **params) -> merged``.
 
 ``base`` is the base tensor (or ``None`` for methods without one), ``models``
 the source tensors, all of one shape and already in the compute dtype.
 Per-model parameters arrive as one float per model, method-wide ones as
-scalars, both already resolved for this tensor.
+scalars, both already resolved for this tensor.  ``seed`` (an int derived from
+the recipe seed and the tensor name) drives any randomness.
 """
 
 PrepareFn = Callable[[Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]], dict[str, Any]]
@@ -70,7 +71,7 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     task_vectors: bool = False  # merges task vectors (so LiNeS scaling applies)
-    stochastic: bool = False  # draws random masks: uses the recipe seed
+    stochastic: bool = False  # draws random masks from the seed
     prepare: PrepareFn | None = None
     doc: str = ""
     mergekit: bool = True  # mergekit 0.1.5 has a method of this name and meaning

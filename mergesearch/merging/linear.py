@@ -15,7 +15,7 @@ def linear(
     *,
     weight: Sequence[float],
     normalize: bool = True,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """``sum_i w_i theta_i``, divided by ``sum_i w_i`` when ``normalize``."""
     out = torch.zeros_like(models[0])

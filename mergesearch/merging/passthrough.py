@@ -17,7 +17,7 @@ def passthrough(
     base: torch.Tensor | None,
     models: Sequence[torch.Tensor],
     *,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """The single input tensor, unchanged."""
     (only,) = models

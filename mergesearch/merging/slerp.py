@@ -24,7 +24,7 @@ def slerp(
     models: Sequence[torch.Tensor],
     *,
     t: float,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Per-tensor SLERP from ``base`` (t = 0) to ``models[0]`` (t = 1)."""
     (other,) = models
@@ -61,7 +61,7 @@ def slerp_with_angle(
     *,
     t: float,
     omega: float,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """``(sin((1-t) Omega) A + sin(t Omega) B) / sin Omega``; linear when sin Omega <= 1e-6."""
     (other,) = models

@@ -1,15 +1,15 @@
 """Sparsification of task vectors: which entries of each delta survive.
 
-Each function takes a delta ``tau`` (float32/float64) and returns the kept
-delta (same shape, dropped entries zero).  Deterministic ones select by
-magnitude; random ones draw from the ``generator`` they are given.
+Magnitude-based methods reduce to a band of kept magnitudes ``[lo, hi]``,
+found exactly here and applied in the fused core of
+:mod:`.task_arithmetic`.  DELLA's rank-based random drop is applied here.
 """
 
 from __future__ import annotations
 
-import torch
+import math
 
-_SAMPLE = 1 << 14
+import torch
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -22,17 +22,16 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     decides the speed: when the bracket misses, the plain ``kthvalue`` runs.
     """
     n = values.numel()
-    if n <= 16 * _SAMPLE:
+    if n < 1 << 15:
         return torch.kthvalue(values, k).values
-    sample = values[:: n // _SAMPLE]
+    sample = values[:: n // min(1 << 14, n // 32)]
     m = sample.numel()
     margin = int(4 * m**0.5) + 1  # ~4 standard deviations of the sample rank
-    j = k * m / n
-    lo_rank, hi_rank = int(j) - margin, int(j) + margin
-    if lo_rank < 1 or hi_rank > m:
+    j = int(k * m / n)
+    if j - margin < 0 or j + margin >= m:
         return torch.kthvalue(values, k).values
-    lo = torch.kthvalue(sample, lo_rank).values
-    hi = torch.kthvalue(sample, hi_rank).values
+    ordered = torch.sort(sample).values
+    lo, hi = ordered[j - margin], ordered[j + margin]
     below = int(torch.count_nonzero(values < lo))
     band = values[(values >= lo) & (values <= hi)]
     if not below < k <= below + band.numel():
@@ -45,59 +44,34 @@ def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return kth_smallest(values, values.numel() - k + 1)
 
 
-def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trimming: keep the ``density`` fraction of entries largest in magnitude.
+def magnitude_band(mag: torch.Tensor, density: float) -> tuple[float, float]:
+    """The magnitudes TIES keeps: the ``density`` fraction largest of a flat ``|tau|``.
 
-    At least one entry survives when ``density > 0`` (as in mergekit).  Entries
-    tied with the threshold magnitude are all kept.
+    At least one entry survives when ``density > 0`` (as in mergekit); entries
+    tied with the cut-off magnitude are all kept.
     """
     if density >= 1:
-        return tau
-    if density <= 0 or tau.numel() == 0:
-        return torch.zeros_like(tau)
-    k = max(1, int(density * tau.numel()))
-    mag = tau.abs()
-    threshold = _kth_largest(mag.reshape(-1), k)
-    return tau * (mag >= threshold)
+        return 0.0, math.inf
+    if density <= 0 or mag.numel() == 0:
+        return math.inf, math.inf
+    k = max(1, int(density * mag.numel()))
+    return float(_kth_largest(mag, k)), math.inf
 
 
-def outliers(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the top ``gamma`` fraction and the smallest entries.
+def outlier_band(mag: torch.Tensor, density: float, gamma: float) -> tuple[float, float]:
+    """The magnitudes Model Breadcrumbs keeps (flat ``|tau|``).
 
-    Keeps ``int(density * n)`` entries: those just below the ``int(gamma * n)``
+    ``int(density * n)`` entries: those just below the ``int(gamma * n)``
     largest magnitudes (the top shrinks when both cannot fit).
     """
     if density >= 1:
-        return tau
-    n = tau.numel()
+        return 0.0, math.inf
+    n = mag.numel()
     keep = int(density * n)
     if keep <= 0:
-        return torch.zeros_like(tau)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - keep - n_top)
-    mag = tau.abs()
-    flat = mag.reshape(-1)
-    low = kth_smallest(flat, n_bottom + 1)
-    high = kth_smallest(flat, n_bottom + keep)
-    return tau * ((mag >= low) & (mag <= high))
-
-
-def random(tau: torch.Tensor, density: float, generator: torch.Generator | None,
-           rescale: bool) -> torch.Tensor:
-    """DARE: drop each entry with probability ``1 - density``.
-
-    With ``rescale`` the survivors are divided by ``density`` so the delta is
-    unchanged in expectation (the DARE paper; mergekit instead matches the L1
-    norm of the delta, which is the same in expectation).
-    """
-    if density >= 1:
-        return tau
-    if density <= 0:
-        return torch.zeros_like(tau)
-    keep = torch.rand(tau.shape, generator=generator, device=tau.device, dtype=tau.dtype)
-    keep = keep < density
-    kept = tau * keep
-    return kept / density if rescale else kept
+        return math.inf, math.inf
+    n_bottom = max(0, n - keep - int(gamma * n))
+    return float(kth_smallest(mag, n_bottom + 1)), float(kth_smallest(mag, n_bottom + keep))
 
 
 def magprune(tau: torch.Tensor, density: float, epsilon: float,

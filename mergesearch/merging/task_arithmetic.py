@@ -5,10 +5,20 @@ weight it, optionally keep only entries that agree with an elected sign
 (TIES consensus), sum, optionally normalise by the summed weights, scale by
 ``lambda`` and add to the base.  Defaults follow mergekit 0.1.5 so recipes mean
 the same in both tools.
+
+Speed: magnitude cut-offs are found first (:mod:`.sparsify`); then one
+elementwise *core* does everything else.  On large tensors the core runs
+through ``torch.compile``, which fuses it into one pass over memory instead of
+a dozen (see benchmarks/RESULTS.md).  DARE's random masks come from a
+counter-based hash of (seed, entry index), so they are the same eager or
+compiled, on any device.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 from collections.abc import Sequence
 from functools import partial
 
@@ -17,40 +27,110 @@ import torch
 from mergesearch.merging import sparsify
 from mergesearch.merging.base import MergeMethod, Param, register
 
+log = logging.getLogger(__name__)
 
-def combine(
+FUSE_MIN_NUMEL = 1 << 16
+"""Tensors at least this large go through the compiled core (smaller: eager)."""
+
+_MASK32 = 0xFFFFFFFF
+
+
+def uniform_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
+    """32 pseudo-random bits per entry from (seed, index): a stateless hash.
+
+    ``lowbias32`` finaliser over ``index * golden + seed``; int64 arithmetic
+    with masking keeps every step in unsigned 32-bit range on any device.
+    """
+    x = (index * 0x9E3779B1 + (seed & _MASK32)) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def _core(
     base: torch.Tensor,
-    deltas: Sequence[torch.Tensor],
-    weight: Sequence[float],
-    *,
+    inputs: list[torch.Tensor],
+    weight: torch.Tensor,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    keep_below: torch.Tensor,
+    scale: torch.Tensor,
+    seeds: torch.Tensor,
+    lambda_: torch.Tensor,
+    mode: str,
     consensus: bool,
     normalize: bool,
-    lambda_: float,
 ) -> torch.Tensor:
-    """Weighted sum of (already sparsified) deltas added to the base.
+    """Sparsify, weight, elect, sum, normalise, scale and add: elementwise only.
 
-    With ``consensus`` the sign of each entry is elected as the sign of the
-    weighted sum (ties go to +), and only weighted deltas of that sign count,
-    in the sum and in the normalising divisor.
+    ``mode``: ``"none"`` (inputs are models), ``"band"`` (keep lo <= |tau| <= hi),
+    ``"random"`` (keep where the hash is below ``keep_below``, times ``scale``),
+    ``"deltas"`` (inputs are already sparsified task vectors).
     """
-    w = torch.tensor(weight, dtype=base.dtype, device=base.device)
-    w = w.reshape(-1, *([1] * base.dim()))
-    weighted = torch.stack(list(deltas)) * w
+    index = None
+    if mode == "random":
+        index = torch.arange(base.numel(), device=base.device).view(base.shape)
+    deltas = []
+    for i, x in enumerate(inputs):
+        d = x if mode == "deltas" else x - base
+        if mode == "band":
+            a = d.abs()
+            d = torch.where((a >= lo[i]) & (a <= hi[i]), d, 0.0)
+        elif mode == "random":
+            d = torch.where(uniform_bits(index, seeds[i]) < keep_below[i], d * scale[i], 0.0)
+        deltas.append(d * weight[i])
+    total = deltas[0]
+    for d in deltas[1:]:
+        total = total + d
     if consensus:
-        elected = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(base.dtype)
-        agree = weighted.sign() == elected
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        positive = total >= 0
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for i, d in enumerate(deltas):
+            agree = torch.where(positive, d > 0, d < 0)
+            mixed = mixed + torch.where(agree, d, 0.0)
+            divisor = divisor + torch.where(agree, weight[i], 0.0)
+        divisor = torch.where(divisor == 0, 1.0, divisor)
     else:
-        mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
+        mixed = total
+        divisor = weight.sum()
+        divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
     if normalize:
         mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+    return base + mixed * lambda_
+
+
+_compiled = None
+
+
+def _compiled_core():
+    """``torch.compile`` of the core, or None when compiling is off or fails."""
+    global _compiled
+    if _compiled is None:
+        if os.environ.get("MERGESEARCH_COMPILE", "1") == "0":
+            _compiled = False
+        else:
+            import torch._dynamo
+
+            # one graph per (number of models, mode, consensus, normalize)
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit,
+                                                        64)
+            _compiled = torch.compile(_core, dynamic=True)
+    return _compiled or None
+
+
+def run_core(base: torch.Tensor, inputs: list[torch.Tensor], **kwargs) -> torch.Tensor:
+    """The core, compiled for large tensors; eager on small ones or if compiling fails."""
+    global _compiled
+    if base.numel() >= FUSE_MIN_NUMEL and (fn := _compiled_core()) is not None:
+        try:
+            return fn(base, inputs, **kwargs)
+        except Exception as err:  # no C++ compiler, unsupported backend, ...
+            log.warning("torch.compile failed (%s); merging eagerly from now on", err)
+            _compiled = False
+    return _core(base, inputs, **kwargs)
 
 
 def _merge(
@@ -66,22 +146,40 @@ def _merge(
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
     rescale: bool = False,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
-    deltas = []
-    for i, model in enumerate(models):
-        tau = model - base
-        if sparsifier == "magnitude":
-            tau = sparsify.magnitude(tau, density[i])
-        elif sparsifier == "random":
-            tau = sparsify.random(tau, density[i], generator, rescale)
-        elif sparsifier == "outliers":
-            tau = sparsify.outliers(tau, density[i], gamma[i])
-        elif sparsifier == "magprune":
-            tau = sparsify.magprune(tau, density[i], epsilon[i], generator, rescale)
-        deltas.append(tau)
-    return combine(
-        base, deltas, weight, consensus=consensus, normalize=normalize, lambda_=lambda_
+    n = len(models)
+    lo, hi = [0.0] * n, [math.inf] * n
+    keep_below, scale, seeds = [1 << 32] * n, [1.0] * n, [0] * n
+    mode, inputs = "none", list(models)
+    if sparsifier in ("magnitude", "outliers"):
+        mode = "band"
+        for i, model in enumerate(models):
+            mag = (model - base).abs().reshape(-1)
+            if sparsifier == "magnitude":
+                lo[i], hi[i] = sparsify.magnitude_band(mag, density[i])
+            else:
+                lo[i], hi[i] = sparsify.outlier_band(mag, density[i], gamma[i])
+    elif sparsifier == "random":
+        mode = "random"
+        for i in range(n):
+            keep_below[i] = min(1 << 32, max(0, math.ceil(density[i] * (1 << 32))))
+            scale[i] = 1.0 / density[i] if rescale and 0 < density[i] < 1 else 1.0
+            seeds[i] = (seed * 1_000_003 + i * 7919) & _MASK32
+    elif sparsifier == "magprune":
+        mode = "deltas"
+        gen = torch.Generator(device=base.device).manual_seed(seed)
+        inputs = [sparsify.magprune(m - base, density[i], epsilon[i], gen, rescale)
+                  for i, m in enumerate(models)]
+
+    def vec(values: Sequence[float], dtype: torch.dtype = base.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=base.device)
+
+    return run_core(
+        base, inputs, weight=vec(weight), lo=vec(lo), hi=vec(hi),
+        keep_below=vec(keep_below, torch.int64), scale=vec(scale),
+        seeds=vec(seeds, torch.int64), lambda_=vec(lambda_), mode=mode, consensus=consensus,
+        normalize=normalize,
     )
 
 

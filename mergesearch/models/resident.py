@@ -85,7 +85,7 @@ class _Plan:
 
 def _seed(seed: int, name: str) -> int:
     """A per-tensor seed independent of merge order."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
 
 
 class ResidentMerger:
@@ -212,15 +212,11 @@ class ResidentMerger:
                 kwargs[p.arg] = [recipe.resolve(p.name, name, t, i) for i in range(len(models))]
             else:
                 kwargs[p.arg] = recipe.resolve(p.name, name, t)
-        generator = None
-        if method.stochastic:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(_seed(recipe.seed, name))
-        merged = method.fn(base, models, generator=generator, **kwargs)
+        merged = method.fn(base, models, seed=_seed(recipe.seed, name), **kwargs)
         if recipe.lines is not None:
             scale = lines_scale(name, num_layers, recipe.lines.alpha, recipe.lines.beta)
             merged = base + scale * (merged - base)
-        if not torch.isfinite(merged).all():
+        if not torch.isfinite(merged.sum()):  # NaN and inf survive a sum
             raise RecipeError(f"merging {name!r} produced NaN or inf values; check the weights")
         return merged
 

@@ -83,7 +83,7 @@ def inputs(method, shape, dtype=torch.float32, seed=0, identical=False):
 
 def run(method, base, models, variant, seed=0):
     kw = build_kwargs(method, base, models, variant)
-    return method.fn(base, models, generator=torch.Generator().manual_seed(seed), **kw)
+    return method.fn(base, models, seed=seed, **kw)
 
 
 CASES = [(name, variant) for name in NAMES for variant in ("defaults", "interior")]
@@ -156,7 +156,7 @@ def test_param_specs(name):
     # every parameter (and whatever prepare adds) is a keyword of the merge function
     sig = inspect.signature(method.fn)
     accepts_any = any(q.kind is q.VAR_KEYWORD for q in sig.parameters.values())
-    assert accepts_any or "generator" in sig.parameters
+    assert accepts_any or "seed" in sig.parameters
     if not accepts_any:
         assert set(args) <= set(sig.parameters), (args, list(sig.parameters))
 

@@ -33,8 +33,7 @@ def make(shape, n_models, dtype, seed=0, spread=1.0):
 
 
 def call(name, base, models, seed=None, **kwargs):
-    gen = None if seed is None else torch.Generator().manual_seed(seed)
-    return get_method(name).fn(base, models, generator=gen, **kwargs)
+    return get_method(name).fn(base, models, seed=seed or 0, **kwargs)
 
 
 def check(out, expected, dtype):
@@ -370,7 +369,7 @@ def test_global_slerp(dtype, t):
     extra = method.prepare((x, [y]) for x, y in zip(ta, tb, strict=True))  # one pass suffices
     assert extra["omega"] == pytest.approx(omega, rel=1e-6 if dtype == torch.float32 else 1e-12)
     for x, y, nx, ny in zip(ta, tb, a, b, strict=True):
-        out = method.fn(x, [y], generator=None, t=t, **extra)
+        out = method.fn(x, [y], seed=0, t=t, **extra)
         expected = (math.sin((1 - t) * omega) * nx + math.sin(t * omega) * ny) / math.sin(omega)
         check(out, expected, dtype)
 
@@ -391,7 +390,7 @@ def test_global_slerp_parallel_falls_back_to_linear():
     extra = method.prepare(pairs)
     assert math.sin(extra["omega"]) <= 1e-6
     for (x, (y,)), nx, ny in zip(pairs, a, b, strict=True):
-        out = method.fn(x, [y], generator=None, t=0.3, **extra)
+        out = method.fn(x, [y], seed=0, t=0.3, **extra)
         assert torch.isfinite(out).all()
         np.testing.assert_allclose(out.numpy(), 0.7 * nx + 0.3 * ny, rtol=1e-12, atol=1e-12)
 
@@ -569,7 +568,7 @@ def test_global_slerp_of_one_tensor_is_slerp():
     a, b = _global_pairs(12)
     x, y = torch.tensor(a[0]), torch.tensor(b[0])
     method = get_method("global_slerp")
-    out = method.fn(x, [y], generator=None, t=0.35, **method.prepare([(x, [y])]))
+    out = method.fn(x, [y], seed=0, t=0.35, **method.prepare([(x, [y])]))
     torch.testing.assert_close(out, call("slerp", x, [y], t=0.35), rtol=1e-10, atol=1e-12)
 
 
