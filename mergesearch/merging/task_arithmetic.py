@@ -35,18 +35,33 @@ FUSE_MIN_NUMEL = 1 << 16
 _MASK32 = 0xFFFFFFFF
 
 
-def uniform_bits(index: torch.Tensor, seed: int) -> torch.Tensor:
-    """32 pseudo-random bits per entry from (seed, index): a stateless hash.
-
-    ``lowbias32`` finaliser over ``index * golden + seed``; int64 arithmetic
-    with masking keeps every step in unsigned 32-bit range on any device.
-    """
-    x = (index * 0x9E3779B1 + (seed & _MASK32)) & _MASK32
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer; int64 arithmetic masked to 32 bits works on any device."""
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & _MASK32
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & _MASK32
     return x ^ (x >> 16)
+
+
+def uniform_bits(index: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
+    """32 pseudo-random bits per entry from (seed, index): a stateless hash.
+
+    ``seed`` should already be well mixed (see :func:`mix_seed`).  Two rounds
+    of ``lowbias32``; the first operation widens the (possibly 32-bit) index.
+    """
+    x = (index ^ seed) & _MASK32
+    return _lowbias32(_lowbias32(x) ^ 0x5BD1E995)
+
+
+def mix_seed(seed: int) -> int:
+    """A 32-bit stream key from any integer seed (host side)."""
+    x = seed & _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16) ^ ((seed >> 32) & _MASK32)
 
 
 def _core(
@@ -165,7 +180,7 @@ def _merge(
         for i in range(n):
             keep_below[i] = min(1 << 32, max(0, math.ceil(density[i] * (1 << 32))))
             scale[i] = 1.0 / density[i] if rescale and 0 < density[i] < 1 else 1.0
-            seeds[i] = (seed * 1_000_003 + i * 7919) & _MASK32
+            seeds[i] = mix_seed(seed * 1_000_003 + i * 7919)
     elif sparsifier == "magprune":
         mode = "deltas"
         gen = torch.Generator(device=base.device).manual_seed(seed)
