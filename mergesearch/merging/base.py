@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keyword
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -113,6 +114,11 @@ def get_method(name: str) -> MergeMethod:
 def methods() -> dict[str, MergeMethod]:
     """All registered methods by name."""
     return dict(sorted(_REGISTRY.items()))
+
+
+def compile_enabled() -> bool:
+    """Whether merges may use ``torch.compile``; ``MERGESEARCH_COMPILE=0`` turns it off."""
+    return os.environ.get("MERGESEARCH_COMPILE", "1") != "0"
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

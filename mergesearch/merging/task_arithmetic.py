@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from functools import partial
 
 import torch
 
 from mergesearch.merging import sparsify
-from mergesearch.merging.base import MergeMethod, Param, register
+from mergesearch.merging.base import MergeMethod, Param, compile_enabled, register
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +123,7 @@ def _compiled_core():
     """``torch.compile`` of the core, or None when compiling is off or fails."""
     global _compiled
     if _compiled is None:
-        if os.environ.get("MERGESEARCH_COMPILE", "1") == "0":
+        if not compile_enabled():
             _compiled = False
         else:
             import torch._dynamo
@@ -169,8 +168,9 @@ def _merge(
     mode, inputs = "none", list(models)
     if sparsifier in ("magnitude", "outliers"):
         mode = "band"
+        mag = torch.empty(base.numel(), dtype=base.dtype, device=base.device)
         for i, model in enumerate(models):
-            mag = (model - base).abs().reshape(-1)
+            torch.sub(model.reshape(-1), base.reshape(-1), out=mag).abs_()
             if sparsifier == "magnitude":
                 lo[i], hi[i] = sparsify.magnitude_band(mag, density[i])
             else:
