@@ -175,3 +175,47 @@ def test_checkpoint_reads_safetensors_lazily(tiny):
     assert ckpt.num_layers == LAYERS
     with pytest.raises(ModelLoadError, match="no tensor"):
         ckpt.tensor("nope")
+
+
+def test_lines_scales_each_layer_task_vector(tiny):
+    plain = uniform_recipe("task_arithmetic", tiny.base, tiny.sources[:2], weight=0.6)
+    lined = Recipe.from_dict(plain.to_dict() | {"lines": {"alpha": 0.2, "beta": 0.6}})
+    merger = ResidentMerger()
+    merged = {k: v.clone() for k, v in merger.apply(plain).state_dict().items()}
+    scaled = merger.apply(lined).state_dict()
+    base = state(tiny.base)
+    for name in base:
+        if ".layers." in name:
+            depth = int(name.split(".")[2]) / (LAYERS - 1)
+        else:  # embeddings are shallowest, final norm and head deepest (our choice)
+            depth = 0.0 if "embed" in name else 1.0
+        want = base[name] + (0.2 + 0.6 * depth) * (merged[name] - base[name])
+        torch.testing.assert_close(scaled[name], want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_global_slerp_uses_one_angle_for_the_whole_model(tiny):
+    recipe = Recipe(method="global_slerp", base=tiny.sources[0],
+                    models=[{"model": tiny.sources[1]}], parameters={"t": 0.3})
+    a, b = state(tiny.sources[0]), state(tiny.sources[1])
+    names = sorted(a)
+    va = torch.cat([a[n].reshape(-1) for n in names]).double()
+    vb = torch.cat([b[n].reshape(-1) for n in names]).double()
+    omega = torch.acos(va @ vb / (va.norm() * vb.norm()))
+    ca = torch.sin(0.7 * omega) / torch.sin(omega)
+    cb = torch.sin(0.3 * omega) / torch.sin(omega)
+    merged = merge(recipe).state_dict()
+    for n in names:
+        want = (ca * a[n].double() + cb * b[n].double()).float()
+        torch.testing.assert_close(merged[n], want, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_nan_weights_are_refused(tiny, tmp_path):
+    from conftest import save
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny.sources[0])
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    bad = save(model, tmp_path / "nan")
+    with pytest.raises(RecipeError, match="NaN or inf"):
+        ResidentMerger().apply(uniform_recipe("linear", None, [tiny.base, bad], weight=1.0))
