@@ -21,7 +21,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     recipe = load_config(args.config)
     out = save_merged(
         recipe, args.out_dir, device=args.device, overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle,
+        allow_pickle=args.allow_pickle, progress=True,
     )
     print(f"merged {recipe.method} of {len(recipe.model_names)} model(s) -> {out}")
     return 0
@@ -65,6 +65,24 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mergesearch.zoo.build import METRICS
+    from mergesearch.zoo.demo import run_demo
+
+    result = run_demo(args.out)
+    skills = result.zoo.skills
+    for metric in METRICS[:2]:
+        print(f"\n{metric} per skill (held-out items)")
+        print(f"{'model':28}" + "".join(f"{s:>9}" for s in skills) + f"{'mean':>9}")
+        for row, by_skill in result.scores.items():
+            values = [by_skill[s][metric] for s in skills]
+            cells = "".join(f"{v:9.3f}" for v in values)
+            print(f"{row:28}{cells}{sum(values) / len(values):9.3f}")
+    print(f"\nzoo:         {result.zoo.root}")
+    print(f"merged model: {result.checkpoint} (recipe and mergekit YAML beside it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mergesearch", description="Search for model-merge recipes automatically."
@@ -88,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["mergekit", "recipe"], default="mergekit")
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("demo", help="build the zoo, merge its experts, score and export",
+                       description="The demo job: build (or reuse) the tiny model zoo, merge "
+                       "its experts uniformly with task arithmetic, TIES and DARE-TIES, score "
+                       "every model on every skill and export the task-arithmetic merge.")
+    p.add_argument("--out", default="runs/demo", help="where to write the merged checkpoint")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=_cmd_methods)

@@ -259,7 +259,7 @@ def _copy_tokenizer(source: str | Path, dest: Path) -> None:
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_dir(str(source)))
     except Exception as err:  # a checkpoint without a tokenizer is still a checkpoint
-        log.warning("no tokenizer copied from %s: %s", source, err)
+        log.warning("no tokenizer copied from %s: %s", source, str(err).splitlines()[0])
         return
     tokenizer.save_pretrained(dest)
 
@@ -271,6 +271,7 @@ def save_merged(
     device: str = "cpu",
     overwrite: bool = False,
     allow_pickle: bool = False,
+    progress: bool = False,
 ) -> Path:
     """Merge ``recipe`` and write the result as a checkpoint (see :func:`save_checkpoint`)."""
     from mergesearch.models.resident import merge
@@ -278,5 +279,5 @@ def save_merged(
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite)")
-    model = merge(recipe, device=device, allow_pickle=allow_pickle)
+    model = merge(recipe, device=device, allow_pickle=allow_pickle, progress=progress)
     return save_checkpoint(model, out, recipe=recipe, overwrite=overwrite)

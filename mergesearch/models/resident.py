@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from mergesearch.merging import compute_dtype, get_method
@@ -186,7 +187,7 @@ class ResidentMerger:
                      refit=frozenset(refit))
 
     # ------------------------------------------------------------- merging
-    def apply(self, recipe: Recipe) -> nn.Module:
+    def apply(self, recipe: Recipe, *, progress: bool = False) -> nn.Module:
         """Merge ``recipe`` into the resident model and return that model."""
         plan = self.plan(recipe)
         model = self._resident(plan.config)
@@ -194,8 +195,11 @@ class ResidentMerger:
         num_layers = plan.config.num_hidden_layers
         extra = method.prepare(self._groups(plan)) if method.prepare else {}
         params = dict(model.named_parameters())
+        items = plan.sources.items()
+        if progress:
+            items = tqdm(items, desc=f"merging ({recipe.method})", unit="tensor")
         with torch.no_grad():
-            for name, sources in plan.sources.items():
+            for name, sources in items:
                 merged = self._merge_tensor(recipe, method, plan, name, sources, num_layers, extra)
                 params[name].copy_(merged)
         self._set_input_scales(model, recipe)
@@ -313,7 +317,8 @@ def _set_depth(config: PretrainedConfig, depth: int) -> None:
 
 
 def merge(recipe: Recipe, *, device: str = "cpu", dtype: torch.dtype | None = None,
-          allow_pickle: bool = False) -> nn.Module:
+          allow_pickle: bool = False, progress: bool = False) -> nn.Module:
     """One-off merge: a fresh model holding the merged weights of ``recipe``."""
     dtype = dtype or getattr(torch, recipe.dtype)
-    return ResidentMerger(device=device, dtype=dtype, allow_pickle=allow_pickle).apply(recipe)
+    merger = ResidentMerger(device=device, dtype=dtype, allow_pickle=allow_pickle)
+    return merger.apply(recipe, progress=progress)
