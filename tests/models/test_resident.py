@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import state
+from helpers import state
 
 from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
 from mergesearch.models.resident import ResidentMerger, merge
@@ -210,7 +210,7 @@ def test_global_slerp_uses_one_angle_for_the_whole_model(tiny):
 
 
 def test_nan_weights_are_refused(tiny, tmp_path):
-    from conftest import save
+    from helpers import save
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny.sources[0])

@@ -1,0 +1,202 @@
+"""Synthetic skills of the tiny zoo: generators, held-out split and eval files.
+
+Every item is ``{"prompt": "<op> <word>=", "answer": "<word>"}``; the model must
+write the answer and then ``<eos>``. The four skills rearrange the letters of a
+short lowercase word (``rev``: reverse, ``srt``: sort, ``dup``: double each
+letter, ``evn``: every other letter). They share one format and one alphabet,
+which is what lets experts fine-tuned on different skills be merged.
+
+Held-out split: a prompt is an evaluation prompt iff a stable hash of it falls in
+one bucket (:func:`is_heldout`). Training generators reject those prompts, so no
+evaluation prompt is ever trained on, whatever the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+Item = dict[str, str]
+
+LETTERS = string.ascii_lowercase
+HELDOUT_BUCKETS = 5  # 1 in 5 prompts is reserved for evaluation
+EVAL_SEED = 20261123  # fixed: the committed eval files never change with the zoo seed
+EVAL_SIZE = 200
+
+
+@dataclass(frozen=True)
+class Skill:
+    """One task: how to draw a prompt body, solve it, and fake a well-formed answer.
+
+    ``fake`` returns an answer with the right *format* (length, alphabet) but not
+    the right content; the base model is pretrained on those so that it knows
+    every skill's format without knowing the skill.
+    """
+
+    name: str
+    body: Callable[[random.Random], str]
+    solve: Callable[[str], str]
+    fake: Callable[[str, random.Random], str]
+
+    def prompt(self, body: str) -> str:
+        return f"{self.name} {body}="
+
+    def item(self, rng: random.Random) -> Item:
+        body = self.body(rng)
+        return {"prompt": self.prompt(body), "answer": self.solve(body)}
+
+    def fake_item(self, rng: random.Random) -> Item:
+        body = self.body(rng)
+        return {"prompt": self.prompt(body), "answer": self.fake(body, rng)}
+
+
+def _letters(rng: random.Random, lo: int, hi: int, alphabet: str = LETTERS) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+
+
+def _shuffled(text: str, rng: random.Random) -> str:
+    chars = list(text)
+    rng.shuffle(chars)
+    return "".join(chars)
+
+
+def _rev(body: str) -> str:
+    return body[::-1]
+
+
+def _srt(body: str) -> str:
+    return "".join(sorted(body))
+
+
+def _dup(body: str) -> str:
+    return "".join(c + c for c in body)
+
+
+def _evn(body: str) -> str:
+    return body[::2]
+
+
+#: The expert skills, by name. Bodies are lowercase words; fake answers have the right
+#: length and letters in the wrong order.
+SKILL_TABLE: dict[str, Skill] = {
+    s.name: s
+    for s in (
+        Skill("rev", lambda r: _letters(r, 3, 6), _rev, _shuffled),  # reverse
+        Skill("srt", lambda r: _letters(r, 3, 6), _srt, _shuffled),  # sort the letters
+        Skill("dup", lambda r: _letters(r, 2, 4), _dup, lambda b, r: _shuffled(b + b, r)),
+        Skill(  # every other letter, from the first
+            "evn", lambda r: _letters(r, 4, 8), _evn, lambda b, r: _shuffled(b, r)[: len(_evn(b))]
+        ),
+    )
+}
+SKILLS: list[str] = list(SKILL_TABLE)
+
+#: Generic copy task for pretraining the base (not an expert skill, never evaluated).
+COPY = Skill("cpy", lambda r: _letters(r, 2, 7, LETTERS + string.digits), lambda b: b, _shuffled)
+
+
+def is_heldout(prompt: str) -> bool:
+    """True for prompts reserved for evaluation (stable across runs and machines)."""
+    return zlib.crc32(prompt.encode()) % HELDOUT_BUCKETS == 0
+
+
+def train_item(skill: Skill, rng: random.Random, *, fake: bool = False) -> Item:
+    """Draw one training item of ``skill`` whose prompt is never an evaluation prompt."""
+    while True:
+        item = skill.fake_item(rng) if fake else skill.item(rng)
+        if not is_heldout(item["prompt"]):
+            return item
+
+
+def eval_items(skill: str, n: int = EVAL_SIZE) -> list[Item]:
+    """The first ``n`` held-out items of ``skill`` (deterministic, distinct prompts)."""
+    spec = SKILL_TABLE[skill]
+    rng = random.Random(f"{EVAL_SEED}-{skill}")
+    seen: dict[str, Item] = {}
+    for _ in range(1000 * n):
+        item = spec.item(rng)
+        if is_heldout(item["prompt"]):
+            seen.setdefault(item["prompt"], item)
+            if len(seen) == n:
+                return list(seen.values())
+    raise RuntimeError(f"skill {skill!r} has fewer than {n} held-out prompts")
+
+
+def load_eval_items(skill: str, limit: int | None = None) -> list[Item]:
+    """Held-out evaluation items of ``skill`` (the same as ``evaluators/zoo/<skill>.jsonl``).
+
+    Regenerated in code, so it works from an installed package without the repo files.
+    """
+    if skill not in SKILL_TABLE:
+        raise KeyError(f"unknown zoo skill {skill!r}; choose one of {SKILLS}")
+    items = eval_items(skill)
+    return items if limit is None else items[:limit]
+
+
+_TASK_YAML = """\
+# lm-eval task for the mergesearch tiny zoo skill {skill!r}.
+# Generated by mergesearch.zoo.write_eval_files: do not edit by hand.
+# data_files is relative to the repository root; lm-eval resolves it against the
+# current directory, so run from the root or pass an absolute path.
+task: zoo_{skill}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data_file}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+target_delimiter: ""
+generation_kwargs:
+  until:
+    - "<eos>"
+  do_sample: false
+  max_gen_toks: 12
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+_GROUP_YAML = """\
+# lm-eval group: every skill of the mergesearch tiny zoo (generated, do not edit).
+group: zoo
+task:
+"""
+_GROUP_AGG = """\
+aggregate_metric_list:
+  - metric: exact_match
+    aggregation: mean
+    weight_by_size: false
+metadata:
+  version: 1.0
+"""
+
+
+def write_eval_files(out: str | Path, *, data_prefix: str = "evaluators/zoo") -> list[Path]:
+    """Write ``<skill>.jsonl`` and the lm-eval task ``<skill>.yaml`` for every skill,
+    plus the group ``zoo.yaml``. ``data_prefix`` is the folder the YAML names for the data.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for skill in SKILLS:
+        jsonl = out / f"{skill}.jsonl"
+        lines = (json.dumps(item) for item in eval_items(skill))
+        jsonl.write_text("".join(line + "\n" for line in lines))
+        yaml_path = out / f"{skill}.yaml"
+        data_file = f"{data_prefix}/{jsonl.name}"
+        yaml_path.write_text(_TASK_YAML.format(skill=skill, data_file=data_file))
+        written += [jsonl, yaml_path]
+    group = out / "zoo.yaml"
+    group.write_text(_GROUP_YAML + "".join(f"  - zoo_{s}\n" for s in SKILLS) + _GROUP_AGG)
+    return [*written, group]
