@@ -11,30 +11,6 @@ import math
 
 import torch
 
-from mergesearch.merging.base import compile_enabled
-
-
-def _band_stats_eager(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    """Entries below ``lo``, and which entries lie in ``[lo, hi]``: one fused pass compiled."""
-    return (values < lo).sum(), (values >= lo) & (values <= hi)
-
-
-_band_stats_compiled = None
-
-
-def _band_stats(values: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
-    global _band_stats_compiled
-    if _band_stats_compiled is None:
-        _band_stats_compiled = (
-            torch.compile(_band_stats_eager, dynamic=True) if compile_enabled() else False
-        )
-    if _band_stats_compiled:
-        try:
-            return _band_stats_compiled(values, lo, hi)
-        except Exception:  # same fallback as the merge core
-            _band_stats_compiled = False
-    return _band_stats_eager(values, lo, hi)
-
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest entry (1-based) of a flat tensor, exactly.
@@ -56,9 +32,8 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         return torch.kthvalue(values, k).values
     ordered = torch.sort(sample).values
     lo, hi = ordered[j - margin], ordered[j + margin]
-    below, inside = _band_stats(values, lo, hi)
-    below = int(below)
-    band = values[inside]
+    below = int(torch.count_nonzero(values < lo))
+    band = values[(values >= lo) & (values <= hi)]
     if not below < k <= below + band.numel():
         return torch.kthvalue(values, k).values
     return torch.kthvalue(band, k - below).values
