@@ -11,9 +11,10 @@ shapes, vocabulary sizes, layer indices) run before any parameter is touched.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -66,18 +67,12 @@ class ModelPool:
             self._tensors[key] = cached
         return cached
 
-    def load(self, refs: Sequence[str]) -> None:
-        """Open every model and bring all its tensors to the device now."""
-        for ref in refs:
-            for name in self.checkpoint(ref).names:
-                self.tensor(ref, name)
-
-
 @dataclass(frozen=True)
 class _Plan:
     """Where each output tensor comes from, checked once per set of models."""
 
     config: PretrainedConfig
+    architecture: str  # what decides the model's structure, to compare cheaply
     sources: dict[str, list[Source]]  # output name -> one source per merged input
     base: dict[str, Source | None]  # output name -> base tensor (None without a base)
     vocab_rows: int | None  # rows to crop/pad vocabulary tensors to (vocab: base)
@@ -108,6 +103,7 @@ class ResidentMerger:
         self.device = self.pool.device
         self.dtype = dtype
         self.model: nn.Module | None = None
+        self._architecture: str | None = None
         self._plans: dict[tuple, _Plan] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -183,14 +179,14 @@ class ResidentMerger:
                         f"shape mismatch for {name!r}: {src.model} has {list(shape)}, "
                         f"expected {list(want)} (from {ref0}); these models cannot be merged"
                     )
-        return _Plan(config=config, sources=sources, base=base, vocab_rows=vocab_rows,
-                     refit=frozenset(refit))
+        return _Plan(config=config, architecture=_architecture(config), sources=sources,
+                     base=base, vocab_rows=vocab_rows, refit=frozenset(refit))
 
     # ------------------------------------------------------------- merging
     def apply(self, recipe: Recipe, *, progress: bool = False) -> nn.Module:
         """Merge ``recipe`` into the resident model and return that model."""
         plan = self.plan(recipe)
-        model = self._resident(plan.config)
+        model = self._resident(plan)
         method = get_method(recipe.method)
         num_layers = plan.config.num_hidden_layers
         extra = method.prepare(self._groups(plan)) if method.prepare else {}
@@ -244,13 +240,14 @@ class ResidentMerger:
             base = self._load(plan.base[name], plan, name) if plan.base[name] else None
             yield base, [self._load(s, plan, name, base) for s in sources]
 
-    def _resident(self, config: PretrainedConfig) -> nn.Module:
+    def _resident(self, plan: _Plan) -> nn.Module:
         """The resident model, rebuilt only when the architecture changes."""
-        if self.model is None or _architecture(self.model.config) != _architecture(config):
+        if self.model is None or self._architecture != plan.architecture:
             device_ctx = torch.device(self.device) if self.device.type != "cpu" else nullcontext()
             with device_ctx:
-                self.model = _empty_model(config, self.dtype)
+                self.model = _empty_model(plan.config, self.dtype)
             self.model.eval()
+            self._architecture = plan.architecture
         return self.model
 
     def _set_input_scales(self, model: nn.Module, recipe: Recipe) -> None:
@@ -287,9 +284,10 @@ _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "dtype", "torch_dt
                      "_commit_hash", "architectures"}
 
 
-def _architecture(config: PretrainedConfig) -> dict:
+def _architecture(config: PretrainedConfig) -> str:
     """The config fields that decide the model's structure (not where it came from)."""
-    return {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    return json.dumps(fields, sort_keys=True, default=str)
 
 
 def _empty_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
