@@ -67,6 +67,7 @@ class ModelPool:
             self._tensors[key] = cached
         return cached
 
+
 @dataclass(frozen=True)
 class _Plan:
     """Where each output tensor comes from, checked once per set of models."""
