@@ -23,6 +23,20 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mergesearch.evaluation.scorers import RowStats, pad_right, score_rows, target_mask
+
+
+def _rows(
+    tokenizer: PreTrainedTokenizerBase, items: Sequence[Mapping[str, str]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + answer + <eos>`` ids, row lengths and prompt lengths - 1."""
+    prompts = tokenizer([it["prompt"] for it in items])["input_ids"]
+    answers = tokenizer([it["answer"] for it in items], add_special_tokens=False)["input_ids"]
+    seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, lengths = pad_right(seqs, pad)
+    return ids, lengths, torch.tensor([len(p) - 1 for p in prompts])
+
 
 def encode_items(
     tokenizer: PreTrainedTokenizerBase, items: Sequence[Mapping[str, str]]
@@ -31,19 +45,9 @@ def encode_items(
 
     The target mask marks positions whose *next* token is an answer token or the eos.
     """
-    prompts = tokenizer([it["prompt"] for it in items])["input_ids"]
-    answers = tokenizer([it["answer"] for it in items], add_special_tokens=False)["input_ids"]
-    seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers, strict=True)]
-    width = max(map(len, seqs))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    target = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        target[i, len(p) - 1 : len(s) - 1] = True
-    return ids, attn, target
+    ids, lengths, starts = _rows(tokenizer, items)
+    attn = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    return ids, attn, target_mask(starts, lengths, ids.shape[1])
 
 
 @torch.no_grad()
@@ -58,6 +62,8 @@ def score_skill(
 
     Returns ``exact_match``, ``char_accuracy``, ``answer_logprob`` (floats, means over
     items), ``n`` and ``correct`` (per-item exact-match list of bools, in item order).
+    A thin wrapper over :func:`mergesearch.evaluation.scorers.score_rows`, the scorer of
+    the evaluation backends.
     """
     if not items:
         raise ValueError("score_skill needs at least one item")
@@ -66,28 +72,20 @@ def score_skill(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct: list[bool] = []
-    char_acc: list[float] = []
-    logprob: list[float] = []
+    parts = []
     try:
         for start in range(0, len(items), batch_size):
-            ids, attn, target = encode_items(tokenizer, items[start : start + batch_size])
-            ids, attn, target = ids.to(device), attn.to(device), target.to(device)
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-            nxt = ids[:, 1:]
-            hit = (logits.argmax(-1) == nxt) & target
-            lp = torch.log_softmax(logits, -1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
-            n_target = target.sum(1)
-            correct += (hit.sum(1) == n_target).tolist()
-            char_acc += (hit.sum(1) / n_target).tolist()
-            logprob += ((lp * target).sum(1) / n_target).tolist()
+            batch = _rows(tokenizer, items[start : start + batch_size])
+            parts.append(score_rows(model, *(t.to(device) for t in batch)))
     finally:
         model.train(was_training)
+    stats = RowStats.cat(parts)
+    correct = (stats.n_hit == stats.n_target).tolist()
     n = len(items)
     return {
         "exact_match": sum(correct) / n,
-        "char_accuracy": sum(char_acc) / n,
-        "answer_logprob": sum(logprob) / n,
+        "char_accuracy": sum((stats.n_hit / stats.n_target).tolist()) / n,
+        "answer_logprob": sum((stats.logprob / stats.n_target).tolist()) / n,
         "n": n,
         "correct": correct,
     }

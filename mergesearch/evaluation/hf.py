@@ -1,0 +1,288 @@
+"""In-memory Hugging Face evaluator: score a resident ``transformers`` model many times.
+
+Everything that does not depend on the weights (reading the suite, rendering and
+tokenising every item, padding, stop-string tables) happens once, in the constructor;
+:meth:`HFEvaluator.evaluate` only runs the model: length-sorted batches under
+``no_grad``, one teacher-forced pass per row, and greedy generation only for tasks
+whose objectives need ``exact_match``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase, StoppingCriteriaList, StopStringCriteria
+
+from .base import Evaluation, EvaluationError
+from .config import EvaluatorConfig
+from .scorers import RowStats, greedy_generate, pad_right, score_rows
+from .tasks import Rendered, TaskSpec, find_suite, load_suite
+
+log = logging.getLogger(__name__)
+_NAN = float("nan")
+
+
+@dataclass
+class _Task:
+    """One task's items, tokenised: one teacher-forced row per item (per choice for MC)."""
+
+    spec: TaskSpec
+    n: int
+    ids: torch.Tensor  # [rows, width], right-padded context + continuation
+    lengths: torch.Tensor  # [rows]
+    starts: torch.Tensor  # [rows]: context length - 1
+    row_ptr: list[int]  # item i owns rows row_ptr[i]:row_ptr[i + 1]
+    doc_ids: list[int] = field(default_factory=list)  # item i is document doc_ids[i] of the file
+    targets: list[str] = field(default_factory=list)  # generate_until
+    prompts: list[list[int]] = field(default_factory=list)  # generate_until, for generation
+    gold: list[int] = field(default_factory=list)  # multiple_choice
+    choice_chars: list[list[int]] = field(default_factory=list)  # multiple_choice, acc_norm
+    stopping: StoppingCriteriaList | None = None
+    on_device: dict[torch.device, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+
+class HFEvaluator:
+    """Scores a ``transformers`` causal LM on a suite of lm-eval task YAMLs.
+
+    ``metrics`` names extra metrics to compute on every task that can (in practice
+    ``exact_match``: generation runs only for tasks that an objective or this asks it for).
+    """
+
+    def __init__(self, config: EvaluatorConfig, tokenizer: PreTrainedTokenizerBase, *,
+                 base_dir: str | Path | None = None, metrics: Collection[str] = ()) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        specs = load_suite(find_suite(config.suite, base_dir))
+        names = list(dict.fromkeys(config.tasks or sorted(specs)))
+        unknown = [n for n in names if n not in specs]
+        if unknown:
+            raise EvaluationError(f"evaluator.tasks names unknown tasks {unknown}; the suite "
+                                  f"{config.suite!r} has {sorted(specs)}")
+        self.tasks = {n: specs[n] for n in names}
+        self.objective_names = [o.name for o in config.objectives]
+        self.directions = {o.name: o.direction for o in config.objectives}
+        self._objective_tasks = {o.name: self._check_objective(o.name, o.metric, o.tasks)
+                                 for o in config.objectives}
+        known = {m for spec in self.tasks.values() for m in spec.metrics}
+        if bad := sorted(set(metrics) - known):
+            raise EvaluationError(f"metrics {bad} are not produced by any task; choose from "
+                                  f"{sorted(known)}")
+        wanted = {(t, o.metric) for o in config.objectives for t in self._objective_tasks[o.name]}
+        wanted |= {(t, m) for t, s in self.tasks.items() for m in metrics if m in s.metrics}
+        self._generate = {t for t, m in wanted if m.startswith("exact_match")}
+        if self.tokenizer.eos_token_id is None and any(
+                s.output_type == "generate_until" for s in self.tasks.values()):
+            raise EvaluationError("generate_until tasks need a tokenizer with an eos token "
+                                  "(the end of every answer); set tokenizer.eos_token")
+        self._pad = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0)
+                         if i is not None)
+        self._data = {name: self._prepare(spec) for name, spec in self.tasks.items()}
+        log.debug("evaluator ready: %s", {n: d.n for n, d in self._data.items()})
+
+    def _check_objective(self, name: str, metric: str, tasks: list[str] | None) -> list[str]:
+        tasks = list(tasks or self.tasks)
+        unknown = [t for t in tasks if t not in self.tasks]
+        if unknown:
+            raise EvaluationError(f"objective {name!r} names tasks {unknown} that the evaluator "
+                                  f"does not load; choose from {list(self.tasks)} (or add them "
+                                  "to evaluator.tasks)")
+        for task in tasks:
+            if metric not in self.tasks[task].metrics:
+                spec = self.tasks[task]
+                raise EvaluationError(
+                    f"objective {name!r}: metric {metric!r} cannot be computed for task "
+                    f"{task!r} ({spec.output_type}); choose one of {list(spec.metrics)}")
+        return tasks
+
+    @property
+    def n_items(self) -> dict[str, int]:
+        """Items per task after ``limit``."""
+        return {n: d.n for n, d in self._data.items()}
+
+    def _prepare(self, spec: TaskSpec) -> _Task:
+        docs = spec.docs()
+        keep = range(len(docs))
+        if self.config.limit is not None and self.config.limit < len(docs):
+            order = list(keep)
+            random.Random(f"{self.config.subset_seed}:{spec.name}").shuffle(order)
+            keep = sorted(order[: self.config.limit])
+        items = [spec.render(docs[i], i) for i in keep]
+        task = self._tokenise(spec, items)
+        task.doc_ids = list(keep)
+        return task
+
+    def _tokenise(self, spec: TaskSpec, items: list[Rendered]) -> _Task:
+        tok = self.tokenizer
+        if spec.output_type == "generate_until":
+            prompts = [self._context_ids(p) for p in tok([it.context for it in items])["input_ids"]]
+            conts = tok([spec.target_delimiter + it.target for it in items],
+                        add_special_tokens=False)["input_ids"]
+            rows = [(p, [*c, tok.eos_token_id]) for p, c in zip(prompts, conts, strict=True)]
+            task = self._rows(spec, rows, list(range(len(items) + 1)))
+            task.targets, task.prompts = [it.target for it in items], prompts
+            stops = [s for s in spec.until if s and s != tok.eos_token]
+            if stops and spec.name in self._generate:
+                task.stopping = StoppingCriteriaList([StopStringCriteria(tok, stops)])
+            return task
+        pairs = [_split_space(it.context, spec.target_delimiter + c)
+                 for it in items for c in it.choices]
+        contexts = tok([c for c, _ in pairs])["input_ids"]
+        conts = tok([c for _, c in pairs], add_special_tokens=False)["input_ids"]
+        rows = [(self._context_ids(c), t) for c, t in zip(contexts, conts, strict=True)]
+        ptr = [0]
+        for it in items:
+            ptr.append(ptr[-1] + len(it.choices))
+        task = self._rows(spec, rows, ptr)
+        task.gold = [it.gold for it in items]
+        task.choice_chars = [[len(c) for c in it.choices] for it in items]
+        return task
+
+    def _context_ids(self, ids: list[int]) -> list[int]:
+        """An empty context becomes ``[bos]`` (or ``[eos]``), as lm-eval does."""
+        tok = self.tokenizer
+        return ids or [next(i for i in (tok.bos_token_id, tok.eos_token_id, 0) if i is not None)]
+
+    def _rows(self, spec: TaskSpec, rows: list[tuple[list[int], list[int]]],
+              ptr: list[int]) -> _Task:
+        if any(not cont for _, cont in rows):
+            raise EvaluationError(f"task {spec.name!r}: an item has an empty target or choice; "
+                                  "fix the data or doc_to_target / doc_to_choice")
+        ids, lengths = pad_right([c + t for c, t in rows], self._pad)
+        starts = torch.tensor([len(c) - 1 for c, _ in rows], dtype=torch.long)
+        return _Task(spec, len(ptr) - 1, ids, lengths, starts, ptr)
+
+    def evaluate(self, model: nn.Module, *, fidelity: float = 1.0, seed: int = 0) -> Evaluation:
+        """Score ``model`` on every task; ``fidelity < 1`` uses a ``seed``-chosen subset.
+
+        The subset of each task is the first ``ceil(fidelity * n)`` items of a seeded
+        shuffle (so lower fidelities are nested in higher ones for the same seed). A
+        model with non-finite logits gets NaN scores, not an exception.
+        """
+        if not 0 < fidelity <= 1:
+            raise EvaluationError(f"fidelity must be in (0, 1], got {fidelity}")
+        out = Evaluation(values={}, scores={}, correct={}, n_items={})
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                for name, task in self._data.items():
+                    idx = _subset(task.n, fidelity, f"{seed}:{name}")
+                    self._score_task(model, name, task, idx, out)
+        finally:
+            model.train(was_training)
+        for obj in self.config.objectives:
+            out.values[obj.name] = _mean([out.scores[t][obj.metric]
+                                          for t in self._objective_tasks[obj.name]])
+        return out
+
+    def _score_task(self, model: nn.Module, name: str, task: _Task, idx: list[int],
+                    out: Evaluation) -> None:
+        rows = [r for i in idx for r in range(task.row_ptr[i], task.row_ptr[i + 1])]
+        stats = self._teacher_forced(model, task, rows)
+        n_target, n_hit = stats.n_target.tolist(), stats.n_hit.tolist()
+        logprob = stats.logprob.tolist()
+        finite = bool(stats.finite.all())
+        out.n_items[name] = len(idx)
+        out.indices[name] = [task.doc_ids[i] for i in idx]
+        if task.spec.output_type == "generate_until":
+            greedy = [h == n for h, n in zip(n_hit, n_target, strict=True)]
+            scores = {"char_accuracy": _mean((stats.n_hit / stats.n_target).tolist()),
+                      "answer_logprob": _mean((stats.logprob / stats.n_target).tolist()),
+                      "greedy_match": _mean(greedy)}
+            correct = greedy
+            if name in self._generate and finite:
+                texts = self._generate_texts(model, task, idx)
+                out.outputs[name] = texts
+                matches = _exact(task.spec, texts, [task.targets[i] for i in idx])
+                correct = next(iter(matches.values()))  # the first filter pipeline's
+                scores["exact_match"] = _mean(correct)
+                scores |= {f"exact_match,{p}": _mean(ok) for p, ok in matches.items() if p}
+        else:
+            acc, acc_norm, pos = [], [], 0
+            for i in idx:
+                k = task.row_ptr[i + 1] - task.row_ptr[i]
+                lls = logprob[pos: pos + k]
+                norm = [ll / c for ll, c in zip(lls, task.choice_chars[i], strict=True)]
+                acc.append(_argmax(lls) == task.gold[i])
+                acc_norm.append(_argmax(norm) == task.gold[i])
+                pos += k
+            scores, correct = {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, acc
+        if not finite:  # NaN/inf logits: the scores mean nothing, and generation was skipped
+            scores = {m: _NAN for m in task.spec.metrics
+                      if not m.startswith("exact_match") or name in self._generate}
+            correct = [False] * len(idx)
+        out.scores[name], out.correct[name] = scores, correct
+
+    def _teacher_forced(self, model: nn.Module, task: _Task, rows: list[int]) -> RowStats:
+        """Row statistics in ``rows`` order, computed over length-sorted batches."""
+        device = next(model.parameters()).device
+        if device not in task.on_device:
+            task.on_device = {device: tuple(t.to(device) for t in
+                                            (task.ids, task.lengths, task.starts))}
+        ids, lengths, starts = task.on_device[device]
+        sel = torch.tensor(rows, dtype=torch.long)
+        perm = torch.argsort(task.lengths[sel], stable=True)
+        parts = []
+        for chunk in sel[perm].split(self.config.batch_size):
+            width = int(task.lengths[chunk].max())
+            c = chunk.to(device)
+            parts.append(score_rows(model, ids[c, :width], lengths[c], starts[c]))
+        stats, inv = RowStats.cat(parts), torch.argsort(perm).to(device)
+        return RowStats(*(t[inv].cpu() for t in (stats.n_target, stats.n_hit, stats.logprob,
+                                                 stats.finite)))
+
+    def _generate_texts(self, model: nn.Module, task: _Task, idx: list[int]) -> list[str]:
+        """Greedy generations for items ``idx`` (cut at the task's stop strings)."""
+        tok, spec = self.tokenizer, task.spec
+        order = sorted(idx, key=lambda i: len(task.prompts[i]))
+        texts: dict[int, str] = {}
+        for start in range(0, len(order), self.config.batch_size):
+            chunk = order[start: start + self.config.batch_size]
+            new = greedy_generate(model, [task.prompts[i] for i in chunk],
+                                  max_new_tokens=spec.max_gen_toks,
+                                  eos_token_id=tok.eos_token_id, pad_token_id=self._pad,
+                                  stopping=task.stopping)
+            for i, ids in zip(chunk, new, strict=True):
+                text = tok.decode(ids, skip_special_tokens=True)
+                for stop in spec.until:
+                    text = text.split(stop)[0] if stop else text
+                texts[i] = text
+        return [texts[i] for i in idx]
+
+
+def _exact(spec: TaskSpec, texts: Sequence[str], targets: Sequence[str]
+           ) -> dict[str, list[bool]]:
+    """Per filter pipeline, whether each filtered text matches its target."""
+    filtered = [spec.filtered(t) for t in texts]
+    return {pipe: [spec.matches(f[pipe], t) for f, t in zip(filtered, targets, strict=True)]
+            for pipe in filtered[0]}
+
+
+def _subset(n: int, fidelity: float, key: str) -> list[int]:
+    """All items in order, or the first ``ceil(fidelity * n)`` of a seeded shuffle, sorted."""
+    if fidelity >= 1:
+        return list(range(n))
+    order = list(range(n))
+    random.Random(key).shuffle(order)
+    return sorted(order[: max(1, math.ceil(fidelity * n - 1e-9))])
+
+
+def _split_space(context: str, continuation: str) -> tuple[str, str]:
+    """Move the context's trailing whitespace onto the continuation (lm-eval's rule)."""
+    stripped = context.rstrip()
+    return stripped, context[len(stripped):] + continuation
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=values.__getitem__)
+
+
+def _mean(values: Sequence[float] | Sequence[bool]) -> float:
+    return sum(values) / len(values) if values else _NAN
