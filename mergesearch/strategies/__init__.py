@@ -1,0 +1,34 @@
+"""Search strategies behind one ask/tell interface, registered by name."""
+
+from .base import (
+    Dimension,
+    Objective,
+    Problem,
+    Strategy,
+    StrategyError,
+    StrategyOptions,
+    create_strategy,
+    get_strategy,
+    register,
+    strategies,
+)
+from .cmaes import CMAES
+from .optuna_samplers import NSGA2, TPE
+from .random_search import RandomSearch
+
+__all__ = [
+    "CMAES",
+    "NSGA2",
+    "TPE",
+    "RandomSearch",
+    "Dimension",
+    "Objective",
+    "Problem",
+    "Strategy",
+    "StrategyError",
+    "StrategyOptions",
+    "create_strategy",
+    "get_strategy",
+    "register",
+    "strategies",
+]
