@@ -15,6 +15,10 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
+class UsageError(ValueError):
+    """A command-line mistake (bad option value, unknown trial)."""
+
+
 def _cmd_merge(args: argparse.Namespace) -> int:
     from mergesearch.export import load_config, save_merged
 
@@ -65,22 +69,127 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from mergesearch.zoo.build import METRICS
-    from mergesearch.zoo.demo import run_demo
+def _experiment(args: argparse.Namespace):
+    from mergesearch.experiment import Experiment
 
-    result = run_demo(args.out)
-    skills = result.zoo.skills
-    for metric in METRICS[:2]:
-        print(f"\n{metric} per skill (held-out items)")
-        print(f"{'model':28}" + "".join(f"{s:>9}" for s in skills) + f"{'mean':>9}")
-        for row, by_skill in result.scores.items():
-            values = [by_skill[s][metric] for s in skills]
-            cells = "".join(f"{v:9.3f}" for v in values)
-            print(f"{row:28}{cells}{sum(values) / len(values):9.3f}")
-    print(f"\nzoo:         {result.zoo.root}")
-    print(f"merged model: {result.checkpoint} (recipe and mergekit YAML beside it)")
+    return Experiment.load(args.experiment, args.set or ())
+
+
+def _store(args: argparse.Namespace):
+    from mergesearch.storage import TrialStore
+
+    exp = _experiment(args)
+    return exp, TrialStore.open(exp.storage_url, args.study or exp.name)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mergesearch.controller import run
+    from mergesearch.report import export_trial, format_front
+
+    exp = _experiment(args)
+    summary = run(exp, study=args.study, resume=True if args.resume else None,
+                  overwrite=args.overwrite, progress=not args.quiet)
+    print(f"\n{summary.study}: {summary.finished} trials ({summary.ok} ok, {summary.failed} "
+          f"failed, {summary.cached} from cache); {summary.evaluated_now} evaluated in this run "
+          f"in {summary.elapsed:.0f} s; stopped: {summary.stopped}")
+    kind = "Pareto front" if len(summary.objectives) > 1 else "best trial"
+    print(f"\n{kind} ({len(summary.front)} point(s)):")
+    print(format_front(summary.front, summary.objectives))
+    front_dir = summary.run_dir / "front"
+    for trial in summary.front:
+        export_trial(trial, front_dir / f"trial-{trial.number}", progress=False)
+    print(f"\nrecipes of the front: {front_dir}/trial-N/ (recipe.json, mergekit.yml)")
+    print(f"study: {summary.storage} (study {summary.study!r})")
+    print(f"merged checkpoint: mergesearch export {args.experiment} --out DIR --checkpoint "
+          "[--trial N]")
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    exp, store = _store(args)
+    trials = store.trials()
+    count = {s: sum(t.state == s for t in trials) for s in ("ok", "failed", "running")}
+    budget = exp.budget.evaluations
+    print(f"study {store.study.study_name!r} in {exp.storage_url}")
+    print(f"  trials: {count['ok']} ok, {count['failed']} failed, {count['running']} in flight"
+          + (f" (budget {budget})" if budget else ""))
+    for o in store.objectives:
+        values = [t.values[o.name] for t in trials if t.state == "ok"]
+        if values:
+            best = max(values) if o.direction == "maximize" else min(values)
+            print(f"  best {o.name} ({o.direction}): {best:.4f}")
+    reasons = [t for t in trials if t.state == "failed"]
+    for t in reasons[-3:]:
+        print(f"  trial {t.number} failed: {t.reason}")
+    return 0
+
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
+    from mergesearch.report import format_front
+
+    _, store = _store(args)
+    front = store.pareto_front()
+    if args.recipes:
+        from mergesearch.recipe import Recipe
+
+        for t in front:
+            print(f"# trial {t.number}: " + ", ".join(f"{k}={v:.4f}" for k, v in t.values.items()))
+            print(Recipe.from_dict(t.recipe).to_yaml())
+    else:
+        print(format_front(front, store.objectives))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mergesearch.report import choose, export_trial
+
+    _, store = _store(args)
+    if args.trial is not None:
+        matches = [t for t in store.trials() if t.number == args.trial]
+        if not matches or matches[0].state != "ok":
+            raise UsageError(f"trial {args.trial} does not exist or did not complete")
+        trial = matches[0]
+    else:
+        weights = _weights(args.weights) if args.weights else None
+        try:
+            trial = choose(store.pareto_front(), store.objectives, weights)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    out = export_trial(trial, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
+                       device=args.device)
+    values = ", ".join(f"{k}={v:.4f}" for k, v in trial.values.items())
+    print(f"trial {trial.number} ({values}) -> {out}")
+    return 0
+
+
+def _weights(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--weights {text!r}: expected name=number,name=number") from None
+        if not sep:
+            raise UsageError(f"--weights {text!r}: expected name=number,name=number")
+    return out
+
+
+def _cmd_strategies(args: argparse.Namespace) -> int:
+    from mergesearch.strategies import strategies
+
+    for name, cls in strategies().items():
+        kind = "multi-objective " if cls.multi_objective else "single-objective"
+        print(f"{name:10} {kind}  {cls.description}")
+    return 0
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("--study", help="study name (default: the experiment's name)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an experiment field, e.g. --set budget.evaluations=20 "
+                   "(repeatable; values are read as YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,12 +216,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of standard output")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("demo", help="build the zoo, merge its experts, score and export",
-                       description="The demo job: build (or reuse) the tiny model zoo, merge "
-                       "its experts uniformly with task arithmetic, TIES and DARE-TIES, score "
-                       "every model on every skill and export the task-arithmetic merge.")
-    p.add_argument("--out", default="runs/demo", help="where to write the merged checkpoint")
-    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("run", help="run or resume a search",
+                       description="Run the search an experiment file describes, recording "
+                       "every trial in its study. If the study already exists with the same "
+                       "experiment, the run resumes it: finished trials are kept, the "
+                       "strategy continues from its saved state, trials that were in flight "
+                       "are evaluated again, and the budget counts every finished trial.")
+    _study_args(p)
+    p.add_argument("--resume", action="store_true",
+                   help="resume the study, and fail if it does not exist (resuming is also "
+                   "the default when it exists)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the study if it exists and start again")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="trials done, failed and in flight; best so far")
+    _study_args(p)
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("pareto", help="the Pareto front (or best trial) of a study")
+    _study_args(p)
+    p.add_argument("--recipes", action="store_true", help="print each point's full recipe")
+    p.set_defaults(func=_cmd_pareto)
+
+    p = sub.add_parser("export", help="write a trial's recipe, mergekit YAML and checkpoint",
+                       description="Export one trial: by number (--trial), or the Pareto point "
+                       "with the best weighted sum of objectives rescaled over the front "
+                       "(--weights, default: the experiment's objective weights).")
+    _study_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--trial", type=int, help="trial number (see `mergesearch pareto`)")
+    p.add_argument("--weights", help="preference weights, e.g. rev=1,srt=2")
+    p.add_argument("--checkpoint", action="store_true", help="also write the merged model")
+    p.add_argument("--device", default="cpu", help="where to merge for --checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("strategies", help="list the search strategies")
+    p.set_defaults(func=_cmd_strategies)
 
     p = sub.add_parser("methods", help="list the merge methods and their parameters")
     p.set_defaults(func=_cmd_methods)
@@ -128,18 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mergesearch.export import NotExpressible  # noqa: F401  (a RecipeError)
+    from mergesearch.evaluation import EvaluationError
+    from mergesearch.experiment import ExperimentError
     from mergesearch.models.checkpoint import ModelLoadError
     from mergesearch.recipe import RecipeError
+    from mergesearch.space import SpaceError
+    from mergesearch.storage import StorageError
+    from mergesearch.strategies import StrategyError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    user_errors = (RecipeError, ModelLoadError, FileExistsError, ExperimentError, SpaceError,
+                   StrategyError, StorageError, EvaluationError, UsageError)
     try:
         return args.func(args)
-    except (RecipeError, ModelLoadError, FileExistsError) as err:
+    except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: finished trials are saved; run the same command again to resume",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -315,6 +315,25 @@ def _has_empty_list(setting: Setting) -> bool:
     return False
 
 
+def read_yaml_mapping(path: str | Path, error: type[Exception], what: str = "file") -> dict:
+    """The mapping at the top of a YAML file, or ``error`` with one line saying what is wrong."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{path} is a directory, not a {what}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        problem = getattr(err, "problem", None) or str(err)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise error(f"{path}: not valid YAML: {where}{problem}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a mapping at the top level")
+    return data
+
+
 def format_validation_error(err: ValidationError, what: str) -> str:
     """One readable line per problem, each naming its path in the document."""
     lines = []

@@ -44,7 +44,8 @@ def test_convert_reports_what_mergekit_cannot_express(tmp_path, capsys):
 
 def test_help_for_every_command(capsys):
     for argv in (["--help"], ["merge", "--help"], ["convert", "--help"], ["zoo", "build", "--help"],
-                 ["demo", "--help"]):
+                 ["run", "--help"], ["status", "--help"], ["pareto", "--help"],
+                 ["export", "--help"], ["strategies", "--help"]):
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 0

@@ -23,6 +23,15 @@ def layer_index(name: str) -> int | None:
     return int(m.group(2)) if m else None
 
 
+def layer_key(names: Iterable[str]) -> str:
+    """The word naming the block list in these tensor names (``layers``, ``h``, ...)."""
+    for name in names:
+        m = _LAYER.search(name)
+        if m:
+            return m.group(1)
+    return "layers"
+
+
 def with_layer(name: str, index: int) -> str:
     """The same tensor name in block ``index``."""
     return _LAYER.sub(lambda m: f"{m.group(1)}.{index}.", name, count=1)

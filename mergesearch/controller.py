@@ -1,0 +1,340 @@
+"""The search loop: ask -> dispatch -> record -> tell -> checkpoint, until the budget.
+
+The controller is the one place that knows every part.  Its durability rule:
+the strategy state is saved right after every ``ask`` (before the candidates'
+trials exist) and after every ``tell``; each result is written to its trial
+before the strategy hears of it.  So after a kill at any moment the saved
+state's pending candidates are exactly the dispatched-but-untold ones, and
+resuming (1) tells the strategy those already recorded, (2) re-dispatches the
+rest into their RUNNING trials.  No completed trial is lost or evaluated twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from mergesearch.experiment import Experiment, ExperimentError
+from mergesearch.merging.layers import layer_key
+from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
+from mergesearch.space import SearchSpace, SpaceConfig, SpaceError
+from mergesearch.storage import StorageError, TrialRecord, TrialStore
+from mergesearch.strategies import Objective, Problem, Strategy, create_strategy
+from mergesearch.trial import Candidate, Result
+
+log = logging.getLogger(__name__)
+
+
+class SearchError(ValueError):
+    """A search cannot start as configured; the message names the problem and the fix."""
+
+
+@dataclass
+class RunSummary:
+    """How a run ended, and where to find what it wrote."""
+
+    study: str
+    storage: str
+    run_dir: Path
+    objectives: list[Objective]
+    finished: int  # trials finished in the study (ok + failed), all runs together
+    ok: int
+    failed: int
+    cached: int
+    evaluated_now: int  # evaluations run by this invocation
+    stopped: str  # "budget", "wall time", "strategy done"
+    elapsed: float
+    front: list[TrialRecord] = field(default_factory=list)
+
+
+def resolve_model(ref: str, exp: Experiment, *, progress: bool = False) -> str:
+    """A model reference as the merger opens it: zoo names built on demand, relative
+    paths found, anything else passed on (a hub id)."""
+    if ref.startswith("zoo:"):
+        from mergesearch.zoo import build_zoo
+
+        zoo = build_zoo(progress=progress)
+        try:
+            return str(zoo.model_path(ref.removeprefix("zoo:")))
+        except KeyError as err:
+            raise ExperimentError(f"models: {err.args[0]}") from None
+    found = exp.find(ref)
+    if found is not None:
+        return str(found)
+    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+        raise ExperimentError(f"models: {ref!r} not found (no such directory; relative paths "
+                              "are looked up from here and from the experiment's folder)")
+    return ref  # a hub id: fetched (or found in the hub cache) when opened
+
+
+class Search:
+    """An experiment made concrete: models found, space bound, problem and worker spec built.
+
+    Nothing is written to disk here; every check a user can fail runs first.
+    """
+
+    def __init__(self, exp: Experiment, *, study: str | None = None, progress: bool = True):
+        from mergesearch.execution.worker import WorkerSpec
+
+        self.exp = exp
+        self.study_name = study or exp.name
+        self.progress = progress
+        models = exp.models
+        self.base = resolve_model(models.base, exp, progress=progress) if models.base else None
+        self.sources = {n: resolve_model(r, exp, progress=progress)
+                        for n, r in models.sources.items()}
+        first = self.base or next(iter(self.sources.values()))
+        try:
+            ckpt = Checkpoint(first, allow_pickle=models.allow_pickle)
+            num_layers = ckpt.num_layers
+            key = layer_key(ckpt.names)
+        except ModelLoadError as err:
+            raise ExperimentError(f"models: {err}") from None
+        space_src = exp.space
+        if isinstance(space_src, str):
+            found = exp.find(space_src)
+            if found is None:
+                raise ExperimentError(f"space: search space file {space_src!r} not found")
+            space_src = found
+        try:
+            self.space = SearchSpace(SpaceConfig.load(space_src), base=self.base,
+                                     sources=self.sources, num_layers=num_layers, layer_key=key,
+                                     seed=exp.seed)
+        except SpaceError as err:
+            raise ExperimentError(str(err)) from None
+        objectives = tuple(Objective(o.name, o.direction, o.weight)
+                           for o in exp.evaluator.objectives)
+        self.problem = Problem(tuple(self.space.dims), objectives)
+        self.strategy = create_strategy(exp.strategy.name, self.problem, exp.strategy.options,
+                                        seed=exp.seed)
+        if self.problem.multi_objective and not self.strategy.multi_objective:
+            log.info("%s optimises one scalar: the weighted sum of %d objectives",
+                     self.strategy.name, len(objectives))
+        suite = exp.find(exp.evaluator.suite)
+        if suite is None:
+            raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
+        evaluator = exp.evaluator.model_dump(mode="json") | {"suite": str(suite)}
+        dtype = exp.execution.dtype or self.space.decode(self.space.x0).dtype
+        self.worker_spec = WorkerSpec(
+            tokenizer=first, evaluator=evaluator, device=exp.execution.device, dtype=dtype,
+            allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
+            check_recipe=self.space.decode(self.space.x0).to_dict())
+
+    def make_executor(self):
+        from mergesearch.execution import LocalExecutor, Worker
+
+        if self.exp.execution.backend == "local":
+            return LocalExecutor(Worker(self.worker_spec))
+        raise ExperimentError(f"execution.backend {self.exp.execution.backend!r} is not available")
+
+    # -- storage ------------------------------------------------------------------------
+
+    def open_store(self, *, resume: bool | None, overwrite: bool) -> TrialStore:
+        """Create the study, or reopen it to resume (``resume=None``: if it exists)."""
+        url, name = self.exp.storage_url, self.study_name
+        exists = TrialStore.exists(url, name)
+        record = self.exp.model_dump(mode="json") | {"study": name}
+        if overwrite or not exists:
+            if resume and not exists:
+                raise StorageError(f"--resume: there is no study {name!r} in {url} to resume")
+            return TrialStore.create(url, name, self.problem.objectives, self.space.dims,
+                                     record, overwrite=overwrite)
+        store = TrialStore.open(url, name, self.space.dims)
+        before = Experiment.from_dict(
+            {k: v for k, v in store.experiment.items() if k != "study"}).fingerprint()
+        now = self.exp.fingerprint()
+        if before != now:
+            keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+            raise StorageError(
+                f"study {name!r} in {url} was run with a different {', '.join(keys)}; "
+                "resume with the same experiment, pass --study NEW_NAME to start another "
+                "search, or --overwrite to replace it")
+        store.set_experiment(record)
+        return store
+
+
+def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None,
+        overwrite: bool = False, progress: bool = True,
+        on_result: Callable[[Result], None] | None = None) -> RunSummary:
+    """Run (or resume) the search an experiment describes; returns how it ended.
+
+    ``resume=None`` continues an existing study with the same experiment and starts
+    a new one otherwise; ``True`` requires the study to exist; ``overwrite`` replaces it.
+    """
+    search = Search(exp, study=study, progress=progress)
+    executor = search.make_executor()  # loads models: fails here, before anything is written
+    store = search.open_store(resume=resume, overwrite=overwrite)
+    return _Loop(search, store, executor, progress, on_result).run()
+
+
+class _Loop:
+    def __init__(self, search: Search, store: TrialStore, executor, progress: bool,
+                 on_result: Callable[[Result], None] | None):
+        self.search = search
+        self.space = search.space
+        self.store = store
+        self.executor = executor
+        self.strategy: Strategy = search.strategy
+        self.budget = search.exp.budget
+        self.progress = progress
+        self.on_result = on_result
+        self.in_flight: dict[int, tuple[int, Candidate]] = {}  # candidate id -> (trial, cand)
+        self.cache: dict[str, TrialRecord | Result] = {}  # recipe + fidelity -> first result
+        self.best: dict[str, float] = {}
+        self.ok = self.failed = self.cached = self.evaluated_now = 0
+
+    # -- resume -------------------------------------------------------------------------
+
+    def _restore(self) -> list[Candidate]:
+        """Load the strategy state and reconcile it with the recorded trials."""
+        records = self.store.trials()
+        for r in records:
+            if r.state == "ok":
+                self.ok += 1
+                self._track_best(r.values)
+                if r.recipe is not None and r.cached_from is None:
+                    self.cache.setdefault(_key(r.recipe, r.fidelity), r)
+            elif r.state == "failed":
+                self.failed += 1
+            if r.cached_from is not None:
+                self.cached += 1
+        state = self.store.load_state()
+        if state is None:
+            return []
+        self.strategy.load_state_dict(state)
+        by_candidate = {r.candidate_id: r for r in records}
+        resubmit = []
+        for cand in self.strategy.pending:
+            rec = by_candidate.get(cand.id)
+            if rec is not None and rec.state != "running":
+                self.strategy.tell([rec.result()])  # recorded, then killed before the tell
+                continue
+            cand.recipe = self.space.decode(cand.genome)
+            if rec is not None and rec.genome(self.space.names) == cand.genome:
+                self.in_flight[cand.id] = (self.store.trial_id(rec.number), cand)
+            else:
+                self.in_flight[cand.id] = (self.store.start(cand), cand)
+            resubmit.append(cand)
+        pending = {c.id for c in self.strategy.pending}
+        for r in records:  # RUNNING trials nobody waits for any more
+            if r.state == "running" and r.candidate_id not in pending:
+                self.store.finish(self.store.trial_id(r.number),
+                                  Result.failed(r.candidate_id, "interrupted"))
+                self.failed += 1
+        self.store.save_state(self.strategy.state_dict())
+        return resubmit
+
+    # -- the loop -----------------------------------------------------------------------
+
+    @property
+    def finished(self) -> int:
+        return self.ok + self.failed
+
+    def _room(self) -> int:
+        """How many more candidates may be dispatched now."""
+        room = self.executor.free
+        if self.budget.evaluations is not None:
+            room = min(room, self.budget.evaluations - self.finished - len(self.in_flight))
+        return max(room, 0)
+
+    def run(self) -> RunSummary:
+        start = time.monotonic()
+        deadline = start + self.budget.wall_time if self.budget.wall_time else None
+        for cand in self._restore():
+            self.executor.submit(cand)
+        bar = tqdm(total=self.budget.evaluations, initial=self.finished, unit="trial",
+                   desc=self.search.study_name, disable=not self.progress, dynamic_ncols=True)
+        stopped = "budget"
+        try:
+            while True:
+                if deadline is not None and time.monotonic() >= deadline:
+                    stopped = "wall time"
+                elif self.strategy.done and not self.in_flight:
+                    stopped = "strategy done"
+                else:
+                    self._dispatch(bar)
+                if not self.in_flight:
+                    break
+                for result in self.executor.wait():
+                    self._record(result, bar)
+            if self.budget.evaluations is not None and self.finished < self.budget.evaluations \
+                    and stopped == "budget":
+                stopped = "strategy done"
+        finally:
+            bar.close()
+            self.executor.close()
+        return RunSummary(
+            study=self.search.study_name, storage=self.search.exp.storage_url,
+            run_dir=self.search.exp.run_dir, objectives=list(self.search.problem.objectives),
+            finished=self.finished, ok=self.ok, failed=self.failed, cached=self.cached,
+            evaluated_now=self.evaluated_now, stopped=stopped,
+            elapsed=time.monotonic() - start, front=self.store.pareto_front())
+
+    def _dispatch(self, bar) -> None:
+        while (room := self._room()) > 0:
+            cands = self.strategy.ask(room)
+            if not cands:
+                return
+            decoded = []
+            for cand in cands:
+                try:
+                    cand.recipe = self.space.decode(cand.genome)
+                    decoded.append((cand, None))
+                except SpaceError as err:
+                    decoded.append((cand, Result.failed(cand.id, str(err))))
+            self.store.save_state(self.strategy.state_dict())  # before any trial exists
+            for cand, failure in decoded:
+                self.in_flight[cand.id] = (self.store.start(cand), cand)
+                hit = None if failure else self.cache.get(_key(cand.recipe.to_dict(),
+                                                                 cand.fidelity))
+                if failure is not None:
+                    self._record(failure, bar)
+                elif hit is not None:
+                    self._record(Result(candidate_id=cand.id, values=dict(hit.values),
+                                        scores=hit.scores), bar, cached_from=hit.number)
+                else:
+                    self.executor.submit(cand)
+
+    def _record(self, result: Result, bar, *, cached_from: int | None = None) -> None:
+        trial_id, cand = self.in_flight.pop(result.candidate_id)
+        self.store.finish(trial_id, result, cached_from=cached_from)
+        if result.ok:
+            self.ok += 1
+            self._track_best(result.values)
+            if cached_from is None and cand.recipe is not None:
+                self.cache.setdefault(_key(cand.recipe.to_dict(), cand.fidelity),
+                                      self.store.record(trial_id))
+        else:
+            self.failed += 1
+            log.warning("candidate %d failed: %s", result.candidate_id, result.reason)
+        if cached_from is not None:
+            self.cached += 1
+        else:
+            self.evaluated_now += 1
+        self.strategy.tell([result])
+        self.store.save_state(self.strategy.state_dict())
+        if self.on_result is not None:
+            self.on_result(result)
+        bar.update(1)
+        bar.set_postfix_str(
+            "best " + " ".join(f"{k}={v:.4g}" for k, v in self.best.items()), refresh=False)
+
+    def _track_best(self, values: dict[str, float]) -> None:
+        for o in self.search.problem.objectives:
+            if o.name in values:
+                old = self.best.get(o.name)
+                new = values[o.name]
+                if old is None or o.sign * new < o.sign * old:
+                    self.best[o.name] = new
+
+
+def _key(recipe: dict[str, Any], fidelity: float) -> str:
+    """Cache key: identical recipes scored at the same fidelity give the same result."""
+    return json.dumps(recipe, sort_keys=True) + f"|{fidelity:g}"

@@ -1,0 +1,6 @@
+"""Executors run candidates on workers: in process (local) now, a Ray actor pool later."""
+
+from .local import LocalExecutor
+from .worker import Worker, WorkerSpec
+
+__all__ = ["LocalExecutor", "Worker", "WorkerSpec"]

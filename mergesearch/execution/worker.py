@@ -1,0 +1,73 @@
+"""A worker: source models held once, one resident model, merge in place, evaluate.
+
+The same class runs in process (local executor) and, later, as a Ray actor:
+everything it needs arrives as a :class:`WorkerSpec` of plain data, and only
+recipes come in and results go out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from mergesearch.evaluation import EvaluatorConfig, make_evaluator
+from mergesearch.models.resident import ResidentMerger
+from mergesearch.recipe import Recipe
+from mergesearch.trial import Candidate, Result
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSpec:
+    """What a worker needs, as plain data (so it can be shipped to another process)."""
+
+    tokenizer: str  # model directory whose tokenizer the evaluator uses
+    evaluator: dict[str, Any]  # EvaluatorConfig as a mapping, suite path absolute
+    device: str = "cpu"
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    check_recipe: dict[str, Any] | None = field(default=None)  # planned up front to fail early
+
+
+class Worker:
+    """Merges candidates into one resident model and scores it."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        self.merger = ResidentMerger(device=spec.device, dtype=getattr(torch, spec.dtype),
+                                     allow_pickle=spec.allow_pickle)
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+        self.evaluator = make_evaluator(EvaluatorConfig.model_validate(spec.evaluator),
+                                        self.tokenizer)
+        if spec.check_recipe is not None:
+            self.merger.plan(Recipe.from_dict(spec.check_recipe))
+
+    def evaluate(self, candidate: Candidate) -> Result:
+        """Merge and score one candidate; any exception becomes a failed result."""
+        t0 = time.perf_counter()
+        merged = t0
+        try:
+            if candidate.recipe is None:
+                raise ValueError("candidate has no recipe")
+            model = self.merger.apply(candidate.recipe)
+            merged = time.perf_counter()
+            # one subset per fidelity for every candidate, so their scores compare
+            ev = self.evaluator.evaluate(model, fidelity=candidate.fidelity, seed=0)
+        except Exception as err:  # a bad candidate must not stop the search
+            log.debug("candidate %d failed:\n%s", candidate.id, traceback.format_exc())
+            now = time.perf_counter()
+            return Result.failed(candidate.id, f"{type(err).__name__}: {err}",
+                                 merge=merged - t0, evaluate=now - merged)
+        done = time.perf_counter()
+        return Result(candidate_id=candidate.id, values=dict(ev.values), scores=ev.scores,
+                      correct=ev.correct,
+                      timings={"merge": merged - t0, "evaluate": done - merged}).check_finite()

@@ -1,0 +1,190 @@
+"""Experiment files: models + search space + strategy + evaluator + budget, validated.
+
+An experiment is one YAML file (``experiments/*.yaml``).  Every section is a
+typed model that rejects unknown keys; errors name their path in the file.
+``--set dotted.key=value`` overrides are applied to the raw mapping before
+validation, so they are checked like the file itself.
+
+Relative paths (search space files, evaluation suites, local models) are
+looked up in the current directory, then in the experiment file's folder and
+its parents.  Model references ``zoo:base`` and ``zoo:<skill>`` name the
+built-in tiny model zoo, built on first use.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mergesearch.evaluation import EvaluatorConfig
+from mergesearch.recipe import format_validation_error, read_yaml_mapping
+
+
+class ExperimentError(ValueError):
+    """An experiment file (or an override) is invalid; the message names the key and the fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelsConfig(_Strict):
+    """The base model and the source models to merge, by short name."""
+
+    base: str | None = Field(None, description="local path, hub id or zoo:base")
+    sources: dict[str, str] = Field(min_length=1, description="name -> path, hub id or zoo:<skill>")
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _list_to_names(cls, value: Any) -> Any:
+        if isinstance(value, list):  # a plain list: names from the last path component
+            names = [re.split(r"[/:]", str(v).rstrip("/"))[-1] for v in value]
+            if len(set(names)) != len(names):
+                raise ValueError("source names clash: give sources as a mapping name: path")
+            return dict(zip(names, value, strict=True))
+        return value
+
+
+class StrategyConfig(_Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+class BudgetConfig(_Strict):
+    """When the search stops: after ``evaluations`` trials and/or ``wall_time``."""
+
+    evaluations: int | None = Field(None, ge=1)
+    wall_time: float | None = Field(None, gt=0, description="seconds, or a string like 10m, 2h")
+
+    @field_validator("wall_time", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            m = re.fullmatch(r"\s*([\d.]+)\s*([smh]?)\s*", value)
+            if not m:
+                raise ValueError(f"not a duration: {value!r} (use e.g. 90, 30m, 2h)")
+            return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        return value
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.evaluations is None and self.wall_time is None:
+            raise ValueError("set evaluations and/or wall_time")
+        return self
+
+
+class ExecutionConfig(_Strict):
+    """Where candidates are merged and scored."""
+
+    backend: Literal["local"] = "local"
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="dtype of the resident model; default: the recipe's")
+
+
+class Experiment(_Strict):
+    """A whole search, as written in an experiment file."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str = ""
+    models: ModelsConfig
+    space: str | dict[str, Any] = Field(description="a search_spaces/ file or an inline space")
+    strategy: StrategyConfig
+    evaluator: EvaluatorConfig
+    budget: BudgetConfig
+    execution: ExecutionConfig = ExecutionConfig()
+    storage: str | None = Field(
+        None, description="SQLAlchemy URL; default: sqlite file study.db in the run folder")
+    output: str | None = Field(None, description="run folder; default runs/<name>")
+    seed: int = 0
+
+    # Fields that may change when a study is resumed (everything else must match).
+    RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("budget", "execution", "storage", "output",
+                                          "description")
+
+    @classmethod
+    def from_dict(cls, data: Any, *, where: str = "experiment") -> Experiment:
+        if not isinstance(data, dict):
+            raise ExperimentError(f"{where}: expected a mapping at the top level")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise ExperimentError(format_validation_error(err, where)) from None
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Experiment:
+        """Read an experiment file, apply ``dotted.key=value`` overrides, validate."""
+        path = Path(path)
+        data = read_yaml_mapping(path, ExperimentError, "experiment file")
+        for item in overrides:
+            apply_override(data, item)
+        exp = cls.from_dict(data, where=str(path))
+        exp._file = path.resolve()
+        return exp
+
+    # where relative paths are looked up (set by load; cwd only for in-code experiments)
+    _file: Path | None = None
+
+    @property
+    def search_dirs(self) -> list[Path]:
+        dirs = [Path.cwd()]
+        if self._file is not None:
+            dirs += [self._file.parent, *self._file.parent.parents]
+        return dirs
+
+    def find(self, ref: str | Path) -> Path | None:
+        """A relative path looked up in :attr:`search_dirs`; absolute paths as given."""
+        ref = Path(ref).expanduser()
+        if ref.is_absolute():
+            return ref if ref.exists() else None
+        for d in self.search_dirs:
+            if (d / ref).exists():
+                return (d / ref).resolve()
+        return None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("runs") / self.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.run_dir / 'study.db').as_posix()}"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The parts that define the search (must match when resuming)."""
+        data = self.model_dump(mode="json")
+        for key in self.RESUMABLE_CHANGES:
+            data.pop(key, None)
+        return data
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ExperimentError(f"--set {item!r}: expected dotted.key=value")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ExperimentError(f"--set {key}: {where} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+

@@ -1,0 +1,102 @@
+"""Pareto fronts of a study: tables, preference-weighted choice, export of a point."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from mergesearch.export import NotExpressible, save_merged, to_mergekit_yaml
+from mergesearch.recipe import Recipe
+from mergesearch.storage import TrialRecord
+from mergesearch.strategies.base import Objective
+
+
+def trials_frame(trials: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
+    """One row per trial: number, state, objective values, timings, failure reason."""
+    rows = []
+    for t in trials:
+        row = {"trial": t.number, "candidate": t.candidate_id, "state": t.state}
+        row |= {o.name: t.values.get(o.name) for o in objectives}
+        row |= {f"{k}_s": v for k, v in t.timings.items()}
+        row["cached_from"] = t.cached_from
+        row["reason"] = t.reason
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
+
+
+def choose(front: Sequence[TrialRecord], objectives: Sequence[Objective],
+           weights: Mapping[str, float] | None = None) -> TrialRecord:
+    """The front point with the best weighted sum of objectives rescaled to [0, 1] over the
+    front (1 = the best value on the front); weights default to the objectives' own."""
+    if not front:
+        raise ValueError("the study has no completed trial yet")
+    weights = dict(weights) if weights else {o.name: o.weight for o in objectives}
+    unknown = set(weights) - {o.name for o in objectives}
+    if unknown:
+        raise ValueError(f"unknown objective(s) in weights: {', '.join(sorted(unknown))}; "
+                         f"objectives are {', '.join(o.name for o in objectives)}")
+
+    def utility(t: TrialRecord) -> float:
+        total = 0.0
+        for o in objectives:
+            vals = [-o.sign * p.values[o.name] for p in front]  # larger is better
+            lo, hi = min(vals), max(vals)
+            scaled = 1.0 if hi == lo else (-o.sign * t.values[o.name] - lo) / (hi - lo)
+            total += weights.get(o.name, 0.0) * scaled
+        return total
+
+    return max(front, key=lambda t: (utility(t), -t.number))
+
+
+def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
+                 *, params: bool = True) -> str:
+    """A text table of the front, best first by the objectives' weighted sum, with each
+    point's genome (the recipe's searched values) underneath when ``params``."""
+    if not front:
+        return "(no completed trials)"
+    order = sorted(front, key=lambda t: -sum(-o.sign * o.weight * t.values[o.name]
+                                             for o in objectives))
+    frame = pd.DataFrame([{"trial": t.number} | {o.name: t.values[o.name] for o in objectives}
+                          for t in order]).set_index("trial")
+    text = frame.to_string(float_format=lambda v: f"{v:.4f}")
+    if params:
+        lines = [text, ""]
+        for t in order:
+            lines.append(f"trial {t.number}: " + ", ".join(
+                f"{k}={v:.3g}" for k, v in t.params.items()))
+        text = "\n".join(lines)
+    return text
+
+
+def export_trial(trial: TrialRecord, out: str | Path, *, checkpoint: bool = False,
+                 overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Path:
+    """Write a trial's recipe (``recipe.json``, ``mergekit.yml`` when mergekit can express
+    it, ``scores.json``) into ``out``, and the merged model into ``out/model`` if asked."""
+    if trial.recipe is None:
+        raise ValueError(f"trial {trial.number} has no recipe")
+    recipe = Recipe.from_dict(trial.recipe)
+    out = Path(out)
+    if checkpoint and (out / "model").exists() and not overwrite:
+        raise FileExistsError(f"{out / 'model'} exists; pass overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / "recipe.json", recipe.to_json() + "\n")
+    try:
+        _write(out / "mergekit.yml", to_mergekit_yaml(recipe))
+    except NotExpressible as err:
+        _write(out / "mergekit.txt", f"not expressible in mergekit: {err}\n")
+    _write(out / "scores.json", json.dumps({"trial": trial.number, "values": trial.values,
+                                            "scores": trial.scores}, indent=2) + "\n")
+    if checkpoint:
+        save_merged(recipe, out / "model", device=device, overwrite=overwrite,
+                    progress=progress)
+    return out
+
+
+def _write(path: Path, text: str) -> None:
+    """Write atomically: a temporary file beside ``path``, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,220 @@
+"""Trials on an Optuna RDB storage: one study per search.
+
+Each candidate becomes an Optuna trial the moment it is dispatched (state
+RUNNING), and is finished the moment its result arrives: params are the named
+genome dimensions, values the objectives, user attrs the recipe, per-task
+scores, per-item correctness, timings and, for failures, the reason.  The
+experiment config and the strategy's JSON state live in study user attrs.
+So optuna-dashboard shows any search, and a PostgreSQL URL shares one study
+across machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from mergesearch.strategies.base import Dimension, Objective
+from mergesearch.trial import Candidate, Result
+
+log = logging.getLogger(__name__)
+
+# study user attrs
+EXPERIMENT = "mergesearch.experiment"
+OBJECTIVES = "mergesearch.objectives"
+STRATEGY_STATE = "mergesearch.strategy_state"
+# trial user attrs
+CANDIDATE = "candidate_id"
+RECIPE = "recipe"
+FIDELITY = "fidelity"
+SCORES = "scores"
+CORRECT = "correct"
+TIMINGS = "timings"
+REASON = "fail_reason"
+CACHED_FROM = "cached_from"
+
+
+class StorageError(ValueError):
+    """The study cannot be opened as asked (missing, exists, or belongs to another search)."""
+
+
+@dataclass
+class TrialRecord:
+    """A finished or running trial as mergesearch reads it back."""
+
+    number: int
+    candidate_id: int
+    state: str  # "running", "ok", "failed"
+    values: dict[str, float]
+    params: dict[str, float]  # genome dimension name -> value
+    recipe: dict[str, Any] | None
+    fidelity: float
+    scores: dict[str, dict[str, float]]
+    reason: str | None
+    cached_from: int | None
+    timings: dict[str, float]
+
+    def genome(self, names: Sequence[str]) -> list[float]:
+        return [self.params[n] for n in names]
+
+    def result(self) -> Result:
+        if self.state == "ok":
+            return Result(candidate_id=self.candidate_id, values=dict(self.values),
+                          scores=self.scores, timings=self.timings)
+        return Result.failed(self.candidate_id, self.reason or "failed")
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class TrialStore:
+    """One search's study: create or reopen it, record trials, keep strategy state."""
+
+    def __init__(self, study: optuna.Study, dims: Sequence[Dimension] | None = None):
+        self.study = study
+        self._storage = study._storage  # the public optuna.Study has no accessor for it
+        self._study_id = self._storage.get_study_id_from_name(study.study_name)
+        attrs = study.user_attrs
+        self.objectives = [Objective(**o) for o in attrs.get(OBJECTIVES, [])]
+        self._distributions = None
+        self._names: list[str] = []
+        if dims is not None:
+            self.set_dims(dims)
+
+    # -- opening ------------------------------------------------------------------------
+
+    @staticmethod
+    def _make_parent(url: str) -> None:
+        if url.startswith("sqlite:///"):
+            path = Path(url.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def exists(cls, url: str, name: str) -> bool:
+        _quiet_optuna()
+        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+            return False
+        storage = optuna.storages.RDBStorage(url)
+        try:
+            storage.get_study_id_from_name(name)
+        except KeyError:
+            return False
+        return True
+
+    @classmethod
+    def create(cls, url: str, name: str, objectives: Sequence[Objective],
+               dims: Sequence[Dimension], experiment: dict[str, Any],
+               *, overwrite: bool = False) -> TrialStore:
+        _quiet_optuna()
+        cls._make_parent(url)
+        storage = optuna.storages.RDBStorage(url)
+        if overwrite and cls.exists(url, name):
+            optuna.delete_study(study_name=name, storage=storage)
+        try:
+            study = optuna.create_study(storage=storage, study_name=name,
+                                        directions=[o.direction for o in objectives])
+        except optuna.exceptions.DuplicatedStudyError:
+            raise StorageError(f"study {name!r} already exists in {url}") from None
+        study.set_user_attr(EXPERIMENT, experiment)
+        study.set_user_attr(OBJECTIVES, [vars(o) for o in objectives])
+        with warnings.catch_warnings():  # experimental in Optuna, but the dashboard uses it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([o.name for o in objectives])
+        return cls(study, dims)
+
+    @classmethod
+    def open(cls, url: str, name: str, dims: Sequence[Dimension] | None = None) -> TrialStore:
+        _quiet_optuna()
+        if not cls.exists(url, name):
+            raise StorageError(f"no study {name!r} in {url}")
+        study = optuna.load_study(study_name=name, storage=url)
+        if EXPERIMENT not in study.user_attrs:
+            raise StorageError(f"study {name!r} in {url} was not written by mergesearch")
+        return cls(study, dims)
+
+    def set_dims(self, dims: Sequence[Dimension]) -> None:
+        self._names = [d.name for d in dims]
+        self._distributions = {d.name: FloatDistribution(d.low, d.high) for d in dims}
+
+    @property
+    def experiment(self) -> dict[str, Any]:
+        return self.study.user_attrs[EXPERIMENT]
+
+    def set_experiment(self, experiment: dict[str, Any]) -> None:
+        self._storage.set_study_user_attr(self._study_id, EXPERIMENT, experiment)
+
+    # -- strategy state -----------------------------------------------------------------
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        self._storage.set_study_user_attr(self._study_id, STRATEGY_STATE, state)
+
+    def load_state(self) -> dict[str, Any] | None:
+        return self._storage.get_study_user_attrs(self._study_id).get(STRATEGY_STATE)
+
+    # -- trials -------------------------------------------------------------------------
+
+    def start(self, candidate: Candidate) -> int:
+        """Record a dispatched candidate as a RUNNING trial; returns the trial id."""
+        params = dict(zip(self._names, candidate.genome, strict=True))
+        attrs = {CANDIDATE: candidate.id, FIDELITY: candidate.fidelity}
+        if candidate.recipe is not None:
+            attrs[RECIPE] = candidate.recipe.to_dict()
+        template = create_trial(state=TrialState.RUNNING, params=params,
+                                distributions=self._distributions, user_attrs=attrs)
+        return self._storage.create_new_trial(self._study_id, template_trial=template)
+
+    def finish(self, trial_id: int, result: Result, *, cached_from: int | None = None) -> None:
+        """Write a result into its RUNNING trial: values, scores, timings; or the failure."""
+        set_attr = self._storage.set_trial_user_attr
+        if result.scores:
+            set_attr(trial_id, SCORES, result.scores)
+        if result.correct:
+            set_attr(trial_id, CORRECT, {k: "".join("1" if c else "0" for c in v)
+                                         for k, v in result.correct.items()})
+        if result.timings:
+            set_attr(trial_id, TIMINGS, {k: round(v, 6) for k, v in result.timings.items()})
+        if cached_from is not None:
+            set_attr(trial_id, CACHED_FROM, cached_from)
+        if result.ok:
+            values = [float(result.values[o.name]) for o in self.objectives]
+            self._storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
+        else:
+            set_attr(trial_id, REASON, result.reason or "failed")
+            self._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+
+    def trials(self) -> list[TrialRecord]:
+        return [self._record(t) for t in self.study.get_trials(deepcopy=False)]
+
+    def _record(self, t: FrozenTrial) -> TrialRecord:
+        state = {TrialState.COMPLETE: "ok", TrialState.RUNNING: "running"}.get(t.state, "failed")
+        values = {}
+        if t.values is not None:
+            values = {o.name: v for o, v in zip(self.objectives, t.values, strict=True)}
+        a = t.user_attrs
+        return TrialRecord(
+            number=t.number, candidate_id=int(a.get(CANDIDATE, -1)), state=state, values=values,
+            params=dict(t.params), recipe=a.get(RECIPE),
+            fidelity=float(a.get(FIDELITY, 1.0)),
+            scores=a.get(SCORES, {}), reason=a.get(REASON), cached_from=a.get(CACHED_FROM),
+            timings=a.get(TIMINGS, {}))
+
+    def record(self, trial_id: int) -> TrialRecord:
+        return self._record(self._storage.get_trial(trial_id))
+
+    def trial_id(self, number: int) -> int:
+        return self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
+
+    def pareto_front(self) -> list[TrialRecord]:
+        """Completed trials no other completed trial dominates (Optuna's best_trials)."""
+        if not any(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False)):
+            return []
+        return [self._record(t) for t in self.study.best_trials]

@@ -1,0 +1,195 @@
+"""The search loop on the zoo: recording, resume at every crash point, failures, cache."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mergesearch.controller import Search, _Loop, run
+from mergesearch.experiment import Experiment
+from mergesearch.storage import TrialStore
+from mergesearch.strategies import Strategy
+
+
+def experiment(tmp_path, **changes) -> Experiment:
+    """A small, fast search over the zoo: 16 items per skill, two objectives."""
+    data = {
+        "name": "t",
+        "models": {"base": "zoo:base", "sources": {s: f"zoo:{s}" for s in
+                                                   ("rev", "srt", "dup", "evn")}},
+        "space": "search_spaces/task_arithmetic.yaml",
+        "strategy": {"name": "random"},
+        "evaluator": {"suite": "evaluators/zoo", "limit": 16, "batch_size": 64,
+                      "objectives": [
+                          {"name": "rev", "tasks": ["zoo_rev"], "metric": "char_accuracy"},
+                          {"name": "mean", "metric": "char_accuracy"}]},
+        "budget": {"evaluations": 6},
+        "output": str(tmp_path / "run"),
+        "seed": 0,
+    }
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return Experiment.from_dict(data)
+
+
+def completed(exp: Experiment, study: str = "t"):
+    store = TrialStore.open(exp.storage_url, study)
+    return store, [t for t in store.trials() if t.state == "ok"]
+
+
+def test_every_trial_is_recorded_with_its_recipe_scores_and_state(zoo, tmp_path):
+    exp = experiment(tmp_path)
+    summary = run(exp, progress=False)
+    assert (summary.finished, summary.ok, summary.failed, summary.stopped) == (6, 6, 0, "budget")
+    store, trials = completed(exp)
+    assert len(trials) == 6
+    assert sorted(t.candidate_id for t in trials) == list(range(6))
+    for t in trials:
+        assert set(t.params) == {f"weight[{s}]" for s in ("rev", "srt", "dup", "evn")}
+        assert t.recipe["method"] == "task_arithmetic"
+        # the stored params are the weights of the stored recipe
+        weights = {m["model"]: m["parameters"]["weight"] for m in t.recipe["models"]}
+        assert sorted(weights.values()) == pytest.approx(sorted(t.params.values()))
+        assert set(t.scores) == {"zoo_rev", "zoo_srt", "zoo_dup", "zoo_evn"}
+        assert t.values["rev"] == pytest.approx(t.scores["zoo_rev"]["char_accuracy"])
+        assert t.values["mean"] == pytest.approx(
+            np.mean([s["char_accuracy"] for s in t.scores.values()]))
+        assert t.timings["merge"] > 0 and t.timings["evaluate"] > 0
+    raw = store.study.trials[0].user_attrs["correct"]
+    assert set(raw) == set(trials[0].scores) and all(len(v) == 16 for v in raw.values())
+    state = store.load_state()
+    assert state["strategy"] == "random" and json.loads(json.dumps(state)) == state
+    # the first random candidate is the space's start: the uniform merge
+    first = min(trials, key=lambda t: t.candidate_id)
+    assert set(first.params.values()) == {0.5}
+
+
+def test_rerun_resumes_and_a_larger_budget_continues(zoo, tmp_path):
+    exp = experiment(tmp_path, budget={"evaluations": 4})
+    run(exp, progress=False)
+    again = run(exp, progress=False)  # same experiment: resumes, nothing left to do
+    assert again.evaluated_now == 0 and again.finished == 4
+    more = run(experiment(tmp_path, budget={"evaluations": 7}), progress=False, resume=True)
+    assert more.evaluated_now == 3 and more.finished == 7
+    _, trials = completed(exp)
+    assert sorted(t.candidate_id for t in trials) == list(range(7))
+    # the continued run proposes what one uninterrupted run would have
+    straight = experiment(tmp_path, budget={"evaluations": 7}, output=str(tmp_path / "straight"))
+    run(straight, progress=False)
+    _, reference = completed(straight)
+    assert [t.params for t in sorted(trials, key=lambda t: t.candidate_id)] == \
+        [t.params for t in sorted(reference, key=lambda t: t.candidate_id)]
+
+
+class Crash(BaseException):
+    """Stands in for a kill: not an Exception, so nothing in the loop catches it."""
+
+
+@pytest.mark.parametrize("where", ["start", "finish", "save_state"])
+def test_resume_after_a_crash_at_each_step(zoo, tmp_path, monkeypatch, where):
+    """Crash on the 4th call of a storage step, resume, and end with the budget exactly:
+    every candidate evaluated once (or re-evaluated only if it never finished)."""
+    exp = experiment(tmp_path, strategy={"name": "cmaes", "options": {"popsize": 4}},
+                     budget={"evaluations": 10})
+    calls = {"n": 0}
+    original = getattr(TrialStore, where)
+
+    def crashing(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Crash
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrialStore, where, crashing)
+    with pytest.raises(Crash):
+        run(exp, progress=False)
+    monkeypatch.setattr(TrialStore, where, original)
+    summary = run(exp, progress=False)
+    assert summary.finished == 10 and summary.failed == 0
+    store, trials = completed(exp)
+    assert len(trials) == 10 and len(store.trials()) == 10  # no leftovers, no duplicates
+    assert sorted(t.candidate_id for t in trials) == list(range(10))
+    genomes = [tuple(t.params.values()) for t in trials]
+    assert len(set(genomes)) == 10
+    # and the search is the one an uninterrupted run makes
+    straight = experiment(tmp_path, strategy={"name": "cmaes", "options": {"popsize": 4}},
+                          budget={"evaluations": 10}, output=str(tmp_path / "straight"))
+    run(straight, progress=False)
+    _, reference = completed(straight)
+    key = lambda t: t.candidate_id  # noqa: E731
+    assert [t.params for t in sorted(trials, key=key)] == \
+        [t.params for t in sorted(reference, key=key)]
+
+
+def test_failing_and_nan_candidates_are_recorded_and_the_search_goes_on(zoo, tmp_path,
+                                                                        monkeypatch):
+    from mergesearch.execution.worker import Worker
+
+    original = Worker.evaluate
+
+    def flaky(self, candidate):
+        if candidate.id == 1:  # the merge itself raises
+            def boom(recipe, **kw):
+                raise RuntimeError("out of memory (simulated)")
+            apply, self.merger.apply = self.merger.apply, boom
+            try:
+                return original(self, candidate)
+            finally:
+                self.merger.apply = apply
+        result = original(self, candidate)
+        if candidate.id == 3:
+            result.values["rev"] = math.nan
+            return result.check_finite()
+        return result
+
+    monkeypatch.setattr(Worker, "evaluate", flaky)
+    summary = run(experiment(tmp_path), progress=False)
+    assert (summary.finished, summary.ok, summary.failed) == (6, 4, 2)
+    store = TrialStore.open(experiment(tmp_path).storage_url, "t")
+    failed = {t.candidate_id: t.reason for t in store.trials() if t.state == "failed"}
+    assert failed[1] == "RuntimeError: out of memory (simulated)"
+    assert failed[3] == "non-finite objective values: rev"
+
+
+class Repeat(Strategy):
+    """Proposes the start point, then alternates two points: everything repeats."""
+
+    name = "repeat-for-test"
+    description = "test only"
+    multi_objective = True
+
+    def _setup(self):
+        self._i = 0
+
+    def _ask(self, n):
+        out = []
+        for _ in range(n):
+            out.append((self.problem.x0 * (0.5 if self._i % 2 else 1.0), 1.0))
+            self._i += 1
+        return out
+
+    def _tell(self, told):
+        pass
+
+
+def test_identical_candidates_are_served_from_the_cache(zoo, tmp_path):
+    exp = experiment(tmp_path)
+    search = Search(exp, progress=False)
+    search.strategy = Repeat(search.problem)
+    store = search.open_store(resume=None, overwrite=False)
+    summary = _Loop(search, store, search.make_executor(), False, None).run()
+    assert (summary.finished, summary.cached, summary.evaluated_now) == (6, 4, 2)
+    trials = store.trials()
+    by_number = {t.number: t for t in trials}
+    for t in trials:
+        if t.cached_from is not None:
+            source = by_number[t.cached_from]
+            assert source.cached_from is None and t.values == source.values
+            assert t.params == source.params
