@@ -94,7 +94,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
           f"in {summary.elapsed:.0f} s; stopped: {summary.stopped}")
     kind = "Pareto front" if len(summary.objectives) > 1 else "best trial"
     print(f"\n{kind} ({len(summary.front)} point(s)):")
-    print(format_front(summary.front, summary.objectives))
+    print(format_front(summary.front, summary.objectives, limit=10, params=3))
+    if len(summary.front) > 10:
+        print(f"(all of it: mergesearch pareto {args.experiment})")
     front_dir = summary.run_dir / "front"
     for trial in summary.front:
         export_trial(trial, front_dir / f"trial-{trial.number}", progress=False)

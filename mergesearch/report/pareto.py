@@ -52,23 +52,27 @@ def choose(front: Sequence[TrialRecord], objectives: Sequence[Objective],
 
 
 def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
-                 *, params: bool = True) -> str:
-    """A text table of the front, best first by the objectives' weighted sum, with each
-    point's genome (the recipe's searched values) underneath when ``params``."""
+                 *, limit: int | None = None, params: int | None = None) -> str:
+    """A text table of the front, best first by the objectives' weighted sum; at most
+    ``limit`` rows, and the genome (the searched values) of the first ``params`` rows
+    (all shown rows when None)."""
     if not front:
         return "(no completed trials)"
     order = sorted(front, key=lambda t: -sum(-o.sign * o.weight * t.values[o.name]
                                              for o in objectives))
+    shown = order[:limit] if limit else order
     frame = pd.DataFrame([{"trial": t.number} | {o.name: t.values[o.name] for o in objectives}
-                          for t in order]).set_index("trial")
-    text = frame.to_string(float_format=lambda v: f"{v:.4f}")
-    if params:
-        lines = [text, ""]
-        for t in order:
-            lines.append(f"trial {t.number}: " + ", ".join(
-                f"{k}={v:.3g}" for k, v in t.params.items()))
-        text = "\n".join(lines)
-    return text
+                          for t in shown]).set_index("trial")
+    lines = [frame.to_string(float_format=lambda v: f"{v:.4f}")]
+    if len(shown) < len(order):
+        lines.append(f"... and {len(order) - len(shown)} more")
+    with_params = shown if params is None else shown[:params]
+    if with_params:
+        lines.append("")
+    for t in with_params:
+        lines.append(f"trial {t.number}: " + ", ".join(
+            f"{k}={v:.3g}" for k, v in t.params.items()))
+    return "\n".join(lines)
 
 
 def export_trial(trial: TrialRecord, out: str | Path, *, checkpoint: bool = False,
