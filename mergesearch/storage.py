@@ -76,12 +76,22 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+def _rdb(url: str) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage for a SQLAlchemy URL, with one clear error if it cannot open."""
+    try:
+        return optuna.storages.RDBStorage(url)
+    except Exception as err:  # bad URL, missing driver, unreachable server: all user-facing
+        raise StorageError(f"cannot open storage {url!r}: {type(err).__name__}: "
+                           f"{str(err).splitlines()[0]}") from None
+
+
 class TrialStore:
     """One search's study: create or reopen it, record trials, keep strategy state."""
 
-    def __init__(self, study: optuna.Study, dims: Sequence[Dimension] | None = None):
+    def __init__(self, study: optuna.Study, storage: optuna.storages.BaseStorage,
+                 dims: Sequence[Dimension] | None = None):
         self.study = study
-        self._storage = study._storage  # the public optuna.Study has no accessor for it
+        self._storage = storage
         self._study_id = self._storage.get_study_id_from_name(study.study_name)
         attrs = study.user_attrs
         self.objectives = [Objective(**o) for o in attrs.get(OBJECTIVES, [])]
@@ -103,7 +113,7 @@ class TrialStore:
         _quiet_optuna()
         if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
             return False
-        storage = optuna.storages.RDBStorage(url)
+        storage = _rdb(url)
         try:
             storage.get_study_id_from_name(name)
         except KeyError:
@@ -116,7 +126,7 @@ class TrialStore:
                *, overwrite: bool = False) -> TrialStore:
         _quiet_optuna()
         cls._make_parent(url)
-        storage = optuna.storages.RDBStorage(url)
+        storage = _rdb(url)
         if overwrite and cls.exists(url, name):
             optuna.delete_study(study_name=name, storage=storage)
         try:
@@ -129,17 +139,18 @@ class TrialStore:
         with warnings.catch_warnings():  # experimental in Optuna, but the dashboard uses it
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([o.name for o in objectives])
-        return cls(study, dims)
+        return cls(study, storage, dims)
 
     @classmethod
     def open(cls, url: str, name: str, dims: Sequence[Dimension] | None = None) -> TrialStore:
         _quiet_optuna()
         if not cls.exists(url, name):
             raise StorageError(f"no study {name!r} in {url}")
-        study = optuna.load_study(study_name=name, storage=url)
+        storage = _rdb(url)
+        study = optuna.load_study(study_name=name, storage=storage)
         if EXPERIMENT not in study.user_attrs:
             raise StorageError(f"study {name!r} in {url} was not written by mergesearch")
-        return cls(study, dims)
+        return cls(study, storage, dims)
 
     def set_dims(self, dims: Sequence[Dimension]) -> None:
         self._names = [d.name for d in dims]

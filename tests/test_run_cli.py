@@ -141,6 +141,7 @@ BAD = {
     "budget 0": ({"budget": {"evaluations": 0}}, "budget.evaluations"),
     "no budget": ({"budget": {}}, "set evaluations and/or wall_time"),
     "missing space": ({"space": "search_spaces/nope.yaml"}, "nope.yaml"),
+    "bad storage URL": ({"storage": "nonsense://db"}, "cannot open storage 'nonsense://db'"),
 }
 
 
