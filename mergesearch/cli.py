@@ -86,6 +86,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mergesearch.controller import run
     from mergesearch.report import export_trial, format_front
 
+    if args.ray_address:
+        args.set = [*(args.set or ()), "execution.backend=ray",
+                    f"execution.address={args.ray_address}"]
     exp = _experiment(args)
     summary = run(exp, study=args.study, resume=True if args.resume else None,
                   overwrite=args.overwrite, progress=not args.quiet)
@@ -105,6 +108,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"merged checkpoint: mergesearch export {args.experiment} --out DIR --checkpoint "
           "[--trial N]")
     return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from mergesearch.sweep import plan_sweep, run_sweep
+
+    planned, pool = plan_sweep(args.files, overrides=args.set or ())
+    address = args.ray_address or pool.address
+    workers = args.workers or pool.workers
+    print(f"sweep: {len(planned)} search(es) on Ray ({address}), {workers} worker(s) shared")
+    failures = 0
+    for p, outcome in run_sweep(planned, address=address, workers=workers,
+                                resume=True if args.resume else None):
+        if isinstance(outcome, Exception):
+            failures += 1
+            print(f"  {p.label:32} error: {outcome}")
+            continue
+        best = {}
+        for t in outcome.front:
+            for o in outcome.objectives:
+                v = t.values[o.name]
+                if o.name not in best or -o.sign * v > -o.sign * best[o.name]:
+                    best[o.name] = v
+        values = " ".join(f"{k}={v:.4f}" for k, v in best.items())
+        print(f"  {p.label:32} {outcome.ok} ok / {outcome.failed} failed  best {values}  "
+              f"[{outcome.storage} : {outcome.study}]")
+    return 1 if failures else 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -230,8 +259,26 @@ def build_parser() -> argparse.ArgumentParser:
                    "the default when it exists)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the study if it exists and start again")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="run the workers on Ray: auto (the cluster `ray start` runs here), "
+                   "ray://host:port, or local (a private cluster); same as --set "
+                   "execution.backend=ray --set execution.address=ADDRESS")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("sweep", help="run several searches on one Ray cluster",
+                       description="Run several searches on one Ray cluster, each into its "
+                       "own study, sharing the workers fairly. FILES are experiment files, "
+                       "or sweep files (an experiment plus a grid of overrides: every "
+                       "combination is one search).")
+    p.add_argument("files", nargs="+", metavar="FILE", help="experiment or sweep files")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a field of every experiment (repeatable)")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="local (default), auto, or ray://host:port")
+    p.add_argument("--workers", type=int, help="worker actors shared by the searches")
+    p.add_argument("--resume", action="store_true", help="every study must exist already")
+    p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("status", help="trials done, failed and in flight; best so far")
     _study_args(p)
@@ -273,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from mergesearch.evaluation import EvaluationError
+    from mergesearch.execution.ray_executor import ExecutionError
     from mergesearch.experiment import ExperimentError
     from mergesearch.models.checkpoint import ModelLoadError
     from mergesearch.recipe import RecipeError
@@ -284,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     user_errors = (RecipeError, ModelLoadError, FileExistsError, ExperimentError, SpaceError,
-                   StrategyError, StorageError, EvaluationError, UsageError)
+                   StrategyError, StorageError, EvaluationError, ExecutionError, UsageError)
     try:
         return args.func(args)
     except user_errors as err:

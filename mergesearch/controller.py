@@ -125,14 +125,24 @@ class Search:
         self.worker_spec = WorkerSpec(
             tokenizer=first, evaluator=evaluator, device=exp.execution.device, dtype=dtype,
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
-            check_recipe=self.space.decode(self.space.x0).to_dict())
+            check_recipe=self.space.decode(self.space.x0).to_dict(),
+            worker_class=exp.execution.worker_class)
 
     def make_executor(self):
-        from mergesearch.execution import LocalExecutor, Worker
+        """The executor the experiment asks for, its workers started (models loaded)."""
+        from mergesearch.execution import LocalExecutor, make_worker
 
-        if self.exp.execution.backend == "local":
-            return LocalExecutor(Worker(self.worker_spec))
-        raise ExperimentError(f"execution.backend {self.exp.execution.backend!r} is not available")
+        ex = self.exp.execution
+        if ex.backend == "local":
+            try:
+                return LocalExecutor(make_worker(self.worker_spec))
+            except ValueError as err:  # a bad worker_class
+                raise ExperimentError(str(err)) from None
+        from mergesearch.execution.ray_executor import RayExecutor
+
+        return RayExecutor(self.worker_spec, workers=ex.workers, address=ex.address,
+                           cpus_per_worker=ex.cpus_per_worker, gpus_per_worker=ex.gpus_per_worker,
+                           queue=ex.queue, max_retries=ex.max_retries)
 
     # -- storage ------------------------------------------------------------------------
 
@@ -170,7 +180,11 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     """
     search = Search(exp, study=study, progress=progress)
     executor = search.make_executor()  # loads models: fails here, before anything is written
-    store = search.open_store(resume=resume, overwrite=overwrite)
+    try:
+        store = search.open_store(resume=resume, overwrite=overwrite)
+    except BaseException:
+        executor.close()
+        raise
     return _Loop(search, store, executor, progress, on_result).run()
 
 

@@ -83,12 +83,32 @@ class BudgetConfig(_Strict):
 
 
 class ExecutionConfig(_Strict):
-    """Where candidates are merged and scored."""
+    """Where candidates are merged and scored: in this process, or on a Ray actor pool."""
 
-    backend: Literal["local"] = "local"
-    device: str = "cpu"
+    backend: Literal["local", "ray"] = "local"
+    device: str = Field("cpu", description="cpu, cuda, cuda:1 ...; Ray GPU workers use cuda")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype of the resident model; default: the recipe's")
+    address: str = Field("local", description="Ray: local (a private cluster), auto (the one "
+                         "`ray start` runs here), or ray://host:port")
+    workers: int = Field(1, ge=1, description="Ray: worker actors, each with the models loaded")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(0.0, ge=0, description="fractions share a GPU")
+    queue: int = Field(0, ge=0, description="Ray: candidates queued per worker beyond the one "
+                       "it runs (hides dispatch latency on fast evaluations)")
+    max_retries: int = Field(2, ge=0, description="Ray: re-runs of a candidate whose worker "
+                             "died, before it is recorded as failed")
+    worker_class: str | None = Field(None, description="module:Class of a Worker subclass to "
+                                     "run instead of the default (an extension point)")
+
+    @model_validator(mode="after")
+    def _ray_only(self) -> ExecutionConfig:
+        if self.backend == "local":
+            used = [k for k in ("workers", "gpus_per_worker", "queue")
+                    if getattr(self, k) != type(self).model_fields[k].default]
+            if used:
+                raise ValueError(f"{', '.join(used)} need backend: ray")
+        return self
 
 
 class Experiment(_Strict):

@@ -40,6 +40,7 @@ CORRECT = "correct"
 TIMINGS = "timings"
 REASON = "fail_reason"
 CACHED_FROM = "cached_from"
+ATTEMPTS = "attempts"
 
 
 class StorageError(ValueError):
@@ -61,6 +62,7 @@ class TrialRecord:
     reason: str | None
     cached_from: int | None
     timings: dict[str, float]
+    attempts: int = 1
 
     def genome(self, names: Sequence[str]) -> list[float]:
         return [self.params[n] for n in names]
@@ -195,6 +197,8 @@ class TrialStore:
             set_attr(trial_id, TIMINGS, {k: round(v, 6) for k, v in result.timings.items()})
         if cached_from is not None:
             set_attr(trial_id, CACHED_FROM, cached_from)
+        if result.attempts > 1:
+            set_attr(trial_id, ATTEMPTS, result.attempts)
         if result.ok:
             values = [float(result.values[o.name]) for o in self.objectives]
             self._storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
@@ -216,7 +220,7 @@ class TrialStore:
             params=dict(t.params), recipe=a.get(RECIPE),
             fidelity=float(a.get(FIDELITY, 1.0)),
             scores=a.get(SCORES, {}), reason=a.get(REASON), cached_from=a.get(CACHED_FROM),
-            timings=a.get(TIMINGS, {}))
+            timings=a.get(TIMINGS, {}), attempts=int(a.get(ATTEMPTS, 1)))
 
     def record(self, trial_id: int) -> TrialRecord:
         return self._record(self._storage.get_trial(trial_id))

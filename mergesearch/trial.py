@@ -64,6 +64,7 @@ class Result:
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     correct: dict[str, list[bool]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    attempts: int = 1  # > 1 when workers died running it and it was retried
 
     @property
     def ok(self) -> bool:

@@ -57,3 +57,27 @@ def zoo():
     from mergesearch.zoo import build_zoo
 
     return build_zoo(progress=False)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One private local Ray cluster for the whole session (start-up costs seconds).
+
+    Actor processes can import modules from tests/ (test-only worker classes).
+    """
+    import os
+    import tempfile
+    from pathlib import Path
+
+    ray = pytest.importorskip("ray")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    tests = str(Path(__file__).resolve().parent)
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # Ray needs short socket paths
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False,
+             configure_logging=False,
+             runtime_env={"env_vars": {
+                 "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+                 "MERGESEARCH_COMPILE": "0",  # compiling in every fresh actor costs seconds
+             }})
+    yield ray
+    ray.shutdown()

@@ -50,3 +50,46 @@ def state(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(Path(path) / "model.safetensors"))
+
+
+def completed_count(db) -> int:
+    """COMPLETE trials in an Optuna SQLite file, read with sqlite3 (safe while another
+    process is still creating the study)."""
+    import sqlite3
+    from pathlib import Path
+
+    if not Path(db).exists():
+        return 0
+    try:
+        with sqlite3.connect(db) as con:
+            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
+def zoo_experiment(tmp_path, **changes):
+    """A small, fast search over the zoo (16 items per skill, objectives ``rev`` and
+    ``mean``); ``changes`` replace top-level fields, ``a__b=`` nested ones."""
+    from mergesearch.experiment import Experiment
+
+    data = {
+        "name": "t",
+        "models": {"base": "zoo:base",
+                   "sources": {s: f"zoo:{s}" for s in ("rev", "srt", "dup", "evn")}},
+        "space": "search_spaces/task_arithmetic.yaml",
+        "strategy": {"name": "random"},
+        "evaluator": {"suite": "evaluators/zoo", "limit": 16, "batch_size": 64,
+                      "objectives": [
+                          {"name": "rev", "tasks": ["zoo_rev"], "metric": "char_accuracy"},
+                          {"name": "mean", "metric": "char_accuracy"}]},
+        "budget": {"evaluations": 6},
+        "output": str(tmp_path / "run"),
+        "seed": 0,
+    }
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return Experiment.from_dict(data)

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import zoo_experiment
 
 from mergesearch.controller import Search, _Loop, run
 from mergesearch.experiment import Experiment
@@ -15,28 +16,7 @@ from mergesearch.strategies import Strategy
 
 
 def experiment(tmp_path, **changes) -> Experiment:
-    """A small, fast search over the zoo: 16 items per skill, two objectives."""
-    data = {
-        "name": "t",
-        "models": {"base": "zoo:base", "sources": {s: f"zoo:{s}" for s in
-                                                   ("rev", "srt", "dup", "evn")}},
-        "space": "search_spaces/task_arithmetic.yaml",
-        "strategy": {"name": "random"},
-        "evaluator": {"suite": "evaluators/zoo", "limit": 16, "batch_size": 64,
-                      "objectives": [
-                          {"name": "rev", "tasks": ["zoo_rev"], "metric": "char_accuracy"},
-                          {"name": "mean", "metric": "char_accuracy"}]},
-        "budget": {"evaluations": 6},
-        "output": str(tmp_path / "run"),
-        "seed": 0,
-    }
-    for key, value in changes.items():
-        node = data
-        *parents, last = key.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = value
-    return Experiment.from_dict(data)
+    return zoo_experiment(tmp_path, **changes)
 
 
 def completed(exp: Experiment, study: str = "t"):

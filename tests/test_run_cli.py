@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import completed_count
 
 from mergesearch.cli import main
 from mergesearch.recipe import Recipe
@@ -30,16 +30,6 @@ def write_experiment(tmp_path: Path, **changes) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def completed_count(db: Path) -> int:
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(db) as con:
-            return con.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
-    except sqlite3.OperationalError:  # tables not created yet
-        return 0
 
 
 @pytest.mark.slow
@@ -180,3 +170,19 @@ def test_strategies_lists_each_with_its_kind(capsys):
         line = next(x for x in out.splitlines() if x.startswith(name + " "))
         assert ("multi-objective" in line) == cls.multi_objective
         assert cls.description in line
+
+
+def test_every_shipped_experiment_and_sweep_is_valid():
+    from mergesearch.experiment import Experiment
+    from mergesearch.sweep import plan_sweep
+
+    files = sorted((ROOT / "experiments").rglob("*.yaml"))
+    assert len(files) >= 8
+    for path in files:
+        if "grid" in yaml.safe_load(path.read_text()):
+            planned, _ = plan_sweep([path])
+            assert planned, path
+        else:
+            exp = Experiment.load(path)
+            assert exp.find(exp.space) is not None, path
+            assert exp.find(exp.evaluator.suite) is not None, path

@@ -1,6 +1,6 @@
 """Executors run candidates on workers: in process (local) now, a Ray actor pool later."""
 
 from .local import LocalExecutor
-from .worker import Worker, WorkerSpec
+from .worker import Worker, WorkerSpec, make_worker
 
-__all__ = ["LocalExecutor", "Worker", "WorkerSpec"]
+__all__ = ["LocalExecutor", "Worker", "WorkerSpec", "make_worker"]

@@ -7,6 +7,7 @@ recipes come in and results go out.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 import traceback
@@ -35,6 +36,22 @@ class WorkerSpec:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     check_recipe: dict[str, Any] | None = field(default=None)  # planned up front to fail early
+    worker_class: str | None = None  # "module:Class", a Worker subclass (an extension point)
+
+
+def make_worker(spec: WorkerSpec) -> Worker:
+    """A worker of the spec's class (``Worker`` unless ``worker_class`` names a subclass)."""
+    cls = Worker
+    if spec.worker_class:
+        module, _, name = spec.worker_class.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"execution.worker_class {spec.worker_class!r} cannot be "
+                             f"imported: {err}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Worker)):
+            raise ValueError(f"execution.worker_class {spec.worker_class!r} is not a Worker")
+    return cls(spec)
 
 
 class Worker:
