@@ -64,7 +64,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.variant_generator import _has_unresolved_values
 
 from mergesearch.evaluation import EvaluatorConfig
-from mergesearch.execution.worker import Worker, WorkerSpec
+from mergesearch.execution.worker import WorkerSpec, make_worker
 from mergesearch.space import SearchSpace, SpaceConfig, SpaceError
 from mergesearch.strategies import Objective, Problem, Strategy, StrategyError, create_strategy
 from mergesearch.trial import Candidate, Result
@@ -334,7 +334,7 @@ class MergeTrainable(tune.Trainable):
         self.problem = Problem(tuple(self.space.dims), tuple(
             Objective(o.name, o.direction, o.weight) for o in evaluator.objectives))
         self.raise_on_failure = raise_on_failure
-        self.worker = Worker(worker_spec)  # loads the models: once per actor
+        self.worker = make_worker(worker_spec)  # loads the models: once per actor
         self.recipe: str | None = None  # the current trial's recipe, as JSON
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
