@@ -200,7 +200,8 @@ class _Loop:
         self.progress = progress
         self.on_result = on_result
         self.in_flight: dict[int, tuple[int, Candidate]] = {}  # candidate id -> (trial, cand)
-        self.cache: dict[str, TrialRecord | Result] = {}  # recipe + fidelity -> first result
+        # recipe + fidelity -> (trial id, values, scores) of the first trial that scored it
+        self.cache: dict[str, tuple[int, dict[str, float], dict]] = {}
         self.best: dict[str, float] = {}
         self.ok = self.failed = self.cached = self.evaluated_now = 0
 
@@ -214,7 +215,8 @@ class _Loop:
                 self.ok += 1
                 self._track_best(r.values)
                 if r.recipe is not None and r.cached_from is None:
-                    self.cache.setdefault(_key(r.recipe, r.fidelity), r)
+                    self.cache.setdefault(_key(r.recipe, r.fidelity),
+                                          (self.store.trial_id(r.number), r.values, r.scores))
             elif r.state == "failed":
                 self.failed += 1
             if r.cached_from is not None:
@@ -311,8 +313,10 @@ class _Loop:
                 if failure is not None:
                     self._record(failure, bar)
                 elif hit is not None:
-                    self._record(Result(candidate_id=cand.id, values=dict(hit.values),
-                                        scores=hit.scores), bar, cached_from=hit.number)
+                    source, values, scores = hit
+                    self._record(Result(candidate_id=cand.id, values=dict(values),
+                                        scores=scores), bar,
+                                 cached_from=self.store.trial_number(source))
                 else:
                     self.executor.submit(cand)
 
@@ -324,7 +328,7 @@ class _Loop:
             self._track_best(result.values)
             if cached_from is None and cand.recipe is not None:
                 self.cache.setdefault(_key(cand.recipe.to_dict(), cand.fidelity),
-                                      self.store.record(trial_id))
+                                      (trial_id, dict(result.values), result.scores))
         else:
             self.failed += 1
             log.warning("candidate %d failed: %s", result.candidate_id, result.reason)

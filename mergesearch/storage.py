@@ -242,6 +242,9 @@ class TrialStore:
     def record(self, trial_id: int) -> TrialRecord:
         return self._record(self._storage.get_trial(trial_id))
 
+    def trial_number(self, trial_id: int) -> int:
+        return self._storage.get_trial_number_from_id(trial_id)
+
     def trial_id(self, number: int) -> int:
         return self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
 
