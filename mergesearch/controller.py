@@ -121,11 +121,12 @@ class Search:
         if suite is None:
             raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
         evaluator = exp.evaluator.model_dump(mode="json") | {"suite": str(suite)}
-        dtype = exp.execution.dtype or self.space.decode(self.space.x0).dtype
+        start = self.space.decode(self.space.x0)
+        dtype = exp.execution.dtype or start.dtype
         self.worker_spec = WorkerSpec(
             tokenizer=first, evaluator=evaluator, device=exp.execution.device, dtype=dtype,
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
-            check_recipe=self.space.decode(self.space.x0).to_dict(),
+            check_recipe=start.to_dict(),
             worker_class=exp.execution.worker_class)
 
     def make_executor(self):

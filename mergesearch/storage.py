@@ -239,9 +239,6 @@ class TrialStore:
             scores=a.get(SCORES, {}), reason=a.get(REASON), cached_from=a.get(CACHED_FROM),
             timings=a.get(TIMINGS, {}), attempts=int(a.get(ATTEMPTS, 1)))
 
-    def record(self, trial_id: int) -> TrialRecord:
-        return self._record(self._storage.get_trial(trial_id))
-
     def trial_number(self, trial_id: int) -> int:
         return self._storage.get_trial_number_from_id(trial_id)
 
