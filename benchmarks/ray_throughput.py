@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def experiment(out: Path, limit: int, evaluations: int, **execution):
-    from mergesearch.experiment import Experiment
+    from mergesearch.experiment import ExecutionConfig, Experiment
 
     exp = Experiment.load(ROOT / "experiments/zoo/random.yaml", [
         f"budget.evaluations={evaluations}", f"evaluator.limit={limit}", f"output={out}"])
-    return Experiment.model_validate(exp.model_dump() | {"execution": execution}), exp._file
+    return exp.model_copy(update={"execution": ExecutionConfig(**execution)})
 
 
 def measure(out: Path, limit: int, evaluations: int, **execution) -> dict:
@@ -35,8 +35,7 @@ def measure(out: Path, limit: int, evaluations: int, **execution) -> dict:
 
     from mergesearch.controller import Search, _Loop
 
-    exp, file = experiment(out, limit, evaluations, **execution)
-    exp._file = file
+    exp = experiment(out, limit, evaluations, **execution)
     search = Search(exp, progress=False)
     t0 = time.perf_counter()
     executor = search.make_executor()

@@ -111,6 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from mergesearch.report import best_values
     from mergesearch.sweep import plan_sweep, run_sweep
 
     planned, pool = plan_sweep(args.files, overrides=args.set or ())
@@ -124,12 +125,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             failures += 1
             print(f"  {p.label:32} error: {outcome}")
             continue
-        best = {}
-        for t in outcome.front:
-            for o in outcome.objectives:
-                v = t.values[o.name]
-                if o.name not in best or -o.sign * v > -o.sign * best[o.name]:
-                    best[o.name] = v
+        best = best_values(outcome.front, outcome.objectives)
         values = " ".join(f"{k}={v:.4f}" for k, v in best.items())
         print(f"  {p.label:32} {outcome.ok} ok / {outcome.failed} failed  best {values}  "
               f"[{outcome.storage} : {outcome.study}]")
@@ -137,18 +133,19 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    from mergesearch.report import best_values
+
     exp, store = _store(args)
     trials = store.trials()
     count = {s: sum(t.state == s for t in trials) for s in ("ok", "failed", "running")}
     budget = exp.budget.evaluations
+    best = best_values(trials, store.objectives)
     print(f"study {store.study.study_name!r} in {exp.storage_url}")
     print(f"  trials: {count['ok']} ok, {count['failed']} failed, {count['running']} in flight"
           + (f" (budget {budget})" if budget else ""))
     for o in store.objectives:
-        values = [t.values[o.name] for t in trials if t.state == "ok"]
-        if values:
-            best = max(values) if o.direction == "maximize" else min(values)
-            print(f"  best {o.name} ({o.direction}): {best:.4f}")
+        if o.name in best:
+            print(f"  best {o.name} ({o.direction}): {best[o.name]:.4f}")
     reasons = [t for t in trials if t.state == "failed"]
     for t in reasons[-3:]:
         print(f"  trial {t.number} failed: {t.reason}")

@@ -200,7 +200,8 @@ class _Loop:
         self.budget = search.exp.budget
         self.progress = progress
         self.on_result = on_result
-        self.in_flight: dict[int, tuple[int, Candidate]] = {}  # candidate id -> (trial, cand)
+        # candidate id -> (trial id, cache key of its recipe; None if it did not decode)
+        self.in_flight: dict[int, tuple[int, str | None]] = {}
         # recipe + fidelity -> (trial id, values, scores) of the first trial that scored it
         self.cache: dict[str, tuple[int, dict[str, float], dict]] = {}
         self.best: dict[str, float] = {}
@@ -234,10 +235,9 @@ class _Loop:
                 self.strategy.tell([rec.result()])  # recorded, then killed before the tell
                 continue
             cand.recipe = self.space.decode(cand.genome)
-            if rec is not None and rec.genome(self.space.names) == cand.genome:
-                self.in_flight[cand.id] = (self.store.trial_id(rec.number), cand)
-            else:
-                self.in_flight[cand.id] = (self.store.start(cand), cand)
+            trial_id = self.store.trial_id(rec.number) if rec is not None and \
+                rec.genome(self.space.names) == cand.genome else self.store.start(cand)
+            self.in_flight[cand.id] = (trial_id, _key(cand.recipe.to_dict(), cand.fidelity))
             resubmit.append(cand)
         pending = {c.id for c in self.strategy.pending}
         for r in records:  # RUNNING trials nobody waits for any more
@@ -308,9 +308,9 @@ class _Loop:
                     decoded.append((cand, Result.failed(cand.id, str(err))))
             self.store.save_state(self.strategy.state_dict())  # before any trial exists
             for cand, failure in decoded:
-                self.in_flight[cand.id] = (self.store.start(cand), cand)
-                hit = None if failure else self.cache.get(_key(cand.recipe.to_dict(),
-                                                                 cand.fidelity))
+                key = None if failure else _key(cand.recipe.to_dict(), cand.fidelity)
+                self.in_flight[cand.id] = (self.store.start(cand), key)
+                hit = None if failure else self.cache.get(key)
                 if failure is not None:
                     self._record(failure, bar)
                 elif hit is not None:
@@ -322,14 +322,13 @@ class _Loop:
                     self.executor.submit(cand)
 
     def _record(self, result: Result, bar, *, cached_from: int | None = None) -> None:
-        trial_id, cand = self.in_flight.pop(result.candidate_id)
+        trial_id, key = self.in_flight.pop(result.candidate_id)
         self.store.finish(trial_id, result, cached_from=cached_from)
         if result.ok:
             self.ok += 1
             self._track_best(result.values)
-            if cached_from is None and cand.recipe is not None:
-                self.cache.setdefault(_key(cand.recipe.to_dict(), cand.fidelity),
-                                      (trial_id, dict(result.values), result.scores))
+            if cached_from is None and key is not None:
+                self.cache.setdefault(key, (trial_id, dict(result.values), result.scores))
         else:
             self.failed += 1
             log.warning("candidate %d failed: %s", result.candidate_id, result.reason)

@@ -97,6 +97,19 @@ def _rdb(url: str) -> optuna.storages.RDBStorage:
     return storage
 
 
+def _sqlite_missing(url: str) -> bool:
+    """True for a SQLite URL whose file does not exist (opening it would create it)."""
+    return url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists()
+
+
+def _has_study(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _sqlite_pragmas(connection, _record) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -130,14 +143,7 @@ class TrialStore:
     @classmethod
     def exists(cls, url: str, name: str) -> bool:
         _quiet_optuna()
-        if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-            return False
-        storage = _rdb(url)
-        try:
-            storage.get_study_id_from_name(name)
-        except KeyError:
-            return False
-        return True
+        return not _sqlite_missing(url) and _has_study(_rdb(url), name)
 
     @classmethod
     def create(cls, url: str, name: str, objectives: Sequence[Objective],
@@ -146,7 +152,7 @@ class TrialStore:
         _quiet_optuna()
         cls._make_parent(url)
         storage = _rdb(url)
-        if overwrite and cls.exists(url, name):
+        if overwrite and _has_study(storage, name):
             optuna.delete_study(study_name=name, storage=storage)
         try:
             study = optuna.create_study(storage=storage, study_name=name,
@@ -163,9 +169,9 @@ class TrialStore:
     @classmethod
     def open(cls, url: str, name: str, dims: Sequence[Dimension] | None = None) -> TrialStore:
         _quiet_optuna()
-        if not cls.exists(url, name):
+        storage = None if _sqlite_missing(url) else _rdb(url)  # no file created to look
+        if storage is None or not _has_study(storage, name):
             raise StorageError(f"no study {name!r} in {url}")
-        storage = _rdb(url)
         study = optuna.load_study(study_name=name, storage=storage)
         if EXPERIMENT not in study.user_attrs:
             raise StorageError(f"study {name!r} in {url} was not written by mergesearch")

@@ -45,8 +45,9 @@ class SweepPool(BaseModel):
 class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, description="prefix of the searches' names; default: "
-                             "the experiment's name")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
+                             description="prefix of the searches' names; default: the "
+                             "experiment's name")
     experiment: str
     grid: dict[str, list[Any]] = Field(min_length=1)
     execution: SweepPool = SweepPool()
@@ -83,13 +84,13 @@ def plan_sweep(paths: Sequence[str | Path], *, overrides: Sequence[str] = ()
         keys = list(sweep.grid)
         for values in itertools.product(*(sweep.grid[k] for k in keys)):
             sets = [f"{k}={json.dumps(v)}" for k, v in zip(keys, values, strict=True)]
-            exp = Experiment.load(base, [*sets, *overrides])
             label = "-".join(_short(v) if isinstance(v, dict) else f"{k.split('.')[-1]}{v}"
                              for k, v in zip(keys, values, strict=True))
+            exp = Experiment.load(base, [*sets, *overrides])
             prefix = sweep.name or exp.name
             root = Path(sweep.output) if sweep.output else Path("runs") / prefix
-            exp = Experiment.load(base, [*sets, *overrides, f"name={prefix}-{_safe(label)}",
-                                         f"output={root / _safe(label)}"])
+            exp = exp.model_copy(update={"name": f"{prefix}-{_safe(label)}",
+                                         "output": str(root / _safe(label))})
             planned.append(Planned(label, exp))
     names = [p.experiment.name for p in planned]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -122,10 +123,9 @@ def run_sweep(planned: Sequence[Planned], *, address: str = "local", workers: in
     share = max(1, workers // at_once)
 
     def one(p: Planned):
-        exp = Experiment.model_validate(p.experiment.model_dump() | {
-            "execution": p.experiment.execution.model_dump() | {
-                "backend": "ray", "address": address, "workers": share}})
-        exp._file = p.experiment._file
+        execution = p.experiment.execution.model_copy(
+            update={"backend": "ray", "address": address, "workers": share})
+        exp = p.experiment.model_copy(update={"execution": execution})
         try:
             return p, run(exp, resume=resume, progress=False)
         except Exception as err:  # one broken search must not stop the others

@@ -27,6 +27,18 @@ def trials_frame(trials: Sequence[TrialRecord], objectives: Sequence[Objective])
     return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
 
 
+def best_values(trials: Sequence[TrialRecord], objectives: Sequence[Objective]
+                ) -> dict[str, float]:
+    """The best value of each objective over the completed trials (objectives no trial
+    has a value for are left out)."""
+    best: dict[str, float] = {}
+    for o in objectives:
+        values = [t.values[o.name] for t in trials if t.state == "ok" and o.name in t.values]
+        if values:
+            best[o.name] = min(values, key=lambda v: o.sign * v)
+    return best
+
+
 def choose(front: Sequence[TrialRecord], objectives: Sequence[Objective],
            weights: Mapping[str, float] | None = None) -> TrialRecord:
     """The front point with the best weighted sum of objectives rescaled to [0, 1] over the
@@ -39,11 +51,15 @@ def choose(front: Sequence[TrialRecord], objectives: Sequence[Objective],
         raise ValueError(f"unknown objective(s) in weights: {', '.join(sorted(unknown))}; "
                          f"objectives are {', '.join(o.name for o in objectives)}")
 
+    ranges = {}
+    for o in objectives:
+        vals = [-o.sign * p.values[o.name] for p in front]  # larger is better
+        ranges[o.name] = (min(vals), max(vals))
+
     def utility(t: TrialRecord) -> float:
         total = 0.0
         for o in objectives:
-            vals = [-o.sign * p.values[o.name] for p in front]  # larger is better
-            lo, hi = min(vals), max(vals)
+            lo, hi = ranges[o.name]
             scaled = 1.0 if hi == lo else (-o.sign * t.values[o.name] - lo) / (hi - lo)
             total += weights.get(o.name, 0.0) * scaled
         return total
