@@ -1,12 +1,15 @@
-"""The search loop: ask -> dispatch -> record -> tell -> checkpoint, until the budget.
+"""The search loop: ask -> checkpoint -> dispatch -> record -> tell, until the budget.
 
 The controller is the one place that knows every part.  Its durability rule:
-the strategy state is saved right after every ``ask`` (before the candidates'
-trials exist) and after every ``tell``; each result is written to its trial
-before the strategy hears of it.  So after a kill at any moment the saved
-state's pending candidates are exactly the dispatched-but-untold ones, and
-resuming (1) tells the strategy those already recorded, (2) re-dispatches the
-rest into their RUNNING trials.  No completed trial is lost or evaluated twice.
+the strategy state is saved right after every ``ask``, before any of the new
+candidates can be recorded (that save also covers every ``tell`` before it),
+and each result is written as a finished trial before the strategy hears of
+it.  So after a kill at any moment every recorded trial belongs to a candidate
+the saved state knows, asked and either told or pending; resuming tells the
+strategy the pending ones already recorded, in the order they were recorded,
+and dispatches the rest again.  No completed trial is lost or evaluated twice.
+One write per trial and one small append per checkpoint keep the loop's cost
+per candidate near 10 ms (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -200,10 +203,11 @@ class _Loop:
         self.budget = search.exp.budget
         self.progress = progress
         self.on_result = on_result
-        # candidate id -> (trial id, cache key of its recipe; None if it did not decode)
-        self.in_flight: dict[int, tuple[int, str | None]] = {}
-        # recipe + fidelity -> (trial id, values, scores) of the first trial that scored it
-        self.cache: dict[str, tuple[int, dict[str, float], dict]] = {}
+        # candidate id -> (candidate, cache key of its recipe; None until decoded)
+        self.in_flight: dict[int, tuple[Candidate, str | None]] = {}
+        # recipe + fidelity -> [trial number or None, trial id, values, scores] of the first
+        # trial that scored it (the number is looked up when first needed)
+        self.cache: dict[str, list] = {}
         self.best: dict[str, float] = {}
         self.ok = self.failed = self.cached = self.evaluated_now = 0
 
@@ -211,6 +215,8 @@ class _Loop:
 
     def _restore(self) -> list[Candidate]:
         """Load the strategy state and reconcile it with the recorded trials."""
+        if self.store.fail_running("interrupted"):  # left by another tool or an older version
+            log.info("trials left running in the study were marked failed")
         records = self.store.trials()
         for r in records:
             if r.state == "ok":
@@ -218,8 +224,8 @@ class _Loop:
                 self._track_best(r.values)
                 if r.recipe is not None and r.cached_from is None:
                     self.cache.setdefault(_key(r.recipe, r.fidelity),
-                                          (self.store.trial_id(r.number), r.values, r.scores))
-            elif r.state == "failed":
+                                          [r.number, None, r.values, r.scores])
+            else:
                 self.failed += 1
             if r.cached_from is not None:
                 self.cached += 1
@@ -227,25 +233,17 @@ class _Loop:
         if state is None:
             return []
         self.strategy.load_state_dict(state)
-        by_candidate = {r.candidate_id: r for r in records}
-        resubmit = []
-        for cand in self.strategy.pending:
-            rec = by_candidate.get(cand.id)
-            if rec is not None and rec.state != "running":
-                self.strategy.tell([rec.result()])  # recorded, then killed before the tell
-                continue
+        recorded = {r.candidate_id: r for r in records}
+        pending = self.strategy.pending
+        # recorded, then killed before the next checkpoint: tell them as they were told
+        for rec in sorted((recorded[c.id] for c in pending if c.id in recorded),
+                          key=lambda r: r.number):
+            self.strategy.tell([rec.result()])
+        resubmit = [c for c in pending if c.id not in recorded]
+        for cand in resubmit:
             cand.recipe = self.space.decode(cand.genome)
-            trial_id = self.store.trial_id(rec.number) if rec is not None and \
-                rec.genome(self.space.names) == cand.genome else self.store.start(cand)
-            self.in_flight[cand.id] = (trial_id, _key(cand.recipe.to_dict(), cand.fidelity))
-            resubmit.append(cand)
-        pending = {c.id for c in self.strategy.pending}
-        for r in records:  # RUNNING trials nobody waits for any more
-            if r.state == "running" and r.candidate_id not in pending:
-                self.store.finish(self.store.trial_id(r.number),
-                                  Result.failed(r.candidate_id, "interrupted"))
-                self.failed += 1
-        self.store.save_state(self.strategy.state_dict())
+            self.in_flight[cand.id] = (cand, _key(cand.recipe.to_dict(), cand.fidelity))
+        self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
         return resubmit
 
     # -- the loop -----------------------------------------------------------------------
@@ -284,6 +282,7 @@ class _Loop:
             if self.budget.evaluations is not None and self.finished < self.budget.evaluations \
                     and stopped == "budget":
                 stopped = "strategy done"
+            self.store.save_state(self.strategy.state_dict())  # the last tells
         finally:
             bar.close()
             self.executor.close()
@@ -299,36 +298,36 @@ class _Loop:
             cands = self.strategy.ask(room)
             if not cands:
                 return
-            decoded = []
+            for cand in cands:
+                self.in_flight[cand.id] = (cand, None)
+            # before any of them can be recorded
+            self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
             for cand in cands:
                 try:
                     cand.recipe = self.space.decode(cand.genome)
-                    decoded.append((cand, None))
                 except SpaceError as err:
-                    decoded.append((cand, Result.failed(cand.id, str(err))))
-            self.store.save_state(self.strategy.state_dict())  # before any trial exists
-            for cand, failure in decoded:
-                key = None if failure else _key(cand.recipe.to_dict(), cand.fidelity)
-                self.in_flight[cand.id] = (self.store.start(cand), key)
-                hit = None if failure else self.cache.get(key)
-                if failure is not None:
-                    self._record(failure, bar)
-                elif hit is not None:
-                    source, values, scores = hit
-                    self._record(Result(candidate_id=cand.id, values=dict(values),
-                                        scores=scores), bar,
-                                 cached_from=self.store.trial_number(source))
-                else:
+                    self._record(Result.failed(cand.id, str(err)), bar)
+                    continue
+                key = _key(cand.recipe.to_dict(), cand.fidelity)
+                self.in_flight[cand.id] = (cand, key)
+                hit = self.cache.get(key)
+                if hit is None:
                     self.executor.submit(cand)
+                    continue
+                if hit[0] is None:
+                    hit[0] = self.store.trial_number(hit[1])
+                number, _, values, scores = hit
+                self._record(Result(candidate_id=cand.id, values=dict(values), scores=scores),
+                             bar, cached_from=number)
 
     def _record(self, result: Result, bar, *, cached_from: int | None = None) -> None:
-        trial_id, key = self.in_flight.pop(result.candidate_id)
-        self.store.finish(trial_id, result, cached_from=cached_from)
+        cand, key = self.in_flight.pop(result.candidate_id)
+        trial_id = self.store.add(cand, result, cached_from=cached_from)
         if result.ok:
             self.ok += 1
             self._track_best(result.values)
             if cached_from is None and key is not None:
-                self.cache.setdefault(key, (trial_id, dict(result.values), result.scores))
+                self.cache.setdefault(key, [None, trial_id, dict(result.values), result.scores])
         else:
             self.failed += 1
             log.warning("candidate %d failed: %s", result.candidate_id, result.reason)
@@ -336,8 +335,7 @@ class _Loop:
             self.cached += 1
         else:
             self.evaluated_now += 1
-        self.strategy.tell([result])
-        self.store.save_state(self.strategy.state_dict())
+        self.strategy.tell([result])  # checkpointed with the next ask (or at the end)
         if self.on_result is not None:
             self.on_result(result)
         bar.update(1)

@@ -1,17 +1,21 @@
 """Trials on an Optuna RDB storage: one study per search.
 
-Each candidate becomes an Optuna trial the moment it is dispatched (state
-RUNNING), and is finished the moment its result arrives: params are the named
-genome dimensions, values the objectives, user attrs the recipe, per-task
-scores, per-item correctness, timings and, for failures, the reason.  The
-experiment config and the strategy's JSON state live in study user attrs.
-So optuna-dashboard shows any search, and a PostgreSQL URL shares one study
+Each candidate becomes one finished Optuna trial, written in one transaction
+the moment its result arrives: params are the named genome dimensions, values
+the objectives, user attrs the recipe, per-task scores, per-item correctness,
+timings and, for failures, the reason.  The experiment config lives in study
+user attrs, the strategy's JSON state in study system attrs, appended to
+rather than rewritten (see :meth:`TrialStore.save_state`).  So
+optuna-dashboard shows any search, and a PostgreSQL URL shares one study
 across machines.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+import threading
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +35,9 @@ log = logging.getLogger(__name__)
 # study user attrs
 EXPERIMENT = "mergesearch.experiment"
 OBJECTIVES = "mergesearch.objectives"
-STRATEGY_STATE = "mergesearch.strategy_state"
+# study system attrs: the strategy state as last written whole, then what was appended
+STATE = "mergesearch.state"
+STATE_APPEND = "mergesearch.state+"  # + "{epoch}.{k}"
 # trial user attrs
 CANDIDATE = "candidate_id"
 RECIPE = "recipe"
@@ -50,7 +56,7 @@ class StorageError(ValueError):
 
 @dataclass
 class TrialRecord:
-    """A finished or running trial as mergesearch reads it back."""
+    """A trial as mergesearch reads it back ("running" only in studies other tools wrote)."""
 
     number: int
     candidate_id: int
@@ -79,22 +85,38 @@ def _quiet_optuna() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+_OPENING = threading.Lock()
+
+
 def _rdb(url: str) -> optuna.storages.RDBStorage:
     """Optuna's RDB storage for a SQLAlchemy URL, with one clear error if it cannot open.
 
-    SQLite files run in WAL mode: `mergesearch status` or a dashboard can read while a
-    search writes, and a commit costs no fsync (a killed process loses nothing; a power
-    cut may lose the last trials, which a resume then evaluates again).
+    The first open of a database creates Optuna's tables, which races when several
+    searches start on an empty database together (a sweep's threads: serialised here;
+    other machines: PostgreSQL refuses the loser's CREATE, which is retried once the
+    tables exist).  SQLite files run in WAL mode: `mergesearch status` or a dashboard can
+    read while a search writes, and a commit costs no fsync (a killed process loses
+    nothing; a power cut may lose the last trials, which a resume then evaluates again).
     """
-    try:
-        storage = optuna.storages.RDBStorage(url)
-    except Exception as err:  # bad URL, missing driver, unreachable server: all user-facing
-        raise StorageError(f"cannot open storage {url!r}: {type(err).__name__}: "
-                           f"{str(err).splitlines()[0]}") from None
+    for attempt in range(4):
+        try:
+            with _OPENING:
+                storage = optuna.storages.RDBStorage(url)
+            break
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
+            if attempt == 3 or "already exists" not in str(err) and "duplicate key" not in str(err):
+                raise StorageError(_cannot_open(url, err)) from None
+            time.sleep(0.2 * (attempt + 1) * (1 + random.random()))
+        except Exception as err:  # bad URL, missing driver, unreachable server: all user-facing
+            raise StorageError(_cannot_open(url, err)) from None
     if url.startswith("sqlite:"):
         sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
         storage.engine.dispose()  # reconnect with the pragmas
     return storage
+
+
+def _cannot_open(url: str, err: Exception) -> str:
+    return f"cannot open storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}"
 
 
 def _sqlite_missing(url: str) -> bool:
@@ -108,6 +130,13 @@ def _has_study(storage: optuna.storages.BaseStorage, name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def _extends(log: Any, head: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """Whether a state is the saved one with events appended (its log only grows)."""
+    n = saved["n"]
+    return (isinstance(log, list) and saved["head"] == head and len(log) >= n
+            and (n == 0 or log[n - 1] == saved["last"]))
 
 
 def _sqlite_pragmas(connection, _record) -> None:
@@ -129,6 +158,8 @@ class TrialStore:
         self.objectives = [Objective(**o) for o in attrs.get(OBJECTIVES, [])]
         self._distributions = None
         self._names: list[str] = []
+        self._saved: dict[str, Any] | None = None  # what save_state last wrote
+        self._epoch: int | None = None  # of the whole state last written
         if dims is not None:
             self.set_dims(dims)
 
@@ -190,44 +221,114 @@ class TrialStore:
 
     # -- strategy state -----------------------------------------------------------------
 
-    def save_state(self, state: dict[str, Any]) -> None:
-        self._storage.set_study_user_attr(self._study_id, STRATEGY_STATE, state)
+    def save_state(self, state: dict[str, Any], in_flight: Sequence[int] = ()) -> None:
+        """Checkpoint the strategy state and the candidates now in flight.
+
+        An event-sourced state (``log``) grows by a few events per candidate, so only the
+        events since the last save are written, as one small attr; the whole state is
+        written when it was not saved before (or does not extend what was), under a new
+        epoch so that appends from earlier epochs are ignored.  Either way one
+        transaction, so a kill leaves the last complete checkpoint.
+        """
+        log = state.get("log")
+        head = {k: v for k, v in state.items() if k != "log"}
+        in_flight = [int(i) for i in in_flight]
+        saved = self._saved
+        if saved is not None and _extends(log, head, saved):
+            saved["k"] += 1
+            key = f"{STATE_APPEND}{saved['epoch']}.{saved['k']}"
+            self._storage.set_study_system_attr(self._study_id, key, {
+                "log": log[saved["n"]:], "in_flight": in_flight})
+        else:
+            if self._epoch is None:
+                top = self._storage.get_study_system_attrs(self._study_id).get(STATE)
+                self._epoch = int(top["epoch"]) if top else 0
+            self._epoch += 1
+            self._storage.set_study_system_attr(self._study_id, STATE, {
+                "epoch": self._epoch, "state": state, "in_flight": in_flight})
+            saved = self._saved = {"epoch": self._epoch, "k": 0, "head": head}
+        if isinstance(log, list):
+            saved.update(n=len(log), last=log[-1] if log else None)
+        else:
+            self._saved = None  # a native state: written whole every time
+
+    def _read_state(self) -> tuple[dict[str, Any], list[int]] | None:
+        attrs = self._storage.get_study_system_attrs(self._study_id)
+        top = attrs.get(STATE)
+        if top is None:
+            return None
+        state, in_flight, epoch = dict(top["state"]), top["in_flight"], int(top["epoch"])
+        prefix = f"{STATE_APPEND}{epoch}."
+        appended = sorted((int(k.removeprefix(prefix)), v) for k, v in attrs.items()
+                          if k.startswith(prefix))
+        if [k for k, _ in appended] != list(range(1, len(appended) + 1)):
+            raise StorageError(f"study {self.study.study_name!r}: strategy state is incomplete "
+                               f"(appends {[k for k, _ in appended]})")
+        if appended:
+            state["log"] = list(state["log"])
+            for _, part in appended:
+                state["log"] += part["log"]
+                in_flight = part["in_flight"]
+        log = state.get("log")
+        self._epoch = epoch
+        self._saved = {"epoch": epoch, "k": len(appended),
+                       "head": {k: v for k, v in state.items() if k != "log"},
+                       "n": len(log), "last": log[-1] if log else None} \
+            if isinstance(log, list) else None
+        return state, in_flight
 
     def load_state(self) -> dict[str, Any] | None:
-        return self._storage.get_study_user_attrs(self._study_id).get(STRATEGY_STATE)
+        """The strategy state last saved (None before the first save)."""
+        read = self._read_state()
+        return None if read is None else read[0]
+
+    def in_flight(self) -> list[int]:
+        """Candidates dispatched at the last checkpoint and not recorded since."""
+        read = self._read_state()
+        if read is None:
+            return []
+        done = {t.user_attrs.get(CANDIDATE) for t in self.study.get_trials(deepcopy=False)}
+        return [i for i in read[1] if i not in done]
 
     # -- trials -------------------------------------------------------------------------
 
-    def start(self, candidate: Candidate) -> int:
-        """Record a dispatched candidate as a RUNNING trial; returns the trial id."""
+    def add(self, candidate: Candidate, result: Result, *,
+            cached_from: int | None = None) -> int:
+        """Write a finished candidate as one trial, in one transaction; returns its id."""
         params = dict(zip(self._names, candidate.genome, strict=True))
-        attrs = {CANDIDATE: candidate.id, FIDELITY: candidate.fidelity}
+        attrs: dict[str, Any] = {CANDIDATE: candidate.id, FIDELITY: candidate.fidelity}
         if candidate.recipe is not None:
             attrs[RECIPE] = candidate.recipe.to_dict()
-        template = create_trial(state=TrialState.RUNNING, params=params,
+        if result.scores:
+            attrs[SCORES] = result.scores
+        if result.correct:
+            attrs[CORRECT] = {k: "".join("1" if c else "0" for c in v)
+                              for k, v in result.correct.items()}
+        if result.timings:
+            attrs[TIMINGS] = {k: round(v, 6) for k, v in result.timings.items()}
+        if cached_from is not None:
+            attrs[CACHED_FROM] = cached_from
+        if result.attempts > 1:
+            attrs[ATTEMPTS] = result.attempts
+        if result.ok:
+            state, values = TrialState.COMPLETE, [float(result.values[o.name])
+                                                  for o in self.objectives]
+        else:
+            state, values = TrialState.FAIL, None
+            attrs[REASON] = result.reason or "failed"
+        template = create_trial(state=state, values=values, params=params,
                                 distributions=self._distributions, user_attrs=attrs)
         return self._storage.create_new_trial(self._study_id, template_trial=template)
 
-    def finish(self, trial_id: int, result: Result, *, cached_from: int | None = None) -> None:
-        """Write a result into its RUNNING trial: values, scores, timings; or the failure."""
-        set_attr = self._storage.set_trial_user_attr
-        if result.scores:
-            set_attr(trial_id, SCORES, result.scores)
-        if result.correct:
-            set_attr(trial_id, CORRECT, {k: "".join("1" if c else "0" for c in v)
-                                         for k, v in result.correct.items()})
-        if result.timings:
-            set_attr(trial_id, TIMINGS, {k: round(v, 6) for k, v in result.timings.items()})
-        if cached_from is not None:
-            set_attr(trial_id, CACHED_FROM, cached_from)
-        if result.attempts > 1:
-            set_attr(trial_id, ATTEMPTS, result.attempts)
-        if result.ok:
-            values = [float(result.values[o.name]) for o in self.objectives]
-            self._storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values)
-        else:
-            set_attr(trial_id, REASON, result.reason or "failed")
+    def fail_running(self, reason: str) -> int:
+        """Mark trials left RUNNING (by other tools or older versions) failed; how many."""
+        n = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trial_id = self.trial_id(t.number)
+            self._storage.set_trial_user_attr(trial_id, REASON, reason)
             self._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            n += 1
+        return n
 
     def trials(self) -> list[TrialRecord]:
         return [self._record(t) for t in self.study.get_trials(deepcopy=False)]

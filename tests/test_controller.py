@@ -72,14 +72,16 @@ class Crash(BaseException):
     """Stands in for a kill: not an Exception, so nothing in the loop catches it."""
 
 
-@pytest.mark.parametrize("where", ["start", "finish", "save_state"])
+@pytest.mark.parametrize("where", ["add", "save_state", "tell"])
 def test_resume_after_a_crash_at_each_step(zoo, tmp_path, monkeypatch, where):
-    """Crash on the 4th call of a storage step, resume, and end with the budget exactly:
-    every candidate evaluated once (or re-evaluated only if it never finished)."""
+    """Crash on the 4th call of a step (writing a trial, checkpointing, telling the strategy
+    a recorded result), resume, and end with the budget exactly: every candidate evaluated
+    once (or again only if it never was recorded)."""
     exp = experiment(tmp_path, strategy={"name": "cmaes", "options": {"popsize": 4}},
                      budget={"evaluations": 10})
     calls = {"n": 0}
-    original = getattr(TrialStore, where)
+    owner = Strategy if where == "tell" else TrialStore
+    original = getattr(owner, where)
 
     def crashing(self, *args, **kwargs):
         calls["n"] += 1
@@ -87,10 +89,10 @@ def test_resume_after_a_crash_at_each_step(zoo, tmp_path, monkeypatch, where):
             raise Crash
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(TrialStore, where, crashing)
+    monkeypatch.setattr(owner, where, crashing)
     with pytest.raises(Crash):
         run(exp, progress=False)
-    monkeypatch.setattr(TrialStore, where, original)
+    monkeypatch.setattr(owner, where, original)
     summary = run(exp, progress=False)
     assert summary.finished == 10 and summary.failed == 0
     store, trials = completed(exp)

@@ -58,7 +58,7 @@ def test_sigkill_mid_search_then_resume_records_the_budget_exactly(zoo, tmp_path
     assert len(ok) == 14
     assert sorted(t.candidate_id for t in ok) == list(range(14))  # none twice, none lost
     assert len({tuple(t.params.values()) for t in ok}) == 14
-    assert all(t.state == "ok" for t in trials)  # the interrupted trial was finished, not left
+    assert len(trials) == 14  # the interrupted candidate left no failed or running trial
     assert "Pareto front" in done.stdout
 
 

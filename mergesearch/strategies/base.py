@@ -236,7 +236,7 @@ class Strategy(ABC):
         """Plain-JSON state: seed, options and the ask/tell log."""
         return {"version": STATE_VERSION, "strategy": self.name, "seed": self.seed,
                 "options": self.options.model_dump(mode="json"),
-                "log": [list(event) for event in self._log]}
+                "log": list(self._log)}  # events are never changed once logged
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state from :meth:`state_dict` by replaying its log from the seed."""
