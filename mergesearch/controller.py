@@ -128,6 +128,7 @@ class Search:
         dtype = exp.execution.dtype or start.dtype
         self.worker_spec = WorkerSpec(
             tokenizer=first, evaluator=evaluator, device=exp.execution.device, dtype=dtype,
+            hold_sources=exp.execution.hold_sources,
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
             check_recipe=start.to_dict(),
             worker_class=exp.execution.worker_class)

@@ -89,6 +89,9 @@ class ExecutionConfig(_Strict):
     device: str = Field("cpu", description="cpu, cuda, cuda:1 ...; Ray GPU workers use cuda")
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="dtype of the resident model; default: the recipe's")
+    hold_sources: Literal["auto", "device", "host"] = Field(
+        "auto", description="where workers keep the source models: device, host (pinned CPU "
+        "memory, copied to the GPU per tensor while merging), or auto (device if they fit)")
     address: str = Field("local", description="Ray: local (a private cluster), auto (the one "
                          "`ray start` runs here), or ray://host:port")
     workers: int = Field(1, ge=1, description="Ray: worker actors, each with the models loaded")

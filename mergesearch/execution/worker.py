@@ -18,7 +18,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mergesearch.evaluation import EvaluatorConfig, make_evaluator
-from mergesearch.models.resident import ResidentMerger
+from mergesearch.models.resident import Hold, ResidentMerger
 from mergesearch.recipe import Recipe
 from mergesearch.trial import Candidate, Result
 
@@ -33,6 +33,7 @@ class WorkerSpec:
     evaluator: dict[str, Any]  # EvaluatorConfig as a mapping, suite path absolute
     device: str = "cpu"
     dtype: str = "float32"
+    hold_sources: Hold = "auto"  # where source tensors are kept (device, pinned host)
     allow_pickle: bool = False
     trust_remote_code: bool = False
     check_recipe: dict[str, Any] | None = field(default=None)  # planned up front to fail early
@@ -60,7 +61,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.merger = ResidentMerger(device=spec.device, dtype=getattr(torch, spec.dtype),
-                                     allow_pickle=spec.allow_pickle)
+                                     hold=spec.hold_sources, allow_pickle=spec.allow_pickle)
         self.tokenizer = AutoTokenizer.from_pretrained(
             spec.tokenizer, trust_remote_code=spec.trust_remote_code)
         self.evaluator = make_evaluator(EvaluatorConfig.model_validate(spec.evaluator),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -124,9 +126,29 @@ class Checkpoint:
             return self._handles[file].get_tensor(name)
         return self._pickle(file)[name]
 
+    @cached_property
+    def nbytes(self) -> int:
+        """Bytes of every tensor in its stored dtype, read from the metadata only (so where
+        to hold a model can be decided before any weight is touched)."""
+        total = 0
+        for name, file in self._files.items():
+            if file.suffix == ".safetensors":
+                info = self._handles[file].get_slice(name)
+                total += math.prod(info.get_shape()) * _bits(info.get_dtype()) // 8
+            else:
+                t = self._pickle(file)[name]
+                total += t.numel() * t.element_size()
+        return total
+
     @property
     def num_layers(self) -> int:
         return int(self.config.num_hidden_layers)
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.ref!r})"
+
+
+def _bits(dtype: str) -> int:
+    """Bits per element of a safetensors dtype name (F32, BF16, F8_E4M3, BOOL, ...)."""
+    digits = re.search(r"\d+", dtype)
+    return int(digits.group()) if digits else 8

@@ -1,7 +1,8 @@
 """Merging recipes into one resident model, in place.
 
 A :class:`ModelPool` opens each checkpoint once and keeps its tensors where
-the merge runs (memory-mapped on CPU, uploaded once to a GPU).  A
+the merge runs (memory-mapped on CPU, uploaded once to a GPU), or, when they
+do not fit on the GPU, in pinned host memory streamed over per tensor.  A
 :class:`ResidentMerger` owns one ``transformers`` model and, for every recipe,
 overwrites its parameters with the merged tensors: no reallocation and no
 disk I/O per candidate.  Checks that need the models (missing tensors,
@@ -13,10 +14,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import zlib
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -41,11 +44,37 @@ except ImportError:  # pragma: no cover - transformers 4.x
 log = logging.getLogger(__name__)
 
 
-class ModelPool:
-    """Checkpoints opened once, their tensors cached on one device."""
+Hold = Literal["auto", "device", "host"]
+HOLDS: tuple[Hold, ...] = ("auto", "device", "host")
 
-    def __init__(self, device: str | torch.device = "cpu", *, allow_pickle: bool = False):
+HEADROOM = 0.10
+"""Share of a GPU's total memory that ``auto`` leaves free beyond the sources and the
+resident model: evaluation activations and a merge's per-tensor temporaries live there."""
+
+
+def choose_hold(needed: int, free: int, headroom: int) -> Hold:
+    """``device`` when ``needed`` bytes plus ``headroom`` fit in ``free`` bytes, else ``host``."""
+    return "device" if needed + headroom <= free else "host"
+
+
+class ModelPool:
+    """Checkpoints opened once, their tensors held on the device or in host memory.
+
+    ``hold="device"`` keeps every tensor on the pool's device (uploaded once to a
+    GPU).  ``hold="host"`` keeps them in CPU memory, page-locked for a CUDA device,
+    and :meth:`fetch` copies each one over when a merge needs it.  ``hold="auto"``
+    is settled by :meth:`place` (until then tensors go to the device).  On a CPU
+    device ``host`` and ``device`` are the same: the memory-mapped tensors, never copied.
+    """
+
+    def __init__(self, device: str | torch.device = "cpu", *, hold: Hold = "auto",
+                 allow_pickle: bool = False):
+        if hold not in HOLDS:
+            raise ValueError(f"hold must be one of {', '.join(HOLDS)}, not {hold!r}")
         self.device = torch.device(device)
+        if hold == "auto" and self.device.type != "cuda":
+            hold = "device"  # only CUDA says what is free; on a CPU both places are one
+        self.hold: Hold = hold
         self.allow_pickle = allow_pickle
         self._checkpoints: dict[str, Checkpoint] = {}
         self._tensors: dict[tuple[str, str], torch.Tensor] = {}
@@ -56,16 +85,42 @@ class ModelPool:
             self._checkpoints[ref] = Checkpoint(ref, allow_pickle=self.allow_pickle)
         return self._checkpoints[ref]
 
+    def place(self, refs: list[str], resident_bytes: int) -> Hold:
+        """Settle ``hold="auto"`` once: on the device if the models (stored dtypes), the
+        resident model and :data:`HEADROOM` fit in the device's free memory."""
+        if self.hold == "auto":
+            needed = resident_bytes + sum(self.checkpoint(r).nbytes for r in dict.fromkeys(refs))
+            free, total = torch.cuda.mem_get_info(self.device)
+            headroom = int(HEADROOM * total)
+            self.hold = choose_hold(needed, free, headroom)
+            gib = 2**30
+            log.info("holding source models on the %s: %.2f GiB needed + %.2f GiB headroom, "
+                     "%.2f GiB free on %s", self.hold, needed / gib, headroom / gib,
+                     free / gib, self.device)
+        return self.hold
+
     def tensor(self, ref: str, name: str) -> torch.Tensor:
-        """A tensor in its stored dtype, on the pool's device (read-only)."""
+        """A tensor in its stored dtype, where the pool holds it (read-only)."""
         key = (ref, name)
         cached = self._tensors.get(key)
         if cached is None:
             cached = self.checkpoint(ref).tensor(name)
-            if cached.device != self.device:
+            if self.hold == "host":
+                if self.device.type == "cuda":  # page-locked: copies to the GPU run async
+                    cached = cached.pin_memory()
+            elif cached.device != self.device:
                 cached = cached.to(self.device)
             self._tensors[key] = cached
         return cached
+
+    def fetch(self, ref: str, name: str) -> torch.Tensor:
+        """A tensor on the pool's device: the held one, or a transient copy of a host one."""
+        x = self.tensor(ref, name)
+        if self.hold == "host":
+            # ordered on the current stream before the merge's kernels; the pinned source
+            # is never freed or written, so the host need not wait for the copy
+            x = x.to(self.device, non_blocking=True)
+        return x
 
 
 @dataclass(frozen=True)
@@ -98,9 +153,10 @@ class ResidentMerger:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        hold: Hold = "auto",
         allow_pickle: bool = False,
     ):
-        self.pool = pool or ModelPool(device, allow_pickle=allow_pickle)
+        self.pool = pool or ModelPool(device, hold=hold, allow_pickle=allow_pickle)
         self.device = self.pool.device
         self.dtype = dtype
         self.model: nn.Module | None = None
@@ -140,6 +196,7 @@ class ResidentMerger:
             _set_depth(config, len(hops))
 
         shapes = _param_shapes(config)
+        self.pool.place(refs, sum(map(math.prod, shapes.values())) * self.dtype.itemsize)
         out_names = list(shapes)
         if hops:
             placed = assemble_path(out_names, hops)
@@ -224,7 +281,7 @@ class ResidentMerger:
     def _load(self, src: Source, plan: _Plan, out_name: str,
               fill: torch.Tensor | None = None) -> torch.Tensor:
         """A source tensor in the compute dtype, vocabulary rows fitted if needed."""
-        x = self.pool.tensor(src.model, src.name)
+        x = self.pool.fetch(src.model, src.name)
         x = x.to(compute_dtype(x.dtype))
         rows = plan.vocab_rows
         if out_name in plan.refit and x.shape[0] != rows:
@@ -316,8 +373,8 @@ def _set_depth(config: PretrainedConfig, depth: int) -> None:
 
 
 def merge(recipe: Recipe, *, device: str = "cpu", dtype: torch.dtype | None = None,
-          allow_pickle: bool = False, progress: bool = False) -> nn.Module:
+          hold: Hold = "auto", allow_pickle: bool = False, progress: bool = False) -> nn.Module:
     """One-off merge: a fresh model holding the merged weights of ``recipe``."""
     dtype = dtype or getattr(torch, recipe.dtype)
-    merger = ResidentMerger(device=device, dtype=dtype, allow_pickle=allow_pickle)
+    merger = ResidentMerger(device=device, dtype=dtype, hold=hold, allow_pickle=allow_pickle)
     return merger.apply(recipe, progress=progress)
