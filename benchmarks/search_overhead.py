@@ -215,25 +215,25 @@ def scale_run(strategy: str, out: Path, n: int, items: int) -> dict:
     search = controller.Search(exp, progress=False)
     store = search.open_store(resume=None, overwrite=True)
     stamps = []
-    orig_record = controller._Loop._record
+    orig_take = controller._Loop._take
 
     tenth = max(1, n // 10)
 
-    def record(self, result, bar, **kw):
-        orig_record(self, result, bar, **kw)
+    def take(self, *args, **kw):
+        orig_take(self, *args, **kw)
         stamps.append(time.perf_counter())
         done = len(stamps)
         timers.bucket = "first" if done < tenth else "last" if done >= n - tenth else ""
 
     with Timers() as timers:
         timers.bucket = "first"
-        controller._Loop._record = record
+        controller._Loop._take = take
         timers.active = True
         try:
             start = time.perf_counter()
             controller._Loop(search, store, InstantExecutor(items), False, None).run()
         finally:
-            controller._Loop._record = orig_record
+            controller._Loop._take = orig_take
             timers.active = False
     per_trial = np.diff([start, *stamps])
     state_bytes = len(json.dumps(store.load_state()))

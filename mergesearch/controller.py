@@ -1,15 +1,20 @@
-"""The search loop: ask -> checkpoint -> dispatch -> record -> tell, until the budget.
+"""The search loop: ask -> dispatch -> record + checkpoint -> wait -> tell, until the budget.
 
-The controller is the one place that knows every part.  Its durability rule:
-the strategy state is saved right after every ``ask``, before any of the new
-candidates can be recorded (that save also covers every ``tell`` before it),
-and each result is written as a finished trial before the strategy hears of
-it.  So after a kill at any moment every recorded trial belongs to a candidate
-the saved state knows, asked and either told or pending; resuming tells the
-strategy the pending ones already recorded, in the order they were recorded,
-and dispatches the rest again.  No completed trial is lost or evaluated twice.
-One write per trial and one small append per checkpoint keep the loop's cost
-per candidate near 10 ms (benchmarks/RESULTS.md).
+The controller is the one place that knows every part.  Its durability rule,
+in two halves: a trial is written only after a checkpoint of the strategy
+state that knows its candidate (was asked), and a checkpoint holds a ``tell``
+only after that result's trial is written.  So after a kill at any moment
+every recorded trial belongs to a candidate the saved state knows, told or
+pending; resuming tells the strategy the pending ones already recorded, in the
+order they were recorded, and dispatches the rest again.  No recorded trial
+is lost or evaluated twice.
+
+Within that rule a freed worker waits for nothing but the next ``ask``: when
+a result arrives the strategy hears of it at once, the next candidates are
+asked for and dispatched, and only then is the result written and the state
+checkpointed, while Ray workers already evaluate (the local executor runs its
+candidate in the next ``wait``).  One write per trial, one small append per
+checkpoint (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -204,11 +209,18 @@ class _Loop:
         self.budget = search.exp.budget
         self.progress = progress
         self.on_result = on_result
-        # candidate id -> (candidate, cache key of its recipe; None until decoded)
+        # candidate id -> (candidate, cache key of its recipe; None if it did not decode)
         self.in_flight: dict[int, tuple[Candidate, str | None]] = {}
-        # recipe + fidelity -> [trial number or None, trial id, values, scores] of the first
-        # trial that scored it (the number is looked up when first needed)
+        # recipe + fidelity -> [trial number, trial id, values, scores] of the first trial
+        # that scored it (number and id are filled in once it is written / looked up)
         self.cache: dict[str, list] = {}
+        # results that need no worker (served from the cache, or failed to decode), each
+        # with the cache entry it came from
+        self.ready: list[tuple[Result, list | None]] = []
+        # told, not yet written: (candidate, result, cache entry served from, own new entry)
+        self.unwritten: list[tuple[Candidate, Result, list | None, list | None]] = []
+        self.asked = False  # since the last checkpoint
+        self.checkpointing = False
         self.best: dict[str, float] = {}
         self.ok = self.failed = self.cached = self.evaluated_now = 0
 
@@ -275,15 +287,19 @@ class _Loop:
                 elif self.strategy.done and not self.in_flight:
                     stopped = "strategy done"
                 else:
-                    self._dispatch(bar)
+                    self._dispatch()
+                self._checkpoint()  # while the workers evaluate what was just dispatched
                 if not self.in_flight:
                     break
-                for result in self.executor.wait():
-                    self._record(result, bar)
+                for result, source in self._results():
+                    self._take(result, source, bar)
             if self.budget.evaluations is not None and self.finished < self.budget.evaluations \
                     and stopped == "budget":
                 stopped = "strategy done"
-            self.store.save_state(self.strategy.state_dict())  # the last tells
+        except KeyboardInterrupt:
+            if not self.checkpointing:  # not interrupted mid-write: keep what was evaluated
+                self._checkpoint()
+            raise
         finally:
             bar.close()
             self.executor.close()
@@ -294,54 +310,79 @@ class _Loop:
             evaluated_now=self.evaluated_now, stopped=stopped,
             elapsed=time.monotonic() - start, front=self.store.pareto_front())
 
-    def _dispatch(self, bar) -> None:
-        while (room := self._room()) > 0:
+    def _dispatch(self) -> None:
+        """Ask for and dispatch candidates while there is room (a result that needs no
+        worker stops it, so the strategy hears of it before the next ask)."""
+        while not self.ready and (room := self._room()) > 0:
             cands = self.strategy.ask(room)
             if not cands:
                 return
-            for cand in cands:
-                self.in_flight[cand.id] = (cand, None)
-            # before any of them can be recorded
-            self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
+            self.asked = True
             for cand in cands:
                 try:
                     cand.recipe = self.space.decode(cand.genome)
                 except SpaceError as err:
-                    self._record(Result.failed(cand.id, str(err)), bar)
+                    self.in_flight[cand.id] = (cand, None)
+                    self.ready.append((Result.failed(cand.id, str(err)), None))
                     continue
                 key = _key(cand.recipe.to_dict(), cand.fidelity)
                 self.in_flight[cand.id] = (cand, key)
                 hit = self.cache.get(key)
                 if hit is None:
                     self.executor.submit(cand)
-                    continue
-                if hit[0] is None:
-                    hit[0] = self.store.trial_number(hit[1])
-                number, _, values, scores = hit
-                self._record(Result(candidate_id=cand.id, values=dict(values), scores=scores),
-                             bar, cached_from=number)
+                else:
+                    self.ready.append((Result(candidate_id=cand.id, values=dict(hit[2]),
+                                              scores=hit[3]), hit))
 
-    def _record(self, result: Result, bar, *, cached_from: int | None = None) -> None:
+    def _results(self) -> list[tuple[Result, list | None]]:
+        """The next results: those that needed no worker, else what the executor returns."""
+        if self.ready:
+            out, self.ready = self.ready, []
+            return out
+        return [(r, None) for r in self.executor.wait()]
+
+    def _take(self, result: Result, source: list | None, bar) -> None:
+        """Count a result and tell the strategy; it is written at the next checkpoint."""
         cand, key = self.in_flight.pop(result.candidate_id)
-        trial_id = self.store.add(cand, result, cached_from=cached_from)
+        entry = None
         if result.ok:
             self.ok += 1
             self._track_best(result.values)
-            if cached_from is None and key is not None:
-                self.cache.setdefault(key, [None, trial_id, dict(result.values), result.scores])
+            if source is None and key is not None and key not in self.cache:
+                entry = self.cache[key] = [None, None, dict(result.values), result.scores]
         else:
             self.failed += 1
             log.warning("candidate %d failed: %s", result.candidate_id, result.reason)
-        if cached_from is not None:
+        if source is not None:
             self.cached += 1
         else:
             self.evaluated_now += 1
-        self.strategy.tell([result])  # checkpointed with the next ask (or at the end)
+        self.strategy.tell([result])
+        self.unwritten.append((cand, result, source, entry))
         if self.on_result is not None:
             self.on_result(result)
         bar.update(1)
         bar.set_postfix_str(
             "best " + " ".join(f"{k}={v:.4g}" for k, v in self.best.items()), refresh=False)
+
+    def _checkpoint(self) -> None:
+        """Write the results told since the last checkpoint, then save the strategy state
+        (with the candidates in flight)."""
+        if not (self.unwritten or self.asked):
+            return
+        self.checkpointing = True
+        for cand, result, source, entry in self.unwritten:
+            cached_from = None
+            if source is not None:  # its source was written first: it was told first
+                if source[0] is None:
+                    source[0] = self.store.trial_number(source[1])
+                cached_from = source[0]
+            trial_id = self.store.add(cand, result, cached_from=cached_from)
+            if entry is not None:
+                entry[1] = trial_id
+        self.unwritten.clear()
+        self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
+        self.asked = self.checkpointing = False
 
     def _track_best(self, values: dict[str, float]) -> None:
         for o in self.search.problem.objectives:
