@@ -12,10 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mergesearch.errors import MergesearchError
+
 EXIT_USAGE = 2
 
 
-class UsageError(ValueError):
+class UsageError(MergesearchError, ValueError):
     """A command-line mistake (bad option value, unknown trial)."""
 
 
@@ -317,23 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from mergesearch.evaluation import EvaluationError
-    from mergesearch.execution.ray_executor import ExecutionError
-    from mergesearch.experiment import ExperimentError
-    from mergesearch.models.checkpoint import ModelLoadError
-    from mergesearch.recipe import RecipeError
-    from mergesearch.space import SpaceError
-    from mergesearch.storage import StorageError
-    from mergesearch.strategies import StrategyError
-
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    user_errors = (RecipeError, ModelLoadError, FileExistsError, ExperimentError, SpaceError,
-                   StrategyError, StorageError, EvaluationError, ExecutionError, UsageError)
     try:
         return args.func(args)
-    except user_errors as err:
+    except (MergesearchError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

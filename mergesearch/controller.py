@@ -29,6 +29,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mergesearch.errors import MergesearchError
 from mergesearch.experiment import Experiment, ExperimentError
 from mergesearch.merging.layers import layer_key
 from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
@@ -40,7 +41,7 @@ from mergesearch.trial import Candidate, Result
 log = logging.getLogger(__name__)
 
 
-class SearchError(ValueError):
+class SearchError(MergesearchError, ValueError):
     """A search cannot start as configured; the message names the problem and the fix."""
 
 

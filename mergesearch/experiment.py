@@ -20,11 +20,12 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from mergesearch.errors import MergesearchError
 from mergesearch.evaluation import EvaluatorConfig
 from mergesearch.recipe import format_validation_error, read_yaml_mapping
 
 
-class ExperimentError(ValueError):
+class ExperimentError(MergesearchError, ValueError):
     """An experiment file (or an override) is invalid; the message names the key and the fix."""
 
 

@@ -27,13 +27,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mergesearch.merging import get_method
+from mergesearch.errors import MergesearchError
 
 Number = bool | float
 """A scalar setting; ints are read as floats, booleans stay booleans."""
 
 
-class RecipeError(ValueError):
+class RecipeError(MergesearchError, ValueError):
     """A recipe is invalid or cannot be applied; the message names the fix."""
 
 
@@ -146,7 +146,7 @@ class Recipe(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> Recipe:
         try:
-            method = get_method(self.method)
+            method = _method(self.method)
         except KeyError as err:
             raise ValueError(err.args[0]) from None
         if method.needs_base and self.base is None:
@@ -245,7 +245,7 @@ class Recipe(BaseModel):
         recipe-wide setting, the method default.  A scope whose filters all miss
         the tensor passes to the next one.
         """
-        spec = get_method(self.method).param(name)
+        spec = _method(self.method).param(name)
         scopes = [self.parameters.get(name)]
         if model_index is not None:
             scopes.insert(0, self.models[model_index].parameters.get(name))
@@ -355,7 +355,7 @@ def uniform_recipe(
     method: str, base: str | None, models: Iterable[str], **parameters: Any
 ) -> Recipe:
     """A recipe giving every model the same parameters (handy in code and tests)."""
-    per_model = {p.name for p in get_method(method).params if p.per_model}
+    per_model = {p.name for p in _method(method).params if p.per_model}
     shared = {k: v for k, v in parameters.items() if k not in per_model}
     own = {k: v for k, v in parameters.items() if k in per_model}
     return Recipe(
@@ -364,3 +364,11 @@ def uniform_recipe(
         models=[SourceModel(model=m, parameters=dict(own)) for m in models],
         parameters=shared,
     )
+
+
+def _method(name: str):
+    """The merge method registered as ``name`` (imported here: the registry needs torch,
+    reading a recipe or a study does not)."""
+    from mergesearch.merging import get_method
+
+    return get_method(name)

@@ -34,6 +34,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergesearch.errors import MergesearchError
 from mergesearch.merging import get_method
 from mergesearch.recipe import (
     Conditional,
@@ -49,7 +50,7 @@ TRANSFORMS = ("abs", "clamp", "normalize", "softmax")
 _ACROSS_SOURCES = {"normalize", "softmax"}
 
 
-class SpaceError(ValueError):
+class SpaceError(MergesearchError, ValueError):
     """A search space is invalid or does not fit the models; the message names the fix."""
 
 

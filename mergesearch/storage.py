@@ -27,6 +27,7 @@ import sqlalchemy
 from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
+from mergesearch.errors import MergesearchError
 from mergesearch.strategies.base import Dimension, Objective
 from mergesearch.trial import Candidate, Result
 
@@ -50,7 +51,7 @@ CACHED_FROM = "cached_from"
 ATTEMPTS = "attempts"
 
 
-class StorageError(ValueError):
+class StorageError(MergesearchError, ValueError):
     """The study cannot be opened as asked (missing, exists, or belongs to another search)."""
 
 

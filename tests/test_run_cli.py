@@ -186,3 +186,24 @@ def test_every_shipped_experiment_and_sweep_is_valid():
             exp = Experiment.load(path)
             assert exp.find(exp.space) is not None, path
             assert exp.find(exp.evaluator.suite) is not None, path
+
+
+def test_status_pareto_and_listing_start_without_torch(zoo, tmp_path):
+    """Reading a study must not pay for torch, transformers or pycma (seconds): checked in
+    a fresh interpreter, on a real study. (Printing recipes, ``pareto --recipes``, needs
+    the merge-method registry, hence torch.)"""
+    exp = write_experiment(tmp_path, budget={"evaluations": 2})
+    assert main(["run", str(exp), "-q"]) == 0
+    code = ("import sys; from mergesearch.cli import main\n"
+            f"for argv in (['status', {str(exp)!r}], ['pareto', {str(exp)!r}],"
+            " ['strategies'], ['status', 'no-such.yaml']):\n"
+            "    print(main(argv))\n"
+            "heavy = ('torch', 'transformers', 'cma', 'pandas')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "trials: 2 ok, 0 failed, 0 in flight" in out.stdout and "trial 0:" in out.stdout
+    assert [line for line in lines if line in ("0", "2")] == ["0", "0", "0", "2"]
+    assert lines[-1] == "['pandas']"  # the front's table; nothing heavier

@@ -9,8 +9,16 @@
 
 from .base import Evaluation, EvaluationError, Evaluator, make_evaluator
 from .config import EvaluatorConfig, ObjectiveConfig
-from .hf import HFEvaluator
 from .tasks import FILTERS, METRICS, TaskSpec, load_suite
+
+
+def __getattr__(name: str):
+    if name == "HFEvaluator":  # imported on first use: it brings torch and transformers
+        from .hf import HFEvaluator
+
+        return HFEvaluator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "FILTERS",

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from mergesearch.errors import MergesearchError
+
 if TYPE_CHECKING:
     from .config import EvaluatorConfig
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MergesearchError, ValueError):
     """A problem the user can fix (suite, task file, data, objective); the message says how."""
 
 

@@ -20,13 +20,14 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+from mergesearch.errors import MergesearchError
 from mergesearch.execution.worker import WorkerSpec, make_worker
 from mergesearch.trial import Candidate, Result
 
 log = logging.getLogger(__name__)
 
 
-class ExecutionError(RuntimeError):
+class ExecutionError(MergesearchError, RuntimeError):
     """Workers cannot be started as configured; the message names the node and the fix."""
 
 

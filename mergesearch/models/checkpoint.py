@@ -21,12 +21,14 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
+from mergesearch.errors import MergesearchError
+
 log = logging.getLogger(__name__)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(MergesearchError, RuntimeError):
     """A model cannot be found or read; the message names it and the fix."""
 
 

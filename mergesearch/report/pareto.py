@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from mergesearch.export import NotExpressible, save_merged, to_mergekit_yaml
 from mergesearch.recipe import Recipe
 from mergesearch.storage import TrialRecord
 from mergesearch.strategies.base import Objective
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 
 def trials_frame(trials: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
     """One row per trial: number, state, objective values, timings, failure reason."""
+    import pandas as pd  # here and below: `status` and `pareto` should start in a blink
+
     rows = []
     for t in trials:
         row = {"trial": t.number, "candidate": t.candidate_id, "state": t.state}
@@ -72,6 +75,8 @@ def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
     """A text table of the front, best first by the objectives' weighted sum; at most
     ``limit`` rows, and the genome (the searched values) of the first ``params`` rows
     (all shown rows when None)."""
+    import pandas as pd
+
     if not front:
         return "(no completed trials)"
     order = sorted(front, key=lambda t: -sum(-o.sign * o.weight * t.values[o.name]
@@ -95,6 +100,8 @@ def export_trial(trial: TrialRecord, out: str | Path, *, checkpoint: bool = Fals
                  overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Path:
     """Write a trial's recipe (``recipe.json``, ``mergekit.yml`` when mergekit can express
     it, ``scores.json``) into ``out``, and the merged model into ``out/model`` if asked."""
+    from mergesearch.export import NotExpressible, save_merged, to_mergekit_yaml
+
     if trial.recipe is None:
         raise ValueError(f"trial {trial.number} has no recipe")
     recipe = Recipe.from_dict(trial.recipe)

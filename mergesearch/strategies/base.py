@@ -25,12 +25,13 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from mergesearch.errors import MergesearchError
 from mergesearch.trial import Candidate, Result
 
 STATE_VERSION = 1
 
 
-class StrategyError(ValueError):
+class StrategyError(MergesearchError, ValueError):
     """A strategy was misconfigured or misused; the message names the fix."""
 
 

@@ -36,7 +36,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-import cma
 import numpy as np
 from pydantic import Field, field_validator
 
@@ -61,6 +60,8 @@ class CMAESOptions(StrategyOptions):
     @field_validator("cma_options")
     @classmethod
     def _known_pycma_options(cls, value: dict[str, Any]) -> dict[str, Any]:
+        import cma  # here and in _setup: importing pycma costs ~0.5 s, listing strategies not
+
         known = cma.CMAOptions.defaults()
         for key in value:
             if key in _MANAGED:
@@ -81,6 +82,8 @@ class CMAES(Strategy):
     options: CMAESOptions
 
     def _setup(self) -> None:
+        import cma
+
         p = self.problem
         self._low, self._span = p.low, p.high - p.low
         rng = np.random.default_rng(self.seed)
