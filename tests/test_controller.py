@@ -175,3 +175,32 @@ def test_identical_candidates_are_served_from_the_cache(zoo, tmp_path):
             source = by_number[t.cached_from]
             assert source.cached_from is None and t.values == source.values
             assert t.params == source.params
+
+
+def test_a_freed_worker_gets_its_next_candidate_before_the_last_result_is_written(
+        zoo, tmp_path, monkeypatch):
+    """The loop's order: tell, ask + dispatch, then write + checkpoint (while workers run)."""
+    exp = experiment(tmp_path)
+    search = Search(exp, progress=False)
+    events = []
+    executor = search.make_executor()
+    submit = executor.submit
+
+    def recording_submit(cand):
+        events.append(("submit", cand.id))
+        submit(cand)
+
+    executor.submit = recording_submit
+    add = TrialStore.add
+
+    def recording_add(self, cand, result, **kw):
+        events.append(("add", cand.id))
+        return add(self, cand, result, **kw)
+
+    monkeypatch.setattr(TrialStore, "add", recording_add)
+    store = search.open_store(resume=None, overwrite=False)
+    summary = _Loop(search, store, executor, False, None).run()
+    assert summary.finished == 6
+    for k in range(1, 6):
+        assert events.index(("submit", k)) < events.index(("add", k - 1))
+    assert [e for e in events if e[0] == "add"] == [("add", k) for k in range(6)]
