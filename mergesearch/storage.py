@@ -39,6 +39,7 @@ OBJECTIVES = "mergesearch.objectives"
 # study system attrs: the strategy state as last written whole, then what was appended
 STATE = "mergesearch.state"
 STATE_APPEND = "mergesearch.state+"  # + "{epoch}.{k}"
+LEGACY_STATE = "mergesearch.strategy_state"  # user attr of studies from before the appends
 # trial user attrs
 CANDIDATE = "candidate_id"
 RECIPE = "recipe"
@@ -257,7 +258,10 @@ class TrialStore:
         attrs = self._storage.get_study_system_attrs(self._study_id)
         top = attrs.get(STATE)
         if top is None:
-            return None
+            legacy = self._storage.get_study_user_attrs(self._study_id).get(LEGACY_STATE)
+            if legacy is None:
+                return None
+            top = {"epoch": 0, "state": legacy, "in_flight": []}
         state, in_flight, epoch = dict(top["state"]), top["in_flight"], int(top["epoch"])
         prefix = f"{STATE_APPEND}{epoch}."
         appended = sorted((int(k.removeprefix(prefix)), v) for k, v in attrs.items()
@@ -275,7 +279,7 @@ class TrialStore:
         self._saved = {"epoch": epoch, "k": len(appended),
                        "head": {k: v for k, v in state.items() if k != "log"},
                        "n": len(log), "last": log[-1] if log else None} \
-            if isinstance(log, list) else None
+            if isinstance(log, list) and STATE in attrs else None  # legacy: rewrite whole
         return state, in_flight
 
     def load_state(self) -> dict[str, Any] | None:

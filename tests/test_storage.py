@@ -7,7 +7,7 @@ import json
 import optuna
 import pytest
 
-from mergesearch.storage import STATE, STATE_APPEND, StorageError, TrialStore
+from mergesearch.storage import LEGACY_STATE, STATE, STATE_APPEND, StorageError, TrialStore
 from mergesearch.strategies import Dimension, Objective, Problem, create_strategy
 from mergesearch.trial import Candidate, Result
 
@@ -107,3 +107,17 @@ def test_trials_left_running_by_other_writers_are_failed_on_request(tmp_path):
     assert store.fail_running("interrupted") == 1
     (rec,) = store.trials()
     assert (rec.state, rec.reason) == ("failed", "interrupted")
+
+
+def test_a_study_written_before_appended_checkpoints_still_resumes(tmp_path):
+    store = new_store(tmp_path)
+    strategy = create_strategy("random", Problem(tuple(DIMS), tuple(OBJECTIVES)), seed=1)
+    strategy.ask(2)
+    store._storage.set_study_user_attr(store._study_id, LEGACY_STATE, strategy.state_dict())
+    reopened = TrialStore.open(f"sqlite:///{tmp_path / 'study.db'}", "s")
+    assert reopened.load_state() == json.loads(json.dumps(strategy.state_dict()))
+    strategy.ask(1)
+    reopened.save_state(strategy.state_dict())  # from here on in the new form
+    assert system_attrs(reopened)[STATE]["epoch"] == 1
+    assert TrialStore.open(f"sqlite:///{tmp_path / 'study.db'}", "s").load_state() == \
+        json.loads(json.dumps(strategy.state_dict()))
