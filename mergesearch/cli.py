@@ -140,7 +140,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     exp, store = _store(args)
     trials = store.trials()
     count = {s: sum(t.state == s for t in trials) for s in ("ok", "failed")}
-    count["running"] = len(store.in_flight())  # as of the last checkpoint
+    count["running"] = len(store.in_flight(trials))  # as of the last checkpoint
     budget = exp.budget.evaluations
     best = best_values(trials, store.objectives)
     print(f"study {store.study.study_name!r} in {exp.storage_url}")

@@ -94,7 +94,6 @@ class Search:
 
         self.exp = exp
         self.study_name = study or exp.name
-        self.progress = progress
         models = exp.models
         self.base = resolve_model(models.base, exp, progress=progress) if models.base else None
         self.sources = {n: resolve_model(r, exp, progress=progress)
@@ -130,7 +129,7 @@ class Search:
         if suite is None:
             raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
         evaluator = exp.evaluator.model_dump(mode="json") | {"suite": str(suite)}
-        start = self.space.decode(self.space.x0)
+        start = self.space.start
         dtype = exp.execution.dtype or start.dtype
         self.worker_spec = WorkerSpec(
             tokenizer=first, evaluator=evaluator, device=exp.execution.device, dtype=dtype,
@@ -199,6 +198,16 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     return _Loop(search, store, executor, progress, on_result).run()
 
 
+@dataclass
+class _Scored:
+    """A recipe's scores, from the first trial that evaluated it (the result cache)."""
+
+    values: dict[str, float]
+    scores: dict
+    number: int | None = None  # trial number, looked up when first served
+    trial_id: int | None = None  # set once that trial is written
+
+
 class _Loop:
     def __init__(self, search: Search, store: TrialStore, executor, progress: bool,
                  on_result: Callable[[Result], None] | None):
@@ -212,14 +221,12 @@ class _Loop:
         self.on_result = on_result
         # candidate id -> (candidate, cache key of its recipe; None if it did not decode)
         self.in_flight: dict[int, tuple[Candidate, str | None]] = {}
-        # recipe + fidelity -> [trial number, trial id, values, scores] of the first trial
-        # that scored it (number and id are filled in once it is written / looked up)
-        self.cache: dict[str, list] = {}
+        self.cache: dict[str, _Scored] = {}  # recipe + fidelity -> its scores
         # results that need no worker (served from the cache, or failed to decode), each
         # with the cache entry it came from
-        self.ready: list[tuple[Result, list | None]] = []
+        self.ready: list[tuple[Result, _Scored | None]] = []
         # told, not yet written: (candidate, result, cache entry served from, own new entry)
-        self.unwritten: list[tuple[Candidate, Result, list | None, list | None]] = []
+        self.unwritten: list[tuple[Candidate, Result, _Scored | None, _Scored | None]] = []
         self.asked = False  # since the last checkpoint
         self.checkpointing = False
         self.best: dict[str, float] = {}
@@ -227,8 +234,9 @@ class _Loop:
 
     # -- resume -------------------------------------------------------------------------
 
-    def _restore(self) -> list[Candidate]:
-        """Load the strategy state and reconcile it with the recorded trials."""
+    def _restore(self) -> None:
+        """Load the strategy state, reconcile it with the recorded trials, and dispatch the
+        pending candidates nobody recorded again."""
         if self.store.fail_running("interrupted"):  # left by another tool or an older version
             log.info("trials left running in the study were marked failed")
         records = self.store.trials()
@@ -238,14 +246,14 @@ class _Loop:
                 self._track_best(r.values)
                 if r.recipe is not None and r.cached_from is None:
                     self.cache.setdefault(_key(r.recipe, r.fidelity),
-                                          [r.number, None, r.values, r.scores])
+                                          _Scored(r.values, r.scores, number=r.number))
             else:
                 self.failed += 1
             if r.cached_from is not None:
                 self.cached += 1
         state = self.store.load_state()
         if state is None:
-            return []
+            return
         self.strategy.load_state_dict(state)
         recorded = {r.candidate_id: r for r in records}
         pending = self.strategy.pending
@@ -253,12 +261,10 @@ class _Loop:
         for rec in sorted((recorded[c.id] for c in pending if c.id in recorded),
                           key=lambda r: r.number):
             self.strategy.tell([rec.result()])
-        resubmit = [c for c in pending if c.id not in recorded]
-        for cand in resubmit:
-            cand.recipe = self.space.decode(cand.genome)
-            self.in_flight[cand.id] = (cand, _key(cand.recipe.to_dict(), cand.fidelity))
+        for cand in pending:
+            if cand.id not in recorded:
+                self._route(cand)
         self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
-        return resubmit
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -276,12 +282,13 @@ class _Loop:
     def run(self) -> RunSummary:
         start = time.monotonic()
         deadline = start + self.budget.wall_time if self.budget.wall_time else None
-        for cand in self._restore():
-            self.executor.submit(cand)
-        bar = tqdm(total=self.budget.evaluations, initial=self.finished, unit="trial",
-                   desc=self.search.study_name, disable=not self.progress, dynamic_ncols=True)
+        bar = None
         stopped = "budget"
         try:
+            self._restore()
+            bar = tqdm(total=self.budget.evaluations, initial=self.finished, unit="trial",
+                       desc=self.search.study_name, disable=not self.progress,
+                       dynamic_ncols=True)
             while True:
                 if deadline is not None and time.monotonic() >= deadline:
                     stopped = "wall time"
@@ -302,7 +309,8 @@ class _Loop:
                 self._checkpoint()
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             self.executor.close()
         return RunSummary(
             study=self.search.study_name, storage=self.search.exp.storage_url,
@@ -320,29 +328,34 @@ class _Loop:
                 return
             self.asked = True
             for cand in cands:
-                try:
-                    cand.recipe = self.space.decode(cand.genome)
-                except SpaceError as err:
-                    self.in_flight[cand.id] = (cand, None)
-                    self.ready.append((Result.failed(cand.id, str(err)), None))
-                    continue
-                key = _key(cand.recipe.to_dict(), cand.fidelity)
-                self.in_flight[cand.id] = (cand, key)
-                hit = self.cache.get(key)
-                if hit is None:
-                    self.executor.submit(cand)
-                else:
-                    self.ready.append((Result(candidate_id=cand.id, values=dict(hit[2]),
-                                              scores=hit[3]), hit))
+                self._route(cand)
 
-    def _results(self) -> list[tuple[Result, list | None]]:
+    def _route(self, cand: Candidate) -> None:
+        """Decode a candidate and send it to a worker, or straight to ``ready`` when its
+        recipe was scored before or it does not decode."""
+        try:
+            cand.recipe = self.space.decode(cand.genome)
+        except SpaceError as err:
+            self.in_flight[cand.id] = (cand, None)
+            self.ready.append((Result.failed(cand.id, str(err)), None))
+            return
+        key = _key(cand.recipe.to_dict(), cand.fidelity)
+        self.in_flight[cand.id] = (cand, key)
+        hit = self.cache.get(key)
+        if hit is None:
+            self.executor.submit(cand)
+        else:
+            self.ready.append((Result(candidate_id=cand.id, values=dict(hit.values),
+                                      scores=hit.scores), hit))
+
+    def _results(self) -> list[tuple[Result, _Scored | None]]:
         """The next results: those that needed no worker, else what the executor returns."""
         if self.ready:
             out, self.ready = self.ready, []
             return out
         return [(r, None) for r in self.executor.wait()]
 
-    def _take(self, result: Result, source: list | None, bar) -> None:
+    def _take(self, result: Result, source: _Scored | None, bar) -> None:
         """Count a result and tell the strategy; it is written at the next checkpoint."""
         cand, key = self.in_flight.pop(result.candidate_id)
         entry = None
@@ -350,7 +363,7 @@ class _Loop:
             self.ok += 1
             self._track_best(result.values)
             if source is None and key is not None and key not in self.cache:
-                entry = self.cache[key] = [None, None, dict(result.values), result.scores]
+                entry = self.cache[key] = _Scored(dict(result.values), result.scores)
         else:
             self.failed += 1
             log.warning("candidate %d failed: %s", result.candidate_id, result.reason)
@@ -375,12 +388,12 @@ class _Loop:
         for cand, result, source, entry in self.unwritten:
             cached_from = None
             if source is not None:  # its source was written first: it was told first
-                if source[0] is None:
-                    source[0] = self.store.trial_number(source[1])
-                cached_from = source[0]
+                if source.number is None:
+                    source.number = self.store.trial_number(source.trial_id)
+                cached_from = source.number
             trial_id = self.store.add(cand, result, cached_from=cached_from)
             if entry is not None:
-                entry[1] = trial_id
+                entry.trial_id = trial_id
         self.unwritten.clear()
         self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
         self.asked = self.checkpointing = False

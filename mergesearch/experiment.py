@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergesearch.errors import MergesearchError
 from mergesearch.evaluation import EvaluatorConfig
-from mergesearch.recipe import format_validation_error, read_yaml_mapping
+from mergesearch.recipe import Dtype, format_validation_error, read_yaml_mapping
 
 
 class ExperimentError(MergesearchError, ValueError):
@@ -88,7 +88,7 @@ class ExecutionConfig(_Strict):
 
     backend: Literal["local", "ray"] = "local"
     device: str = Field("cpu", description="cpu, cuda, cuda:1 ...; Ray GPU workers use cuda")
-    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+    dtype: Dtype | None = Field(
         None, description="dtype of the resident model; default: the recipe's")
     hold_sources: Literal["auto", "device", "host"] = Field(
         "auto", description="where workers keep the source models: device, host (pinned CPU "

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mergesearch.errors import MergesearchError
 from mergesearch.merging import get_method
+from mergesearch.merging.layers import gradient_position
 from mergesearch.recipe import (
     Conditional,
     Recipe,
@@ -161,7 +162,8 @@ class SearchSpace:
                     self.dims.append(Dimension(f"{name}{who}{label}", spec.bounds[0],
                                                spec.bounds[1], init))
                 self._index[(name, owner)] = slice(start, len(self.dims))
-        self.decode(self.x0)  # fail now, not at the first candidate, if recipes are invalid
+        # decoded now, so invalid recipes fail here and not at the first candidate
+        self.start: Recipe = self.decode(self.x0)
 
     # -- building -----------------------------------------------------------------------
 
@@ -288,17 +290,14 @@ class SearchSpace:
                                  None)
                     if index is None:
                         raise SpaceError(f"recipe has no model {refs[owner]!r}")
-                rows.append([float(recipe.resolve(name, probe, self._position(probe), index))
-                             for probe in slot.probes])
+                rows.append([float(recipe.resolve(
+                    name, probe, gradient_position(probe, self.num_layers), index))
+                    for probe in slot.probes])
             values = _invert(spec.transform, np.array(rows))
             for owner, row in zip(owners, values, strict=True):
                 span = self._index[(name, owner)]
                 genome[span] = row
         return np.clip(genome, [d.low for d in self.dims], [d.high for d in self.dims])
-
-    def _position(self, probe: str) -> float:
-        layer = int(probe.split(f"{self.layer_key}.")[1].split(".")[0])
-        return layer / (self.num_layers - 1) if self.num_layers > 1 else 1.0
 
     def _setting(self, slot: _Slot, row: np.ndarray) -> Setting:
         if slot.filters == (None,):

@@ -73,9 +73,6 @@ class TrialRecord:
     timings: dict[str, float]
     attempts: int = 1
 
-    def genome(self, names: Sequence[str]) -> list[float]:
-        return [self.params[n] for n in names]
-
     def result(self) -> Result:
         if self.state == "ok":
             return Result(candidate_id=self.candidate_id, values=dict(self.values),
@@ -287,12 +284,13 @@ class TrialStore:
         read = self._read_state()
         return None if read is None else read[0]
 
-    def in_flight(self) -> list[int]:
-        """Candidates dispatched at the last checkpoint and not recorded since."""
+    def in_flight(self, trials: Sequence[TrialRecord] | None = None) -> list[int]:
+        """Candidates dispatched at the last checkpoint and not recorded since (among
+        ``trials``, read from the study when not given)."""
         read = self._read_state()
         if read is None:
             return []
-        done = {t.user_attrs.get(CANDIDATE) for t in self.study.get_trials(deepcopy=False)}
+        done = {t.candidate_id for t in (self.trials() if trials is None else trials)}
         return [i for i in read[1] if i not in done]
 
     # -- trials -------------------------------------------------------------------------

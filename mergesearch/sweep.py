@@ -100,11 +100,9 @@ def plan_sweep(paths: Sequence[str | Path], *, overrides: Sequence[str] = ()
     return planned, pool
 
 
-def _short(value: Any) -> str:
-    """A grid value in a label: a mapping by its name (strategies), else as written."""
-    if isinstance(value, dict):
-        return str(value.get("name", json.dumps(value, sort_keys=True)))
-    return str(value)
+def _short(value: dict[str, Any]) -> str:
+    """A mapping grid value in a label: by its name (strategies), else as JSON."""
+    return str(value.get("name", json.dumps(value, sort_keys=True)))
 
 
 def _safe(label: str) -> str:

@@ -46,6 +46,17 @@ class _Task:
     choice_chars: list[list[int]] = field(default_factory=list)  # multiple_choice, acc_norm
     stopping: StoppingCriteriaList | None = None
     on_device: dict[torch.device, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    # (fidelity, seed, device) -> its batches, the same for every candidate
+    batches: dict[tuple, _Batches] = field(default_factory=dict)
+
+
+@dataclass
+class _Batches:
+    """Which items a (fidelity, seed) scores and how its rows are batched on a device."""
+
+    idx: list[int]  # items, in order
+    chunks: list[tuple[torch.Tensor, int]]  # row indices on the device, padded width
+    inverse: torch.Tensor  # on the device: batched order -> row order
 
 
 class HFEvaluator:
@@ -172,9 +183,10 @@ class HFEvaluator:
         model.eval()
         try:
             with torch.no_grad():
+                device = next(model.parameters()).device
                 for name, task in self._data.items():
-                    idx = _subset(task.n, fidelity, f"{seed}:{name}")
-                    self._score_task(model, name, task, idx, out)
+                    self._score_task(model, name, task, self._batches(
+                        name, task, fidelity, seed, device), out)
         finally:
             model.train(was_training)
         for obj in self.config.objectives:
@@ -182,10 +194,25 @@ class HFEvaluator:
                                           for t in self._objective_tasks[obj.name]])
         return out
 
-    def _score_task(self, model: nn.Module, name: str, task: _Task, idx: list[int],
+    def _batches(self, name: str, task: _Task, fidelity: float, seed: int,
+                 device: torch.device) -> _Batches:
+        """The items of a (fidelity, seed) and their length-sorted batches (built once)."""
+        key = (fidelity, seed, device)
+        if key not in task.batches:
+            idx = _subset(task.n, fidelity, f"{seed}:{name}")
+            sel = torch.tensor([r for i in idx for r in range(task.row_ptr[i],
+                                                               task.row_ptr[i + 1])],
+                               dtype=torch.long)
+            perm = torch.argsort(task.lengths[sel], stable=True)
+            chunks = [(chunk.to(device), int(task.lengths[chunk].max()))
+                      for chunk in sel[perm].split(self.config.batch_size)]
+            task.batches[key] = _Batches(idx, chunks, torch.argsort(perm).to(device))
+        return task.batches[key]
+
+    def _score_task(self, model: nn.Module, name: str, task: _Task, batches: _Batches,
                     out: Evaluation) -> None:
-        rows = [r for i in idx for r in range(task.row_ptr[i], task.row_ptr[i + 1])]
-        stats = self._teacher_forced(model, task, rows)
+        idx = batches.idx
+        stats = self._teacher_forced(model, task, batches)
         n_target, n_hit = stats.n_target.tolist(), stats.n_hit.tolist()
         logprob = stats.logprob.tolist()
         finite = bool(stats.finite.all())
@@ -220,21 +247,16 @@ class HFEvaluator:
             correct = [False] * len(idx)
         out.scores[name], out.correct[name] = scores, correct
 
-    def _teacher_forced(self, model: nn.Module, task: _Task, rows: list[int]) -> RowStats:
-        """Row statistics in ``rows`` order, computed over length-sorted batches."""
-        device = next(model.parameters()).device
+    def _teacher_forced(self, model: nn.Module, task: _Task, batches: _Batches) -> RowStats:
+        """Row statistics of the batches' items, in item order."""
+        device = batches.inverse.device
         if device not in task.on_device:
             task.on_device = {device: tuple(t.to(device) for t in
                                             (task.ids, task.lengths, task.starts))}
         ids, lengths, starts = task.on_device[device]
-        sel = torch.tensor(rows, dtype=torch.long)
-        perm = torch.argsort(task.lengths[sel], stable=True)
-        parts = []
-        for chunk in sel[perm].split(self.config.batch_size):
-            width = int(task.lengths[chunk].max())
-            c = chunk.to(device)
-            parts.append(score_rows(model, ids[c, :width], lengths[c], starts[c]))
-        stats, inv = RowStats.cat(parts), torch.argsort(perm).to(device)
+        stats = RowStats.cat([score_rows(model, ids[c, :width], lengths[c], starts[c])
+                              for c, width in batches.chunks])
+        inv = batches.inverse
         return RowStats(*(t[inv].cpu() for t in (stats.n_target, stats.n_hit, stats.logprob,
                                                  stats.finite)))
 

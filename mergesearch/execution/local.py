@@ -18,10 +18,6 @@ class LocalExecutor:
         self._queue: deque[Candidate] = deque()
 
     @property
-    def in_flight(self) -> int:
-        return len(self._queue)
-
-    @property
     def free(self) -> int:
         return max(0, self.slots - len(self._queue))
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +80,7 @@ class Worker:
             # one subset per fidelity for every candidate, so their scores compare
             ev = self.evaluator.evaluate(model, fidelity=candidate.fidelity, seed=0)
         except Exception as err:  # a bad candidate must not stop the search
-            log.debug("candidate %d failed:\n%s", candidate.id, traceback.format_exc())
+            log.debug("candidate %d failed", candidate.id, exc_info=True)
             now = time.perf_counter()
             return Result.failed(candidate.id, f"{type(err).__name__}: {err}",
                                  merge=merged - t0, evaluate=now - merged)

@@ -1,5 +1,5 @@
-"""Reading a search back: trial tables, Pareto fronts, choosing and exporting a point."""
+"""Reading a search back: Pareto fronts, best values, choosing and exporting a point."""
 
-from .pareto import best_values, choose, export_trial, format_front, trials_frame
+from .pareto import best_values, choose, export_trial, format_front
 
-__all__ = ["best_values", "choose", "export_trial", "format_front", "trials_frame"]
+__all__ = ["best_values", "choose", "export_trial", "format_front"]

@@ -5,29 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mergesearch.recipe import Recipe
 from mergesearch.storage import TrialRecord
 from mergesearch.strategies.base import Objective
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-
-def trials_frame(trials: Sequence[TrialRecord], objectives: Sequence[Objective]) -> pd.DataFrame:
-    """One row per trial: number, state, objective values, timings, failure reason."""
-    import pandas as pd  # here and below: `status` and `pareto` should start in a blink
-
-    rows = []
-    for t in trials:
-        row = {"trial": t.number, "candidate": t.candidate_id, "state": t.state}
-        row |= {o.name: t.values.get(o.name) for o in objectives}
-        row |= {f"{k}_s": v for k, v in t.timings.items()}
-        row["cached_from"] = t.cached_from
-        row["reason"] = t.reason
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("trial") if rows else pd.DataFrame()
 
 
 def best_values(trials: Sequence[TrialRecord], objectives: Sequence[Objective]
@@ -75,7 +56,7 @@ def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
     """A text table of the front, best first by the objectives' weighted sum; at most
     ``limit`` rows, and the genome (the searched values) of the first ``params`` rows
     (all shown rows when None)."""
-    import pandas as pd
+    import pandas as pd  # here only: reading a study should not pay for pandas
 
     if not front:
         return "(no completed trials)"

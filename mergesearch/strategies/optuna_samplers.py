@@ -19,6 +19,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import ClassVar
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -53,9 +54,12 @@ class _OptunaStrategy(Strategy):
 
     multi_objective = True
     options: OptunaOptions
+    sampler_class: ClassVar[type[optuna.samplers.BaseSampler]]
+    """The Optuna sampler; every option but ``include_init`` is one of its keywords."""
 
     def _sampler(self) -> optuna.samplers.BaseSampler:
-        raise NotImplementedError
+        kwargs = self.options.model_dump(exclude=set(OptunaOptions.model_fields))
+        return self.sampler_class(**kwargs, seed=self.seed)
 
     def _setup(self) -> None:
         p = self.problem
@@ -113,12 +117,7 @@ class TPE(_OptunaStrategy):
     description = "Tree-structured Parzen Estimator (Optuna TPESampler), one or more objectives"
     Options = TPEOptions
     options: TPEOptions
-
-    def _sampler(self) -> optuna.samplers.BaseSampler:
-        o = self.options
-        return optuna.samplers.TPESampler(n_startup_trials=o.n_startup_trials,
-                                          multivariate=o.multivariate,
-                                          constant_liar=o.constant_liar, seed=self.seed)
+    sampler_class = optuna.samplers.TPESampler
 
 
 class NSGA2Options(OptunaOptions):
@@ -143,12 +142,7 @@ class NSGA2(_OptunaStrategy):
     description = "NSGA-II genetic algorithm (Optuna NSGAIISampler), Pareto front of objectives"
     Options = NSGA2Options
     options: NSGA2Options
-
-    def _sampler(self) -> optuna.samplers.BaseSampler:
-        o = self.options
-        return optuna.samplers.NSGAIISampler(population_size=o.population_size,
-                                             mutation_prob=o.mutation_prob,
-                                             crossover_prob=o.crossover_prob, seed=self.seed)
+    sampler_class = optuna.samplers.NSGAIISampler
 
     def _after_ask(self, trial: optuna.Trial) -> None:
         # Optuna gives a trial its generation only when the sampler samples it, so the
