@@ -3,6 +3,10 @@
 Magnitude-based methods reduce to a band of kept magnitudes ``[lo, hi]``,
 found exactly here and applied in the fused core of
 :mod:`.task_arithmetic`.  DELLA's rank-based random drop is applied here.
+
+Random drops (DARE, DELLA) draw from a counter-based hash of (seed, entry
+index), not from a torch generator: a mask is the same on any device, eager or
+compiled, and whatever else used torch's random state before.
 """
 
 from __future__ import annotations
@@ -10,6 +14,52 @@ from __future__ import annotations
 import math
 
 import torch
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer; int64 arithmetic masked to 32 bits works on any device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform_bits(index: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
+    """32 pseudo-random bits per entry from (seed, index): a stateless hash.
+
+    ``seed`` should already be well mixed (see :func:`mix_seed`).  Two rounds
+    of ``lowbias32``; the first operation widens the (possibly 32-bit) index.
+    """
+    x = (index ^ seed) & _MASK32
+    return _lowbias32(_lowbias32(x) ^ 0x5BD1E995)
+
+
+def mix_seed(seed: int) -> int:
+    """A 32-bit stream key from any integer seed (host side)."""
+    x = seed & _MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16) ^ ((seed >> 32) & _MASK32)
+
+
+def model_key(seed: int, i: int) -> int:
+    """The hash key of model ``i``'s random mask for a tensor seed (DARE and DELLA)."""
+    return mix_seed(seed * 1_000_003 + i * 7919)
+
+
+def uniform(shape: torch.Size | tuple[int, ...], key: int, device: torch.device,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Uniform numbers in [0, 1) on a 2**-24 grid, one per entry of a row-major ``shape``.
+
+    24 bits fit a float32 mantissa, so the conversion is exact on every device.
+    """
+    index = torch.arange(math.prod(shape), device=device).view(shape)
+    return (uniform_bits(index, key) >> 8).to(dtype) * 2.0**-24
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -74,14 +124,15 @@ def outlier_band(mag: torch.Tensor, density: float, gamma: float) -> tuple[float
     return float(kth_smallest(mag, n_bottom + 1)), float(kth_smallest(mag, n_bottom + keep))
 
 
-def magprune(tau: torch.Tensor, density: float, epsilon: float,
-             generator: torch.Generator | None, rescale: bool) -> torch.Tensor:
+def magprune(tau: torch.Tensor, density: float, epsilon: float, key: int,
+             rescale: bool) -> torch.Tensor:
     """DELLA MAGPRUNE: keep probabilities rise linearly with magnitude rank.
 
     Within each row (the whole tensor for 1-D) the entry of rank r (0 =
-    smallest of n) is kept with probability ``density - epsilon + 2 * epsilon
-    * r / (n - 1)``; with ``rescale`` survivors are divided by their
-    probability (the paper's unbiased rescaling).
+    smallest of n, ties in index order) is kept with probability ``density -
+    epsilon + 2 * epsilon * r / (n - 1)``; with ``rescale`` survivors are
+    divided by their probability (the paper's unbiased rescaling).  Entry k
+    (row-major) is kept when ``uniform(shape, key)[k]`` is below its probability.
     """
     if density >= 1:
         return tau
@@ -94,10 +145,11 @@ def magprune(tau: torch.Tensor, density: float, epsilon: float,
         )
     rows = tau.reshape(1, -1) if tau.dim() < 2 else tau.reshape(tau.shape[0], -1)
     n = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(tau.dtype)
+    # a stable sort, so tied magnitudes rank alike on every device
+    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(tau.dtype)
     rank_norm = ranks / max(n - 1, 1)
     prob = (density - epsilon) + 2 * epsilon * rank_norm
-    keep = torch.rand(rows.shape, generator=generator, device=tau.device, dtype=tau.dtype) < prob
+    keep = uniform(rows.shape, key, tau.device, tau.dtype) < prob
     kept = rows * keep
     if rescale:
         kept = kept / prob

@@ -9,9 +9,9 @@ the same in both tools.
 Speed: magnitude cut-offs are found first (:mod:`.sparsify`); then one
 elementwise *core* does everything else.  On large tensors the core runs
 through ``torch.compile``, which fuses it into one pass over memory instead of
-a dozen (see benchmarks/RESULTS.md).  DARE's random masks come from a
-counter-based hash of (seed, entry index), so they are the same eager or
-compiled, on any device.
+a dozen (see benchmarks/RESULTS.md).  DARE's and DELLA's random masks come
+from a counter-based hash of (seed, entry index) (:func:`.sparsify.uniform_bits`),
+so they are the same eager or compiled, on any device.
 """
 
 from __future__ import annotations
@@ -25,43 +25,12 @@ import torch
 
 from mergesearch.merging import sparsify
 from mergesearch.merging.base import MergeMethod, Param, compile_enabled, register
+from mergesearch.merging.sparsify import uniform_bits
 
 log = logging.getLogger(__name__)
 
 FUSE_MIN_NUMEL = 1 << 16
 """Tensors at least this large go through the compiled core (smaller: eager)."""
-
-_MASK32 = 0xFFFFFFFF
-
-
-def _lowbias32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mixer; int64 arithmetic masked to 32 bits works on any device."""
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
-def uniform_bits(index: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
-    """32 pseudo-random bits per entry from (seed, index): a stateless hash.
-
-    ``seed`` should already be well mixed (see :func:`mix_seed`).  Two rounds
-    of ``lowbias32``; the first operation widens the (possibly 32-bit) index.
-    """
-    x = (index ^ seed) & _MASK32
-    return _lowbias32(_lowbias32(x) ^ 0x5BD1E995)
-
-
-def mix_seed(seed: int) -> int:
-    """A 32-bit stream key from any integer seed (host side)."""
-    x = seed & _MASK32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _MASK32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16) ^ ((seed >> 32) & _MASK32)
-
 
 def _core(
     base: torch.Tensor,
@@ -180,11 +149,11 @@ def _merge(
         for i in range(n):
             keep_below[i] = min(1 << 32, max(0, math.ceil(density[i] * (1 << 32))))
             scale[i] = 1.0 / density[i] if rescale and 0 < density[i] < 1 else 1.0
-            seeds[i] = mix_seed(seed * 1_000_003 + i * 7919)
+            seeds[i] = sparsify.model_key(seed, i)
     elif sparsifier == "magprune":
         mode = "deltas"
-        gen = torch.Generator(device=base.device).manual_seed(seed)
-        inputs = [sparsify.magprune(m - base, density[i], epsilon[i], gen, rescale)
+        inputs = [sparsify.magprune(m - base, density[i], epsilon[i],
+                                    sparsify.model_key(seed, i), rescale)
                   for i, m in enumerate(models)]
 
     def vec(values: Sequence[float], dtype: torch.dtype = base.dtype) -> torch.Tensor:

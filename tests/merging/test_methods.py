@@ -499,6 +499,60 @@ def test_della_keeps_large_magnitudes_more_often():
     assert all(x < y for x, y in zip(rates, rates[1:], strict=False))
 
 
+def _hash_uniform(n, seed, i):
+    """Model i's uniform draws for a tensor seed: the stateless hash DARE also uses."""
+    from mergesearch.merging.sparsify import mix_seed, uniform_bits
+
+    key = mix_seed(seed * 1_000_003 + i * 7919)
+    bits = uniform_bits(torch.arange(n), key).numpy()
+    return (bits >> 8) / 2.0**24
+
+
+@pytest.mark.parametrize("name", ["della", "della_linear"])
+def test_della_mask_comes_from_the_seeded_hash(name):
+    tb, tm, b, m = make((30, 20), 2, torch.float64, seed=22)
+    w, dens, eps = [0.6, 1.3], [0.4, 0.7], [0.2, 0.25]
+    kw = dict(weight=w, density=dens, epsilon=eps, rescale=True, normalize=False, lambda_=1.0)
+    out = call(name, tb, tm, seed=31, **kw).numpy()
+    deltas = []
+    for i, (mi, d, e) in enumerate(zip(m, dens, eps, strict=True)):
+        tau = mi - b
+        prob = ref_della_prob(tau, d, e)
+        keep = _hash_uniform(tau.size, 31, i).reshape(tau.shape) < prob
+        deltas.append(np.where(keep, tau / prob, 0.0))
+    want = ref_combine(b, deltas, w, consensus=CONSENSUS[name], normalize=False, lam=1.0)
+    np.testing.assert_allclose(out, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_random_masks_use_no_torch_generator(name, monkeypatch):
+    """Masks do not depend on torch's random state, global or per device."""
+    tb, tm, _, _ = make((16, 24), 2, torch.float32, seed=23)
+    kw = _sparse_kwargs(name, 2)
+    torch.manual_seed(123)
+    first = call(name, tb, tm, seed=5, **kw)
+    torch.manual_seed(7)
+    assert torch.equal(call(name, tb, tm, seed=5, **kw), first)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a merge drew from a torch generator")
+
+    for fn in ("rand", "rand_like", "randn", "randint", "bernoulli", "Generator"):
+        monkeypatch.setattr(torch, fn, refuse)
+    assert torch.equal(call(name, tb, tm, seed=5, **kw), first)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_random_masks_are_the_same_on_cpu_and_gpu(name):
+    tb, tm, _, _ = make((64, 96), 2, torch.float32, seed=24)
+    kw = _sparse_kwargs(name, 2)
+    on_cpu = call(name, tb, tm, seed=8, **kw)
+    on_gpu = call(name, tb.cuda(), [t.cuda() for t in tm], seed=8, **kw).cpu()
+    assert torch.equal(on_cpu != tb, on_gpu != tb)  # the same entries kept
+    torch.testing.assert_close(on_gpu, on_cpu)
+
+
 def test_della_rejects_epsilon_past_density():
     base, tau = _one_delta((4, 4), seed=19)
     with pytest.raises(ValueError, match="epsilon"):
