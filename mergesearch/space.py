@@ -19,13 +19,16 @@ Each searched parameter has
 
 Layered values become mergekit-style ``{filter, value}`` lists (``layers.3.``,
 ``layers.3.self_attn``), so every decoded recipe also exports to mergekit.
-Tensors outside the layers (embeddings, final norm, head) take the mean of a
-parameter's layer values: our choice, so that they follow the blocks they feed.
+A tensor of a layer that no module filter matches (a layer norm) takes the
+mean of its layer group's values; tensors outside the layers (embeddings,
+final norm, head) take the mean of all of a parameter's values: our choice, so
+that they follow the blocks they sit in or feed.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,21 @@ class ParamSpace(BaseModel):
     bounds: tuple[float, float]
     init: float | None = None
     transform: list[str] = Field(default_factory=list)
+
+    @field_validator("bounds")
+    @classmethod
+    def _finite_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(map(math.isfinite, value)):
+            raise ValueError(f"{list(value)} must be finite numbers: a search needs a bounded "
+                             "box (use transform: [abs] or [clamp] for a one-sided range)")
+        return value
+
+    @field_validator("init")
+    @classmethod
+    def _finite_init(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{value} must be a finite number")
+        return value
 
     @field_validator("granularity", mode="before")
     @classmethod
@@ -129,28 +147,36 @@ class _Slot:
 
     filters: tuple[str | None, ...]  # None: the single global value
     probes: tuple[str, ...]  # a tensor name inside each position, to read values back
+    # with layer groups and module filters: (layer filters, positions) per group, so that
+    # a tensor of the group no module matches takes the mean of the group's values
+    groups: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...] = ()
 
 
 class SearchSpace:
     """A genome <-> Recipe mapping for one set of models.
 
     ``sources`` maps short names (used in dimension names) to model references.
+    ``tensor_names`` (the first model's, optional) lets module filters be checked:
+    one that matches no tensor is refused instead of silently falling back.
     """
 
     def __init__(self, config: SpaceConfig, *, base: str | None, sources: dict[str, str],
-                 num_layers: int, layer_key: str = "layers", seed: int = 0):
+                 num_layers: int, layer_key: str = "layers", seed: int = 0,
+                 tensor_names: Sequence[str] | None = None):
         self.config = config
         self.base = base
         self.sources = dict(sources)
         self.num_layers = num_layers
         self.layer_key = layer_key
         self.seed = seed
+        self.tensor_names = None if tensor_names is None else list(tensor_names)
         self.method = self._check_method()
         self._slots: dict[str, _Slot] = {}
         self.dims: list[Dimension] = []
         self._index: dict[tuple[str, int | None], slice] = {}  # (param, source idx) -> genome span
         for name, spec in config.parameters.items():
             self._check_param(name, spec)
+            self._check_modules(f"space.parameters.{name}.granularity.modules", spec.granularity)
             slot = self._slot(spec.granularity)
             self._slots[name] = slot
             owners = list(range(len(self.sources))) if spec.per == "source" else [None]
@@ -211,6 +237,27 @@ class SearchSpace:
         if name in self.config.fixed:
             raise SpaceError(f"{where}: {name!r} is both searched and fixed")
 
+    def _check_modules(self, where: str, g: Granularity) -> None:
+        """Refuse a module filter that matches no tensor where it is applied (inside a
+        layer, right after the layer index, when the parameter also varies by layer)."""
+        if g.modules is None or self.tensor_names is None:
+            return
+        for module in g.modules:
+            if g.groups is None:
+                filters = [module]
+            else:
+                filters = [f"{self.layer_key}.{i}.{module}" for i in range(self.num_layers)]
+            if not any(f in name for name in self.tensor_names for f in filters):
+                found = ", ".join(self._layer_modules()[:8]) or "none"
+                raise SpaceError(f"{where}: {module!r} matches no tensor of the models "
+                                 f"(modules of a layer: {found})")
+
+    def _layer_modules(self) -> list[str]:
+        """The first name part after the layer index (``self_attn``, ``mlp`` ...), in order."""
+        pattern = re.compile(rf"(?<![^.]){re.escape(self.layer_key)}\.\d+\.([^.]+)\.")
+        found = (pattern.search(name) for name in self.tensor_names or ())
+        return list(dict.fromkeys(m.group(1) for m in found if m))
+
     def _groups(self, g: Granularity) -> list[list[int]] | None:
         if g.groups is None:
             return None
@@ -227,8 +274,11 @@ class SearchSpace:
     def _slot(self, g: Granularity) -> _Slot:
         groups = self._groups(g)
         modules = g.modules or [None]
-        filters, probes = [], []
+        filters, probes, fallbacks = [], [], []
         for layers in groups or [None]:
+            if layers is not None and g.modules:
+                positions = tuple(range(len(filters), len(filters) + len(modules)))
+                fallbacks.append((tuple(f"{self.layer_key}.{i}." for i in layers), positions))
             for module in modules:
                 if layers is None:
                     filters.append(module)
@@ -238,7 +288,7 @@ class SearchSpace:
                     filters.append(tuple(f"{self.layer_key}.{i}." + (f"{module}" if module else "")
                                          for i in layers))
                     probes.append(f"model.{self.layer_key}.{layers[0]}.{module or 'any'}.weight")
-        return _Slot(tuple(filters), tuple(probes))
+        return _Slot(tuple(filters), tuple(probes), tuple(fallbacks))
 
     # -- genome <-> recipe --------------------------------------------------------------
 
@@ -306,6 +356,10 @@ class SearchSpace:
         for flt, value in zip(slot.filters, row, strict=True):
             for f in flt if isinstance(flt, tuple) else (flt,):
                 entries.append(Conditional(filter=f, value=float(value)))
+        # after every module entry (first match wins): the rest of a layer, then the rest
+        for layer_filters, positions in slot.groups:
+            mean = float(np.mean(row[list(positions)]))
+            entries.extend(Conditional(filter=f, value=mean) for f in layer_filters)
         entries.append(Conditional(value=float(np.mean(row))))
         return entries
 
@@ -348,7 +402,9 @@ def _invert(transforms: list[str], values: np.ndarray) -> np.ndarray:
 
 
 def load_space(source: str | Path | dict[str, Any], *, base: str | None, sources: dict[str, str],
-               num_layers: int, layer_key: str = "layers", seed: int = 0) -> SearchSpace:
+               num_layers: int, layer_key: str = "layers", seed: int = 0,
+               tensor_names: Sequence[str] | None = None) -> SearchSpace:
     """Read a space (file or mapping) and bind it to models."""
     return SearchSpace(SpaceConfig.load(source), base=base, sources=sources,
-                       num_layers=num_layers, layer_key=layer_key, seed=seed)
+                       num_layers=num_layers, layer_key=layer_key, seed=seed,
+                       tensor_names=tensor_names)

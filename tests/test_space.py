@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from mergesearch.space import SearchSpace, SpaceConfig, SpaceError, load_space
 
@@ -147,6 +149,12 @@ def test_shipped_spaces_load_and_decode():
     ({"t": {"per": "shared", "bounds": [0, 1]}}, "slerp", "cannot merge 3 source"),
     ({"density": {"bounds": [0, 1.5]}, "weight": {"bounds": [0, 1]}}, "ties",
      "exceeds the valid range"),
+    ({"weight": {"bounds": [0, math.inf]}}, "task_arithmetic",
+     r"parameters\.weight\.bounds: \[0\.0, inf\] must be finite"),
+    ({"weight": {"bounds": [-math.inf, 1]}}, "task_arithmetic", r"weight\.bounds: .* finite"),
+    ({"weight": {"bounds": [math.nan, 1]}}, "task_arithmetic", r"weight\.bounds: .* finite"),
+    ({"weight": {"bounds": [0, 1], "init": math.nan}}, "task_arithmetic",
+     r"weight\.init: nan must be a finite number"),
 ])
 def test_bad_spaces_name_the_problem(params, method, match):
     with pytest.raises(SpaceError, match=match):
@@ -156,3 +164,98 @@ def test_bad_spaces_name_the_problem(params, method, match):
 def test_missing_space_file():
     with pytest.raises(SpaceError, match="does not exist"):
         SpaceConfig.load("/no/such/space.yaml")
+
+
+def test_infinite_bounds_in_yaml_are_one_line_naming_the_field(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text("method: task_arithmetic\nparameters:\n  weight: {bounds: [0, .inf]}\n")
+    with pytest.raises(SpaceError) as err:
+        SpaceConfig.load(path)
+    message = str(err.value)
+    assert "\n" not in message and "parameters.weight.bounds" in message and "inf" in message
+
+
+# ------------------------------------------------------------ module filters
+MODULES = {"weight": {"granularity": {"groups": 1, "modules": ["self_attn", "mlp"]},
+                      "bounds": [0, 1]}}
+
+
+def _layer_tensors(layers: int) -> list[str]:
+    parts = ["self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "input_layernorm",
+             "post_attention_layernorm"]
+    return ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"] + [
+        f"model.layers.{i}.{p}.weight" for i in range(layers) for p in parts]
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_tensors_no_module_matches_take_their_layer_groups_mean(groups):
+    params = {"weight": MODULES["weight"] | {"granularity": {"groups": groups,
+                                                             "modules": ["self_attn", "mlp"]}}}
+    sp = load_space({"method": "task_arithmetic", "parameters": params}, base="/m/base",
+                    sources=SOURCES, num_layers=6, tensor_names=_layer_tensors(6))
+    g = random_genome(sp, 5)
+    recipe = sp.decode(g)
+    for i, who in enumerate(SOURCES):
+        mine = [v for n, v in zip(sp.names, g, strict=True) if n.startswith(f"weight[{who}]")]
+        for layer in range(6):
+            label = f"@L{layer}" if groups == 1 else ("@L0-3" if layer < 4 else "@L4-5")
+            attn = g[sp.names.index(f"weight[{who}]{label}/self_attn")]
+            mlp = g[sp.names.index(f"weight[{who}]{label}/mlp")]
+            assert value(recipe, "weight", i, f"model.layers.{layer}.mlp.up_proj.weight") == \
+                pytest.approx(mlp)
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                got = value(recipe, "weight", i, f"model.layers.{layer}.{norm}.weight")
+                assert got == pytest.approx((attn + mlp) / 2), (who, layer, norm)
+        for outside in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+            assert value(recipe, "weight", i, outside) == pytest.approx(np.mean(mine))
+    again = sp.decode(sp.encode(recipe))
+    assert again.models == recipe.models
+
+
+def test_module_granularity_merges_layer_norms_with_their_layer(tiny):
+    """Merge tiny checkpoints and compare every tensor with a hand computation."""
+    from helpers import state
+
+    from mergesearch.models.checkpoint import Checkpoint
+    from mergesearch.models.resident import merge
+
+    sources = {"a": tiny.sources[0], "b": tiny.sources[1]}
+    sp = load_space({"method": "task_arithmetic", "parameters": MODULES}, base=tiny.base,
+                    sources=sources, num_layers=3, tensor_names=Checkpoint(tiny.base).names)
+    g = np.linspace(0.1, 0.9, len(sp.dims))  # layer 0: 0.1 .. ; never the global mean
+    merged = merge(sp.decode(g)).state_dict()
+    base = state(tiny.base)
+    models = {who: state(ref) for who, ref in sources.items()}
+    for name, b in base.items():
+        want = b.clone()
+        for who, sd in models.items():
+            mine = {n: v for n, v in zip(sp.names, g, strict=True)
+                    if n.startswith(f"weight[{who}]")}
+            if ".layers." in name:
+                layer = int(name.split(".")[2])
+                attn, mlp = mine[f"weight[{who}]@L{layer}/self_attn"], \
+                    mine[f"weight[{who}]@L{layer}/mlp"]
+                w = attn if ".self_attn." in name else mlp if ".mlp." in name else (attn + mlp) / 2
+            else:
+                w = float(np.mean(list(mine.values())))
+            want += w * (sd[name] - b)
+        torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_module_filter_matching_no_tensor_is_refused():
+    params = {"weight": {"granularity": {"groups": 1, "modules": ["self_atn"]}, "bounds": [0, 1]}}
+    with pytest.raises(SpaceError, match=r"modules: 'self_atn' matches no tensor .*"
+                                         r"self_attn, mlp, input_layernorm"):
+        space_with_names(params)
+    # the filter follows the layer index once layers vary: 'q_proj' is 'self_attn.q_proj'
+    params["weight"]["granularity"]["modules"] = ["q_proj"]
+    with pytest.raises(SpaceError, match="'q_proj' matches no tensor"):
+        space_with_names(params)
+    params["weight"]["granularity"] = {"modules": ["q_proj"]}  # a plain substring: fine
+    assert space_with_names(params).names == ["weight[a]/q_proj", "weight[b]/q_proj",
+                                              "weight[c]/q_proj"]
+
+
+def space_with_names(params: dict) -> SearchSpace:
+    return load_space({"method": "task_arithmetic", "parameters": params}, base="/m/base",
+                      sources=SOURCES, num_layers=6, tensor_names=_layer_tensors(6))
