@@ -6,7 +6,9 @@ do not fit on the GPU, in pinned host memory streamed over per tensor.  A
 :class:`ResidentMerger` owns one ``transformers`` model and, for every recipe,
 overwrites its parameters with the merged tensors: no reallocation and no
 disk I/O per candidate.  Checks that need the models (missing tensors,
-shapes, vocabulary sizes, layer indices) run before any parameter is touched.
+shapes, vocabulary sizes, layer counts and indices, non-finite weights) run
+when a recipe's models are first planned, before any parameter is touched:
+a broken source fails a worker at start-up, not every candidate.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from mergesearch.merging.layers import (
     Source,
     assemble_path,
     gradient_position,
+    layer_index,
     lines_scale,
+    with_layer,
 )
-from mergesearch.models.checkpoint import Checkpoint
+from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
 from mergesearch.recipe import Recipe, RecipeError
 
 try:  # transformers >= 5
@@ -100,7 +104,11 @@ class ModelPool:
         return self.hold
 
     def tensor(self, ref: str, name: str) -> torch.Tensor:
-        """A tensor in its stored dtype, where the pool holds it (read-only)."""
+        """A tensor in its stored dtype, where the pool holds it (read-only).
+
+        Checked for NaN and inf once, when first read, so a broken source fails the
+        plan (a worker's start-up) and not each candidate.
+        """
         key = (ref, name)
         cached = self._tensors.get(key)
         if cached is None:
@@ -110,6 +118,7 @@ class ModelPool:
                     cached = cached.pin_memory()
             elif cached.device != self.device:
                 cached = cached.to(self.device)
+            check_finite(ref, name, cached)
             self._tensors[key] = cached
         return cached
 
@@ -121,6 +130,36 @@ class ModelPool:
             # is never freed or written, so the host need not wait for the copy
             x = x.to(self.device, non_blocking=True)
         return x
+
+
+def check_finite(ref: str, name: str, x: torch.Tensor) -> None:
+    """Raise ModelLoadError naming the model and the tensor if ``x`` has NaN or inf."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ModelLoadError(f"model {ref!r} has non-finite values in {name!r} ({nan} NaN, "
+                             f"{inf} inf): fix or drop this model")
+
+
+def _check_depth(ckpts: dict[str, Checkpoint], names: list[str]) -> None:
+    """Each model's tensors must hold every layer its config claims.
+
+    Only tensors of the decoder stack count (``names``: the parameters a model of
+    the first config has), so e.g. a vision tower's layers do not; layers past the
+    config's count (a multi-token-prediction head) are left alone.
+    """
+    blocks = {with_layer(n, 0) for n in names if layer_index(n) is not None}
+    for ref, ckpt in ckpts.items():
+        found = {layer_index(n) for n in ckpt.names
+                 if layer_index(n) is not None and with_layer(n, 0) in blocks}
+        claimed = ckpt.num_layers
+        missing = set(range(claimed)) - found
+        if found and missing:
+            gap = min(missing)
+            have = f"{len(found)}" + (f" (no layer {gap})" if gap < max(found) else "")
+            raise ModelLoadError(
+                f"model {ref!r}: config says {claimed} layers, tensors have {have}; "
+                "fix num_hidden_layers in its config.json or the checkpoint's tensors"
+            )
 
 
 @dataclass(frozen=True)
@@ -169,7 +208,8 @@ class ResidentMerger:
         """Check the recipe against its models and map output tensors to sources."""
         method = get_method(recipe.method)
         hops = tuple((h.model, h.layer) for h in recipe.layer_path or ())
-        key = (recipe.base, tuple(s.model for s in recipe.models), hops, recipe.vocab)
+        key = (recipe.base, tuple(s.model for s in recipe.models), hops, recipe.vocab,
+               method.needs_base)
         if key not in self._plans:
             self._plans[key] = self._make_plan(recipe, method.needs_base, hops)
         return self._plans[key]
@@ -185,6 +225,8 @@ class ResidentMerger:
                 "models disagree on tie_word_embeddings: "
                 + ", ".join(f"{r}={t}" for r, t in ties.items())
             )
+        shapes = _param_shapes(config)
+        _check_depth(ckpts, list(shapes))
         if hops:
             for i, (ref, layer) in enumerate(hops):
                 depth = ckpts[ref].num_layers
@@ -194,8 +236,8 @@ class ResidentMerger:
                         f"({depth} layers, indices 0..{depth - 1})"
                     )
             _set_depth(config, len(hops))
+            shapes = _param_shapes(config)
 
-        shapes = _param_shapes(config)
         self.pool.place(refs, sum(map(math.prod, shapes.values())) * self.dtype.itemsize)
         out_names = list(shapes)
         if hops:

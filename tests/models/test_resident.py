@@ -209,13 +209,94 @@ def test_global_slerp_uses_one_angle_for_the_whole_model(tiny):
         torch.testing.assert_close(merged[n], want, rtol=1e-5, atol=1e-6, msg=n)
 
 
-def test_nan_weights_are_refused(tiny, tmp_path):
+def _broken(src: str, path, edit) -> str:
+    """A copy of checkpoint ``src`` with ``edit(model)`` applied to its weights."""
     from helpers import save
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny.sources[0])
+    model = AutoModelForCausalLM.from_pretrained(src)
     with torch.no_grad():
-        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
-    bad = save(model, tmp_path / "nan")
-    with pytest.raises(RecipeError, match="NaN or inf"):
-        ResidentMerger().apply(uniform_recipe("linear", None, [tiny.base, bad], weight=1.0))
+        edit(model)
+    return save(model, path)
+
+
+def _poison(model) -> None:
+    w = model.model.layers[0].mlp.up_proj.weight
+    w[0, 0] = w[3, 1] = float("nan")
+    w[5, 2] = float("-inf")
+
+
+@pytest.mark.parametrize("method, extra", [("linear", {}), ("task_arithmetic", {}),
+                                           ("dare_ties", {"density": 0.05})])
+def test_non_finite_source_fails_the_plan_naming_model_and_tensor(tiny, tmp_path, method,
+                                                                  extra):
+    """Refused once, when the models are planned (a worker's start-up), for every method:
+    dare_ties would otherwise drop the NaN entry and 'succeed' on a broken model."""
+    bad = _broken(tiny.sources[0], tmp_path / "nan", _poison)
+    base = None if method == "linear" else tiny.base
+    recipe = uniform_recipe(method, base, [bad, tiny.sources[1]], weight=1.0, **extra)
+    merger = ResidentMerger()
+    message = (rf"model '{bad}' has non-finite values in 'model.layers.0.mlp.up_proj.weight' "
+               r"\(2 NaN, 1 inf\): fix or drop")
+    with pytest.raises(ModelLoadError, match=message):
+        merger.plan(recipe)
+    with pytest.raises(ModelLoadError, match=message):
+        merger.apply(recipe)
+
+
+def test_non_finite_base_is_named(tiny, tmp_path):
+    bad = _broken(tiny.base, tmp_path / "inf_base",
+                  lambda m: m.model.norm.weight.fill_(float("inf")))
+    with pytest.raises(ModelLoadError, match=rf"model '{bad}' .* 'model.norm.weight' "
+                                             r"\(0 NaN, 64 inf\)"):
+        merge(uniform_recipe("ties", bad, tiny.sources[:2], weight=1.0, density=0.5))
+
+
+def test_weights_are_checked_once_per_tensor_not_per_candidate(tiny, monkeypatch):
+    from mergesearch.models import resident
+
+    seen = []
+    check = resident.check_finite
+    monkeypatch.setattr(resident, "check_finite",
+                        lambda ref, name, x: (seen.append((ref, name)), check(ref, name, x)))
+    merger = ResidentMerger()
+    recipe = uniform_recipe("dare_ties", tiny.base, tiny.sources[:2], weight=0.5, density=0.4)
+    merger.apply(recipe)
+    tensors = len(state(tiny.base))
+    assert len(seen) == len(set(seen)) == 3 * tensors
+    merger.apply(recipe.model_copy(update={"seed": 3}))
+    merger.apply(uniform_recipe("ties", tiny.base, tiny.sources[:2], weight=1.0, density=0.3))
+    assert len(seen) == 3 * tensors
+
+
+def test_config_claiming_more_layers_than_tensors_names_that_model(tiny, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "deep_config"
+    shutil.copytree(tiny.base, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_hidden_layers"] = LAYERS + 1
+    (bad / "config.json").write_text(json.dumps(config))
+    want = rf"model '{bad}': config says {LAYERS + 1} layers, tensors have {LAYERS}"
+    with pytest.raises(ModelLoadError, match=want):  # as the base: not blamed on a source
+        merge(uniform_recipe("task_arithmetic", str(bad), tiny.sources[:2], weight=0.5))
+    with pytest.raises(ModelLoadError, match=want):  # as a source
+        merge(uniform_recipe("task_arithmetic", tiny.base, [tiny.sources[0], str(bad)],
+                             weight=0.5))
+
+
+def test_one_merger_switches_between_methods_with_and_without_a_base(tiny):
+    """The plan cache knows whether the method reads the base tensors."""
+    merger = ResidentMerger()
+    base, a, b = state(tiny.base), state(tiny.sources[0]), state(tiny.sources[1])
+    linear = uniform_recipe("linear", tiny.base, tiny.sources[:2], weight=1.0)
+    arithmetic = uniform_recipe("task_arithmetic", tiny.base, tiny.sources[:2], weight=0.5)
+    for _ in range(2):
+        merged = merger.apply(linear).state_dict()
+        for name in base:
+            torch.testing.assert_close(merged[name], (a[name] + b[name]) / 2, msg=name)
+        merged = merger.apply(arithmetic).state_dict()
+        for name in base:
+            want = base[name] + 0.5 * (a[name] - base[name]) + 0.5 * (b[name] - base[name])
+            torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6, msg=name)
