@@ -15,14 +15,38 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mergesearch.errors import MergesearchError
 from mergesearch.evaluation import EvaluatorConfig
-from mergesearch.recipe import Dtype, format_validation_error, read_yaml_mapping
+from mergesearch.recipe import Dtype, format_validation_error, load_yaml, read_yaml_mapping
+
+_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
+
+
+def check_name(name: str) -> str:
+    """A name that becomes a folder name (``runs/<name>``): no separators, no leading dot
+    (so never ``.`` or ``..``, which would put the run outside ``runs/``)."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{name!r} is not a usable name: use letters, digits, '_', '-' and "
+                         "'.', not starting with '.' (it names the run folder)")
+    return name
+
+
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 class ExperimentError(MergesearchError, ValueError):
@@ -63,14 +87,15 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 class BudgetConfig(_Strict):
     """When the search stops: after ``evaluations`` trials and/or ``wall_time``."""
 
-    evaluations: int | None = Field(None, ge=1)
-    wall_time: float | None = Field(None, gt=0, description="seconds, or a string like 10m, 2h")
+    evaluations: StrictInt | None = Field(None, ge=1)
+    wall_time: StrictFloat | None = Field(None, gt=0,
+                                          description="seconds, or a string like 10m, 2h")
 
     @field_validator("wall_time", mode="before")
     @classmethod
     def _duration(cls, value: Any) -> Any:
         if isinstance(value, str):
-            m = re.fullmatch(r"\s*([\d.]+)\s*([smh]?)\s*", value)
+            m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", value)
             if not m:
                 raise ValueError(f"not a duration: {value!r} (use e.g. 90, 30m, 2h)")
             return float(m.group(1)) * _UNITS[m.group(2) or "s"]
@@ -95,13 +120,17 @@ class ExecutionConfig(_Strict):
         "memory, copied to the GPU per tensor while merging), or auto (device if they fit)")
     address: str = Field("local", description="Ray: local (a private cluster), auto (the one "
                          "`ray start` runs here), or ray://host:port")
-    workers: int = Field(1, ge=1, description="Ray: worker actors, each with the models loaded")
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(0.0, ge=0, description="fractions share a GPU")
-    queue: int = Field(0, ge=0, description="Ray: candidates queued per worker beyond the one "
-                       "it runs (hides dispatch latency on fast evaluations)")
-    max_retries: int = Field(2, ge=0, description="Ray: re-runs of a candidate whose worker "
-                             "died, before it is recorded as failed")
+    workers: StrictInt = Field(1, ge=1,
+                               description="Ray: worker actors, each with the models loaded")
+    cpus_per_worker: StrictFloat = Field(1.0, gt=0)
+    gpus_per_worker: StrictFloat = Field(0.0, ge=0, description="fractions share a GPU")
+    queue: StrictInt = Field(0, ge=0, description="Ray: candidates queued per worker beyond "
+                             "the one it runs (hides dispatch latency on fast evaluations)")
+    max_retries: StrictInt = Field(2, ge=0, description="Ray: re-runs of a candidate whose "
+                                   "worker died, before it is recorded as failed")
+    start_timeout: float = Field(600.0, gt=0, description="Ray: seconds a worker may take to "
+                                 "start and load its models; a replacement that cannot start "
+                                 "in time is given up (its node lost, no room elsewhere)")
     worker_class: str | None = Field(None, description="module:Class of a Worker subclass to "
                                      "run instead of the default (an extension point)")
 
@@ -118,7 +147,7 @@ class ExecutionConfig(_Strict):
 class Experiment(_Strict):
     """A whole search, as written in an experiment file."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: Name
     description: str = ""
     models: ModelsConfig
     space: str | dict[str, Any] = Field(description="a search_spaces/ file or an inline space")
@@ -128,8 +157,8 @@ class Experiment(_Strict):
     execution: ExecutionConfig = ExecutionConfig()
     storage: str | None = Field(
         None, description="SQLAlchemy URL; default: sqlite file study.db in the run folder")
-    output: str | None = Field(None, description="run folder; default runs/<name>")
-    seed: int = 0
+    output: str | None = Field(None, min_length=1, description="run folder; default runs/<name>")
+    seed: StrictInt = 0
 
     # Fields that may change when a study is resumed (everything else must match).
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("budget", "execution", "storage", "output",
@@ -153,7 +182,24 @@ class Experiment(_Strict):
             apply_override(data, item)
         exp = cls.from_dict(data, where=str(path))
         exp._file = path.resolve()
+        exp.check_paths(where=str(path))
         return exp
+
+    def check_paths(self, *, where: str = "experiment") -> None:
+        """Refuse places the run cannot write: a run folder under a regular file, or an
+        explicit SQLite storage whose folder is missing (a typo would otherwise create a
+        new, empty study somewhere unexpected; the default run-folder storage is made)."""
+        for parent in [self.run_dir, *self.run_dir.parents]:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ExperimentError(f"{where}: output: {parent} is a file, not a "
+                                          "directory; choose another run folder")
+                break
+        db = sqlite_path(self.storage) if self.storage else None
+        if db is not None and not db.parent.is_dir():
+            raise ExperimentError(
+                f"{where}: storage: the folder {db.parent} of {self.storage} does not exist; "
+                "create it, or fix the URL (or leave storage out for runs/<name>/study.db)")
 
     # where relative paths are looked up (set by load; cwd only for in-code experiments)
     _file: Path | None = None
@@ -191,13 +237,21 @@ class Experiment(_Strict):
         return data
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite URL (``None``: not SQLite, or in memory)."""
+    head, sep, rest = url.partition(":///")
+    if not sep or not head.startswith("sqlite") or rest in ("", ":memory:"):
+        return None
+    return Path(rest.split("?")[0])
+
+
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ExperimentError(f"--set {item!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")

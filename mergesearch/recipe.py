@@ -20,12 +20,21 @@ hop, with a scale applied to that layer's input.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    model_validator,
+)
 
 from mergesearch.errors import MergesearchError
 
@@ -37,16 +46,29 @@ class RecipeError(MergesearchError, ValueError):
     """A recipe is invalid or cannot be applied; the message names the fix."""
 
 
+def _finite(value: Any) -> Any:
+    """Refuse NaN and infinities anywhere in a setting, before the union is tried (so the
+    message says what is wrong instead of listing every shape a setting may take)."""
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        item = item.get("value") if isinstance(item, dict) else item
+        if isinstance(item, list):
+            _finite(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{item} is not a usable value; give a finite number")
+    return value
+
+
 class Conditional(BaseModel):
     """One ``{filter, value}`` entry of a setting."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     filter: str | None = None
-    value: Number | list[float]
+    value: Annotated[Number | list[float], BeforeValidator(_finite)]
 
 
-Setting = Number | list[float] | list[Conditional]
+Setting = Annotated[Number | list[float] | list[Conditional], BeforeValidator(_finite)]
 
 
 def _layer_value(values: list[float], t: float) -> float:
@@ -90,7 +112,7 @@ def setting_scalars(setting: Setting) -> Iterator[Number]:
 class SourceModel(BaseModel):
     """A model merged by the recipe, with its per-model parameters."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(description="Local directory or hub id of a checkpoint.")
     parameters: dict[str, Setting] = Field(default_factory=dict)
@@ -99,17 +121,17 @@ class SourceModel(BaseModel):
 class Hop(BaseModel):
     """One step of a layer path: run ``layer`` of ``model`` on its input times ``scale``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str
-    layer: int = Field(ge=0)
+    layer: StrictInt = Field(ge=0)
     scale: float = 1.0
 
 
 class Lines(BaseModel):
     """LiNeS: scale the merged task vector of layer l by ``alpha + beta * l / (L - 1)``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     alpha: float
     beta: float
@@ -125,7 +147,7 @@ class Recipe(BaseModel):
     there is the default for every model that does not set it itself.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     method: str
     base: str | None = None
@@ -134,7 +156,7 @@ class Recipe(BaseModel):
     layer_path: list[Hop] | None = None
     lines: Lines | None = None
     dtype: Dtype = "float32"
-    seed: int = 0
+    seed: StrictInt = 0
     tokenizer_source: str | None = None
     vocab: Literal["strict", "base"] = Field(
         "strict",
@@ -287,11 +309,18 @@ class Recipe(BaseModel):
 
     @classmethod
     def from_json(cls, text: str) -> Recipe:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = load_json(text)
+        except ValueError as err:
+            raise RecipeError(f"recipe: not valid JSON: {err}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def from_yaml(cls, text: str) -> Recipe:
-        data = yaml.safe_load(text)
+        try:
+            data = load_yaml(text)
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe: not valid YAML: {yaml_problem(err)}") from None
         if not isinstance(data, dict):
             raise RecipeError("recipe: expected a mapping at the top level")
         return cls.from_dict(data)
@@ -300,7 +329,10 @@ class Recipe(BaseModel):
     def load(cls, path: str | Path) -> Recipe:
         """Read a recipe from a .json or .yaml file."""
         path = Path(path)
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise RecipeError(f"recipe {path}: cannot read it ({err.strerror})") from None
         try:
             return cls.from_json(text) if path.suffix == ".json" else cls.from_yaml(text)
         except RecipeError as err:
@@ -315,20 +347,70 @@ def _has_empty_list(setting: Setting) -> bool:
     return False
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the
+    last one silently, so ``{rev: a, rev: b}`` would drop an entry)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<:`` merges may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"key {key!r} is given twice; keep one", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate keys: every YAML mergesearch reads goes
+    through here."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_json(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys (``ValueError``)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"key {twice[0]!r} is given twice; keep one")
+        return dict(items)
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error as one line: where, then what."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).replace("\n", " ")
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return where + problem
+
+
 def read_yaml_mapping(path: str | Path, error: type[Exception], what: str = "file") -> dict:
     """The mapping at the top of a YAML file, or ``error`` with one line saying what is wrong."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except IsADirectoryError:
         raise error(f"{path} is a directory, not a {what}") from None
+    except OSError as err:
+        raise error(f"{what} {path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise error(f"{what} {path}: not a text file") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        problem = getattr(err, "problem", None) or str(err)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise error(f"{path}: not valid YAML: {where}{problem}") from None
+        raise error(f"{path}: not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping at the top level")
     return data
@@ -342,6 +424,8 @@ def format_validation_error(err: ValidationError, what: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = "expected a mapping"
         lines.append(f"{what}.{loc}: {msg}" if loc else f"{what}: {msg}")
     return "; ".join(dict.fromkeys(lines))
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from mergesearch.experiment import Experiment, ExperimentError
+from mergesearch.experiment import Experiment, ExperimentError, Name
 from mergesearch.recipe import format_validation_error, read_yaml_mapping
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,20 @@ class SweepPool(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     address: str = "local"
-    workers: int = Field(2, ge=1, description="worker actors shared by all searches")
+    workers: StrictInt = Field(2, ge=1, description="worker actors shared by all searches")
 
 
 class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$",
+    name: Name | None = Field(None,
                              description="prefix of the searches' names; default: the "
                              "experiment's name")
     experiment: str
     grid: dict[str, list[Any]] = Field(min_length=1)
     execution: SweepPool = SweepPool()
-    output: str | None = Field(None, description="folder of the run folders; default runs/<name>")
+    output: str | None = Field(None, min_length=1,
+                               description="folder of the run folders; default runs/<name>")
 
 
 @dataclass
@@ -106,7 +107,10 @@ def _short(value: dict[str, Any]) -> str:
 
 
 def _safe(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    """A label as a folder name: no separators, and not starting with a dot (so never
+    ``.`` or ``..``, which would leave the sweep's folder)."""
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+    return "_" + safe[1:] if safe.startswith(".") or not safe else safe
 
 
 def run_sweep(planned: Sequence[Planned], *, address: str = "local", workers: int = 2,
