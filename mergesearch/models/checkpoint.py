@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import re
 from functools import cached_property
 from pathlib import Path
@@ -67,17 +68,27 @@ class Checkpoint:
         self._files = self._index(allow_pickle)
 
     def _index(self, allow_pickle: bool) -> dict[str, Path]:
-        """Tensor name -> file holding it."""
+        """Tensor name -> file holding it (every safetensors file's header read and checked
+        against its size, so a truncated or corrupt file fails here, naming itself)."""
         index_file = self.path / "model.safetensors.index.json"
         if index_file.exists():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            return {name: self.path / file for name, file in weight_map.items()}
+            try:
+                weight_map = json.loads(index_file.read_text())["weight_map"]
+                files = {name: self.path / file for name, file in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise self._error(index_file, "not a valid index (a JSON object with a "
+                                  "'weight_map' of tensor name -> shard file)") from None
+            for shard in sorted(set(files.values())):
+                if not shard.is_file():
+                    raise self._error(index_file, f"names the shard {shard.name}, which is "
+                                      "missing; copy it there or re-download the model")
+                self._open(shard).keys()
+            return files
         shards = sorted(self.path.glob("*.safetensors"))
         if shards:
             files = {}
             for shard in shards:
-                with safe_open(shard, "pt") as f:
-                    files.update(dict.fromkeys(f.keys(), shard))
+                files.update(dict.fromkeys(self._open(shard).keys(), shard))
             return files
         pickles = sorted(p for p in self.path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if not pickles:
@@ -90,10 +101,32 @@ class Checkpoint:
             )
         return {name: p for p in pickles for name in self._pickle(p)}
 
+    def _error(self, file: Path, problem: str) -> ModelLoadError:
+        return ModelLoadError(f"model {self.ref!r}: {file}: {problem}")
+
+    def _open(self, file: Path):
+        """A safetensors file opened for reading (its header parsed and checked)."""
+        try:
+            return safe_open(file, "pt")
+        except Exception as err:  # SafetensorError, OSError: a damaged or unreadable file
+            first = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise self._error(file, f"not a readable safetensors file ({first}); it may be "
+                              "truncated or corrupt: copy or download it again") from None
+
     def _pickle(self, file: Path) -> dict[str, torch.Tensor]:
         cache = self.__dict__.setdefault("_pickled", {})
         if file not in cache:
-            cache[file] = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                cache[file] = torch.load(file, map_location="cpu", weights_only=True,
+                                         mmap=True)
+            except pickle.UnpicklingError:
+                raise self._error(file, "refused by the safe pickle loader (it holds objects "
+                                  "other than tensors, which could run code); convert it to "
+                                  "safetensors where you trust it") from None
+            except Exception as err:  # a truncated zip, not a torch file at all ...
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise self._error(file, f"cannot be read as a torch checkpoint ({first})"
+                                  ) from None
         return cache[file]
 
     @cached_property
@@ -113,7 +146,7 @@ class Checkpoint:
     @cached_property
     def _handles(self) -> dict[Path, object]:
         return {
-            file: safe_open(file, "pt")
+            file: self._open(file)
             for file in set(self._files.values())
             if file.suffix == ".safetensors"
         }
@@ -125,7 +158,10 @@ class Checkpoint:
         except KeyError:
             raise ModelLoadError(f"model {self.ref!r} has no tensor {name!r}") from None
         if file.suffix == ".safetensors":
-            return self._handles[file].get_tensor(name)
+            try:
+                return self._handles[file].get_tensor(name)
+            except Exception as err:  # listed in the index, absent from the shard; damaged
+                raise self._error(file, f"cannot read tensor {name!r} ({err})") from None
         return self._pickle(file)[name]
 
     @cached_property
