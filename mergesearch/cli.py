@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from mergesearch.errors import MergesearchError
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1  # the command ran but produced nothing usable (every trial failed)
 
 
 class UsageError(MergesearchError, ValueError):
@@ -27,7 +27,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     recipe = load_config(args.config)
     out = save_merged(
         recipe, args.out_dir, device=args.device, overwrite=args.overwrite,
-        allow_pickle=args.allow_pickle, progress=True,
+        allow_pickle=args.allow_pickle, progress=sys.stderr.isatty(),
     )
     print(f"merged {recipe.method} of {len(recipe.model_names)} model(s) -> {out}")
     return 0
@@ -38,8 +38,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     recipe = load_config(args.config)
     text = to_mergekit_yaml(recipe) if args.to == "mergekit" else recipe.to_yaml()
-    if args.output:
-        Path(args.output).write_text(text)
+    if args.output is not None:
+        from mergesearch.atomic import atomic_write_text
+
+        atomic_write_text(args.output, text)
     else:
         sys.stdout.write(text)
     return 0
@@ -85,8 +87,9 @@ def _store(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from mergesearch.atomic import atomic_dir
     from mergesearch.controller import run
-    from mergesearch.report import export_trial, format_front
+    from mergesearch.report import format_front, write_trial
 
     if args.ray_address:
         args.set = [*(args.set or ()), "execution.backend=ray",
@@ -97,19 +100,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"\n{summary.study}: {summary.finished} trials ({summary.ok} ok, {summary.failed} "
           f"failed, {summary.cached} from cache); {summary.evaluated_now} evaluated in this run "
           f"in {summary.elapsed:.0f} s; stopped: {summary.stopped}")
+    if not summary.front and summary.failed:
+        print(f"error: every trial failed ({summary.failed}); the last: {_last_failure(summary)}"
+              " (see `mergesearch status`; fix the cause and run again)", file=sys.stderr)
+        return EXIT_FAILED
     kind = "Pareto front" if len(summary.objectives) > 1 else "best trial"
     print(f"\n{kind} ({len(summary.front)} point(s)):")
     print(format_front(summary.front, summary.objectives, limit=10, params=3))
     if len(summary.front) > 10:
         print(f"(all of it: mergesearch pareto {args.experiment})")
     front_dir = summary.run_dir / "front"
-    for trial in summary.front:
-        export_trial(trial, front_dir / f"trial-{trial.number}", progress=False)
+    with atomic_dir(front_dir, overwrite=True) as tmp:  # this run's front replaces the last
+        for trial in summary.front:
+            (tmp / f"trial-{trial.number}").mkdir()
+            write_trial(trial, tmp / f"trial-{trial.number}")
     print(f"\nrecipes of the front: {front_dir}/trial-N/ (recipe.json, mergekit.yml)")
     print(f"study: {summary.storage} (study {summary.study!r})")
     print(f"merged checkpoint: mergesearch export {args.experiment} --out DIR --checkpoint "
           "[--trial N]")
     return 0
+
+
+def _last_failure(summary) -> str:
+    """The reason the last failed trial of a run's study gives."""
+    from mergesearch.storage import TrialStore
+
+    failed = [t for t in TrialStore.open(summary.storage, summary.study).trials()
+              if t.state == "failed"]
+    reason = max(failed, key=lambda t: t.number).reason if failed else None
+    return (reason or "no reason recorded").splitlines()[0]
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -187,7 +206,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UsageError(str(err)) from None
     out = export_trial(trial, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
-                       device=args.device)
+                       device=args.device, progress=sys.stderr.isatty())
     values = ", ".join(f"{k}={v:.4f}" for k, v in trial.values.items())
     print(f"trial {trial.number} ({values}) -> {out}")
     return 0

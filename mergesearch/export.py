@@ -12,18 +12,26 @@ from the recipe ``seed`` here and from the global RNG in mergekit.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
+from mergesearch.atomic import OutputExists, atomic_dir, check_target
 from mergesearch.merging import get_method
-from mergesearch.recipe import Hop, Recipe, RecipeError, SourceModel
+from mergesearch.recipe import (
+    Hop,
+    Recipe,
+    RecipeError,
+    SourceModel,
+    format_validation_error,
+    load_json,
+    load_yaml,
+    yaml_problem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +116,52 @@ def _runs(path: list[Hop]) -> list[tuple[str, int, int]]:
 
 
 # ------------------------------------------------------------- from mergekit
+class _MkStrict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _MkModel(_MkStrict):
+    """One entry of mergekit's ``models:`` list."""
+
+    model: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class _MkSource(_MkModel):
+    """One source of a slice: a model's layers ``[start, stop)``."""
+
+    layer_range: tuple[StrictInt, StrictInt]
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, stop = value
+        if start < 0 or stop <= start:
+            raise ValueError(f"{list(value)} is not a layer range: give [start, stop] with "
+                             "0 <= start < stop")
+        return value
+
+
+class _MkSlice(_MkStrict):
+    sources: list[_MkSource] = Field(min_length=1)
+    base_model: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class _MkConfig(BaseModel):
+    """The shape of a mergekit configuration (values are checked by the recipe)."""
+
+    model_config = ConfigDict(extra="allow")  # unknown keys: NotExpressible, named below
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[_MkModel] | None = None
+    slices: list[_MkSlice] | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+
+
 def from_mergekit(config: dict[str, Any]) -> Recipe:
     """A recipe equivalent to a mergekit configuration."""
     unknown = set(config) - _MERGEKIT_KEYS
@@ -115,72 +169,76 @@ def from_mergekit(config: dict[str, Any]) -> Recipe:
         raise NotExpressible(
             f"mergekit keys not supported by mergesearch: {', '.join(sorted(unknown))}"
         )
-    name = config.get("merge_method")
-    if not name:
+    if not config.get("merge_method"):
         raise RecipeError("mergekit config has no 'merge_method'")
+    try:
+        mk = _MkConfig.model_validate(
+            {k: v for k, v in config.items() if v is not None})
+    except ValidationError as err:
+        raise RecipeError(format_validation_error(err, "mergekit")) from None
+    name = mk.merge_method
     try:
         method = get_method(name)
     except KeyError as err:
         raise NotExpressible(f"mergekit method {name!r} is not available: {err.args[0]}") from None
     if not method.mergekit:
         raise NotExpressible(f"{name!r} is not a mergekit method")
-    base = config.get("base_model")
-    parameters = {k: v for k, v in (config.get("parameters") or {}).items()
-                  if k not in _IGNORED_PARAMS}
-    data: dict[str, Any] = {"method": name, "parameters": parameters}
-    if "dtype" in config or "out_dtype" in config:
-        data["dtype"] = config.get("out_dtype") or config["dtype"]
+    base = mk.base_model
+    data: dict[str, Any] = {"method": name, "parameters": _kept(mk.parameters)}
+    if mk.dtype or mk.out_dtype:
+        data["dtype"] = mk.out_dtype or mk.dtype
     if base is not None:
         data["base"] = base
 
     if name == "passthrough":
-        data["layer_path"] = _path_from_slices(config.get("slices") or [])
+        data["layer_path"] = _path_from_slices(mk.slices or [])
     else:
-        entries = config.get("models")
-        if entries is None:
-            entries = _models_from_slices(config.get("slices") or [])
+        entries = mk.models if mk.models is not None else _models_from_slices(mk.slices or [])
         models = []
         for entry in entries:
-            params = {k: v for k, v in (entry.get("parameters") or {}).items()
-                      if k not in _IGNORED_PARAMS}
-            if entry["model"] == base and (method.needs_base or not params):
+            params = _kept(entry.parameters)
+            if entry.model == base and (method.needs_base or not params):
                 continue  # the base as an input of its own merge: implied by base_model
-            models.append({"model": entry["model"], "parameters": params})
+            models.append({"model": entry.model, "parameters": params})
         data["models"] = models
     return Recipe.from_dict(data)
 
 
-def _path_from_slices(slices: list[dict]) -> list[dict]:
+def _kept(parameters: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in parameters.items() if k not in _IGNORED_PARAMS}
+
+
+def _path_from_slices(slices: list[_MkSlice]) -> list[dict]:
     if not slices:
         raise NotExpressible("a passthrough config needs 'slices'")
     hops = []
     for i, sl in enumerate(slices):
-        sources = sl.get("sources") or []
-        if len(sources) != 1:
+        if len(sl.sources) != 1:
             raise NotExpressible(f"slices[{i}]: passthrough takes exactly one source per slice")
-        src = sources[0]
-        if src.get("parameters"):
+        src = sl.sources[0]
+        if src.parameters or sl.parameters:
             raise NotExpressible(
                 f"slices[{i}]: per-slice parameters (e.g. 'scale') are not supported"
             )
-        start, stop = src["layer_range"]
-        hops += [{"model": src["model"], "layer": layer} for layer in range(start, stop)]
+        start, stop = src.layer_range
+        hops += [{"model": src.model, "layer": layer} for layer in range(start, stop)]
     return hops
 
 
-def _models_from_slices(slices: list[dict]) -> list[dict]:
+def _models_from_slices(slices: list[_MkSlice]) -> list[_MkModel]:
     """Slices that merge whole models the same way are just a models list."""
     if len(slices) != 1:
         raise NotExpressible(
-            "several slices in a non-passthrough merge (different layer ranges per slice)"
+            "several slices (or none) in a non-passthrough merge: give 'models', or one "
+            "slice over the same layers of every model"
         )
     (sl,) = slices
-    if sl.get("parameters") or sl.get("base_model"):
+    if sl.parameters or sl.base_model:
         raise NotExpressible("slice-level 'parameters' or 'base_model'")
-    ranges = {tuple(s["layer_range"]) for s in sl["sources"]}
+    ranges = {s.layer_range for s in sl.sources}
     if len(ranges) != 1 or next(iter(ranges))[0] != 0:
         raise NotExpressible("slices that take different or partial layer ranges per model")
-    return [{"model": s["model"], "parameters": s.get("parameters") or {}} for s in sl["sources"]]
+    return [_MkModel(model=s.model, parameters=s.parameters) for s in sl.sources]
 
 
 # ---------------------------------------------------------------- loading
@@ -190,10 +248,16 @@ def load_config(path: str | Path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"{path}: no such file")
     try:
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(
-            path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as err:
-        raise RecipeError(f"{path}: not valid YAML/JSON ({err})") from None
+        text = path.read_text()
+        data = load_json(text) if path.suffix == ".json" else load_yaml(text)
+    except OSError as err:
+        raise RecipeError(f"{path}: cannot read it ({err.strerror})") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{path}: not a text file") from None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
+    except ValueError as err:
+        raise RecipeError(f"{path}: not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping at the top level")
     try:
@@ -224,13 +288,7 @@ def save_checkpoint(
             "layer-path input scales other than 1 run in memory (forward hooks) but have no "
             "place in a plain checkpoint; set every hop's scale to 1 to export"
         )
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         source = tokenizer_from or recipe.tokenizer_source or recipe.model_names[0]
         _copy_tokenizer(source, tmp)
@@ -239,16 +297,7 @@ def save_checkpoint(
             (tmp / "mergekit_config.yml").write_text(to_mergekit_yaml(recipe))
         except NotExpressible as err:
             log.info("no mergekit_config.yml: %s", err)
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
 def _copy_tokenizer(source: str | Path, dest: Path) -> None:
@@ -277,7 +326,23 @@ def save_merged(
     from mergesearch.models.resident import merge
 
     out = Path(out_dir)
+    check_target(out, directory=True)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite)")
+        raise OutputExists(f"{out} exists and is not empty; pass overwrite=True (--overwrite)")
+    check_not_an_input(recipe, out)
     model = merge(recipe, device=device, allow_pickle=allow_pickle, progress=progress)
     return save_checkpoint(model, out, recipe=recipe, overwrite=overwrite)
+
+
+def check_not_an_input(recipe: Recipe, out: Path) -> None:
+    """Refuse an output directory that is, or holds, one of the recipe's own models (it
+    would be replaced by the merge of itself)."""
+    target = out.expanduser().resolve()
+    for name in recipe.model_names:
+        model = Path(name).expanduser()
+        if not model.exists():
+            continue  # a hub id: not on this disk under that name
+        model = model.resolve()
+        if model == target or target in model.parents:
+            raise RecipeError(f"output {out} would replace the input model {name}; write the "
+                              "merge to another directory")

@@ -6,6 +6,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mergesearch.atomic import atomic_dir, check_target
 from mergesearch.recipe import Recipe
 from mergesearch.storage import TrialRecord
 from mergesearch.strategies.base import Objective
@@ -80,31 +81,34 @@ def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
 def export_trial(trial: TrialRecord, out: str | Path, *, checkpoint: bool = False,
                  overwrite: bool = False, device: str = "cpu", progress: bool = True) -> Path:
     """Write a trial's recipe (``recipe.json``, ``mergekit.yml`` when mergekit can express
-    it, ``scores.json``) into ``out``, and the merged model into ``out/model`` if asked."""
-    from mergesearch.export import NotExpressible, save_merged, to_mergekit_yaml
+    it, ``scores.json``) into ``out``, and the merged model into ``out/model`` if asked.
+
+    ``out`` appears whole or not at all (see :func:`mergesearch.atomic.atomic_dir`); a
+    non-empty ``out`` is only replaced with ``overwrite``.
+    """
+    from mergesearch.export import check_not_an_input, save_merged
 
     if trial.recipe is None:
         raise ValueError(f"trial {trial.number} has no recipe")
     recipe = Recipe.from_dict(trial.recipe)
-    out = Path(out)
-    if checkpoint and (out / "model").exists() and not overwrite:
-        raise FileExistsError(f"{out / 'model'} exists; pass overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
-    _write(out / "recipe.json", recipe.to_json() + "\n")
+    check_target(Path(out), directory=True)
+    check_not_an_input(recipe, Path(out))
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        write_trial(trial, tmp, recipe)
+        if checkpoint:
+            save_merged(recipe, tmp / "model", device=device, progress=progress)
+    return Path(out)
+
+
+def write_trial(trial: TrialRecord, out: Path, recipe: Recipe | None = None) -> None:
+    """The recipe files of one trial, into an existing directory ``out``."""
+    from mergesearch.export import NotExpressible, to_mergekit_yaml
+
+    recipe = recipe or Recipe.from_dict(trial.recipe)
+    (out / "recipe.json").write_text(recipe.to_json() + "\n")
     try:
-        _write(out / "mergekit.yml", to_mergekit_yaml(recipe))
+        (out / "mergekit.yml").write_text(to_mergekit_yaml(recipe))
     except NotExpressible as err:
-        _write(out / "mergekit.txt", f"not expressible in mergekit: {err}\n")
-    _write(out / "scores.json", json.dumps({"trial": trial.number, "values": trial.values,
-                                            "scores": trial.scores}, indent=2) + "\n")
-    if checkpoint:
-        save_merged(recipe, out / "model", device=device, overwrite=overwrite,
-                    progress=progress)
-    return out
-
-
-def _write(path: Path, text: str) -> None:
-    """Write atomically: a temporary file beside ``path``, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        (out / "mergekit.txt").write_text(f"not expressible in mergekit: {err}\n")
+    (out / "scores.json").write_text(json.dumps(
+        {"trial": trial.number, "values": trial.values, "scores": trial.scores}, indent=2) + "\n")

@@ -21,8 +21,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -39,6 +37,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
+
+from mergesearch.atomic import atomic_dir
 
 from .scoring import score_skill
 from .skills import COPY, SKILL_TABLE, SKILLS, Item, load_eval_items, train_item
@@ -202,30 +202,16 @@ def build_zoo(
             f"{root} exists and is not a zoo; pass force=True to replace it or choose another "
             "directory"
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     hf_bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar of our own, not one per save
     try:
-        _build_into(tmp, config, seed, key, progress)
-        _move_into_place(tmp, root)
+        with atomic_dir(root, overwrite=True) as tmp:
+            _build_into(tmp, config, seed, key, progress)
     finally:
         if hf_bars:
             hf_logging.enable_progress_bar()
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("built zoo at %s", root)
     return Zoo.load(root)
-
-
-def _move_into_place(tmp: Path, root: Path) -> None:
-    """Atomically publish ``tmp`` as ``root``; an old ``root`` is removed afterwards."""
-    old = None
-    if root.exists():
-        old = root.with_name(f".{root.name}.old-{os.getpid()}-{time.monotonic_ns()}")
-        os.replace(root, old)
-    os.replace(tmp, root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build_into(tmp: Path, config: ZooConfig, seed: int, key: str, progress: bool) -> None:
