@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -108,14 +108,14 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
 
     >>> path = LayerPathModel({"A": a, "B": b}, [("A", 0), ("A", 1, 0.8)])  # doctest: +SKIP
     >>> path(input_ids=ids).logits                                  # doctest: +SKIP
-    >>> path.set_path([("B", 0), ("A", 1), ("B", 2)])  # cheap, any length  # doctest: +SKIP
+    >>> path.set_path([("B", 0), ("A", 1), ("B", 2)])               # doctest: +SKIP
     >>> path.generate(ids, max_new_tokens=8, do_sample=False)       # doctest: +SKIP
 
     ``models`` maps names (those a recipe's hops use) to HF causal LMs of one
     architecture, dtype and device; ``path`` defaults to the first model's own
-    layers.  The sources are submodules, so :meth:`parameters` are theirs (each
-    once) and ``.to()`` / ``.eval()`` act on them; no parameter of this module
-    is its own.
+    layers.  :meth:`set_path` is cheap and takes a path of any length.  The
+    sources are submodules, so :meth:`parameters` are theirs (each once) and
+    ``.to()`` / ``.eval()`` act on them; no parameter of this module is its own.
     """
 
     _supports_sdpa = True  # attention runs in the sources; keep their implementation
@@ -206,13 +206,15 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        kwargs.pop("return_dict", None)  # always an output object
+        wanted = [k for k in ("output_attentions", "output_hidden_states") if kwargs.pop(k, False)]
+        if wanted:
+            raise NotImplementedError(f"LayerPathModel does not return {', '.join(wanted)}")
         cache = cache if cache is not None else past_key_values
         use_cache = cache is not None if use_cache is None else use_cache
         first, last, head = self._ends()
         hidden = first.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache and cache is None:
-            from transformers import DynamicCache
-
             cache = DynamicCache(config=self.config)
         if position_ids is None:
             seen = cache.get_seq_length() if cache is not None else 0
@@ -398,13 +400,16 @@ def source_model(pool, ref: str, dtype: torch.dtype) -> PreTrainedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     weights = {n: pool.fetch(ref, n).to(dtype) for n in names if n in pool.checkpoint(ref)}
-    missing, _ = model.load_state_dict(weights, strict=False, assign=True)
+    model.load_state_dict(weights, strict=False, assign=True)
     model.tie_weights()
     still = [n for n, p in model.named_parameters() if p.is_meta]
     if still:
         raise RecipeError(f"model {ref} has no tensors {still[:4]} ...")
     for name, module in model.named_modules():  # non-persistent buffers (RoPE frequencies)
         if any(b.is_meta for b in module.buffers(recurse=False)):
+            if not hasattr(module, "config"):
+                raise RecipeError(f"model {ref}: cannot rebuild the buffers of {name!r} "
+                                  f"({type(module).__name__}) outside its checkpoint")
             with torch.device(pool.device):
                 rebuilt = type(module)(config=module.config)
             parent, _, attr = name.rpartition(".")

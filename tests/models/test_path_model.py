@@ -221,7 +221,7 @@ SLIDING = {  # window 3 < prompt + new tokens; Qwen2's layers 2, 3 slide, Mistra
 
 @torch.no_grad()
 @pytest.mark.parametrize("arch", SLIDING)
-def test_sliding_window_layers_keep_their_kind_on_the_path(arch):
+def test_sliding_window_layers_keep_their_kind_on_the_path(arch, tmp_path):
     torch.manual_seed(0)
     a = SLIDING[arch]().eval()
     models = {"A": a, "B": perturbed(a, 1, scale=0.1).eval()}
@@ -237,6 +237,13 @@ def test_sliding_window_layers_keep_their_kind_on_the_path(arch):
     got = greedy_generate(model, PROMPTS, max_new_tokens=6, eos_token_id=None, pad_token_id=PAD)
     assert got == greedy_generate(ref, PROMPTS, max_new_tokens=6, eos_token_id=None,
                                   pad_token_id=PAD)
+    model.set_path([(m, layer) for m, layer, _ in path])  # exported, the kinds stay per hop
+    loaded = AutoModelForCausalLM.from_pretrained(model.export(tmp_path / "out")).eval()
+    assert getattr(loaded.config, "layer_types", None) == getattr(model.config, "layer_types",
+                                                                  None)
+    torch.testing.assert_close(loaded(input_ids=ids, attention_mask=attn).logits[real],
+                               model(input_ids=ids, attention_mask=attn).logits[real],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_export_refuses_input_scales_other_than_one(sources, tmp_path):
