@@ -22,8 +22,8 @@ from transformers import (
 from mergesearch.evaluation.scorers import greedy_generate, pad_left, score_rows
 from mergesearch.export import NotExpressible
 from mergesearch.models.path_model import LayerPathModel, source_model
-from mergesearch.models.resident import ModelPool
-from mergesearch.recipe import RecipeError
+from mergesearch.models.resident import ModelPool, merge
+from mergesearch.recipe import Recipe, RecipeError
 
 PAD = 1
 PATH = [("A", 0, 1.0), ("A", 1, 0.8), ("A", 1, 1.0), ("B", 2, 1.2), ("A", 3, 1.0)]
@@ -280,3 +280,18 @@ def test_source_models_from_a_pool_use_the_pool_tensors(tiny):
     ids = torch.randint(2, VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
     want = LayerPathModel(loaded, model.path)(input_ids=ids).logits
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_same_logits_as_the_resident_mergers_copied_path(tiny, tied):
+    a, b = tiny.tied_sources if tied else tiny.sources[:2]
+    hops = [(a, 2, 1.0), (b, 0, 0.7), (b, 0, 1.0), (a, 1, 1.3), (b, 2, 1.0)]  # a ... b
+    copied = merge(Recipe(method="passthrough",
+                          layer_path=[{"model": m, "layer": i, "scale": s} for m, i, s in hops]))
+    pool = ModelPool("cpu")
+    model = LayerPathModel({ref: source_model(pool, ref, torch.float32) for ref in (a, b)}, hops)
+    ids, attn = batch()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=attn).logits[attn.bool()],
+                               copied(input_ids=ids, attention_mask=attn).logits[attn.bool()],
+                               rtol=1e-5, atol=1e-5)
