@@ -267,14 +267,7 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
 
         Refuses input scales other than 1: a checkpoint has no place for them.
         """
-        scaled = [f"layer_path[{i}] ({m} layer {layer}): {s:g}"
-                  for i, (m, layer, s) in enumerate(self._path) if s != 1.0]
-        if scaled:
-            from mergesearch.export import NotExpressible
-
-            raise NotExpressible(
-                "layer-path input scales other than 1 run in memory but have no place in a "
-                f"plain checkpoint ({'; '.join(scaled)}); set every hop's scale to 1 to export")
+        self._check_exportable()
         weights = self.to_state_dict()
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(self.path_config(), dtype=self.dtype)
@@ -287,6 +280,16 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
             for name, p in params.items():
                 p.copy_(weights[name])
         return model.eval()
+
+    def _check_exportable(self) -> None:
+        scaled = [f"layer_path[{i}] ({m} layer {layer}): {s:g}"
+                  for i, (m, layer, s) in enumerate(self._path) if s != 1.0]
+        if scaled:
+            from mergesearch.export import NotExpressible
+
+            raise NotExpressible(
+                "layer-path input scales other than 1 run in memory but have no place in a "
+                f"plain checkpoint ({'; '.join(scaled)}); set every hop's scale to 1 to export")
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Write the path as a plain checkpoint (see :meth:`to_hf_model`)."""
@@ -306,7 +309,7 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
         """
         from mergesearch.export import save_checkpoint
 
-        self.to_hf_model()  # refuse scales before touching the disk
+        self._check_exportable()  # before touching the disk
         return save_checkpoint(self, out_dir, recipe=recipe or self.recipe(),
                                tokenizer_from=tokenizer_from, overwrite=overwrite)
 
