@@ -19,22 +19,27 @@ checkpoint (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from mergesearch import fingerprint
 from mergesearch.errors import MergesearchError
 from mergesearch.experiment import Experiment, ExperimentError
 from mergesearch.merging.layers import layer_key
-from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
+from mergesearch.models.checkpoint import ModelLoadError
+from mergesearch.models.lora import open_checkpoint
 from mergesearch.space import SearchSpace, SpaceConfig, SpaceError
-from mergesearch.storage import StorageError, TrialRecord, TrialStore
+from mergesearch.storage import StorageError, TrialRecord, TrialStore, lease
 from mergesearch.strategies import Objective, Problem, Strategy, create_strategy
 from mergesearch.trial import Candidate, Result
 
@@ -77,7 +82,10 @@ def resolve_model(ref: str, exp: Experiment, *, progress: bool = False) -> str:
     found = exp.find(ref)
     if found is not None:
         return str(found)
-    if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
+    # "org/name" is a hub id unless "org" is a folder here: then it is a path that is missing
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") != 1 \
+        or exp.find(ref.split("/")[0]) is not None
+    if looks_local:
         raise ExperimentError(f"models: {ref!r} not found (no such directory; relative paths "
                               "are looked up from here and from the experiment's folder)")
     return ref  # a hub id: fetched (or found in the hub cache) when opened
@@ -94,13 +102,14 @@ class Search:
 
         self.exp = exp
         self.study_name = study or exp.name
+        device = check_device(exp.execution.device, local=exp.execution.backend == "local")
         models = exp.models
         self.base = resolve_model(models.base, exp, progress=progress) if models.base else None
         self.sources = {n: resolve_model(r, exp, progress=progress)
                         for n, r in models.sources.items()}
         first = self.base or next(iter(self.sources.values()))
         try:
-            ckpt = Checkpoint(first, allow_pickle=models.allow_pickle)
+            ckpt = open_checkpoint(first, allow_pickle=models.allow_pickle, base=self.base)
             num_layers = ckpt.num_layers
             key = layer_key(ckpt.names)
         except ModelLoadError as err:
@@ -114,7 +123,7 @@ class Search:
         try:
             self.space = SearchSpace(SpaceConfig.load(space_src), base=self.base,
                                      sources=self.sources, num_layers=num_layers, layer_key=key,
-                                     seed=exp.seed)
+                                     seed=exp.seed, tensor_names=ckpt.names)
         except SpaceError as err:
             raise ExperimentError(str(err)) from None
         objectives = tuple(Objective(o.name, o.direction, o.weight)
@@ -137,6 +146,13 @@ class Search:
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
             check_recipe=start.to_dict(),
             worker_class=exp.execution.worker_class)
+        self.device_type = "cuda" if exp.execution.gpus_per_worker > 0 else device.type
+        self.suite = suite
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What this search's results depend on, by content: a resumed study must match it
+        (see :mod:`mergesearch.fingerprint`)."""
+        return fingerprint.of_search(self)
 
     def make_executor(self):
         """The executor the experiment asks for, its workers started (models loaded)."""
@@ -152,32 +168,100 @@ class Search:
 
         return RayExecutor(self.worker_spec, workers=ex.workers, address=ex.address,
                            cpus_per_worker=ex.cpus_per_worker, gpus_per_worker=ex.gpus_per_worker,
-                           queue=ex.queue, max_retries=ex.max_retries)
+                           queue=ex.queue, max_retries=ex.max_retries,
+                           start_timeout=ex.start_timeout)
 
     # -- storage ------------------------------------------------------------------------
 
+    def check_not_held(self) -> None:
+        """Refuse at once if another live search is writing this study (read-only: the
+        lease itself is taken by :meth:`open_store`)."""
+        url, name = self.exp.storage_url, self.study_name
+        if not TrialStore.exists(url, name):
+            return
+        store = TrialStore.open(url, name)
+        holder = store.lease_holder()
+        if holder is not None and lease.stale(holder) is None:
+            raise StorageError(f"{store.where} is being written by another search: "
+                               f"{lease.describe(holder)}; wait for it to finish or stop it, "
+                               "or pass --study NAME to run a separate search")
+
     def open_store(self, *, resume: bool | None, overwrite: bool) -> TrialStore:
-        """Create the study, or reopen it to resume (``resume=None``: if it exists)."""
+        """Create the study, or reopen it to resume (``resume=None``: if it exists).
+
+        Either way this search becomes the study's one writer (its lease); a study another
+        live search writes is refused, and so is resuming one whose fingerprint differs.
+        """
         url, name = self.exp.storage_url, self.study_name
         exists = TrialStore.exists(url, name)
+        if resume and not exists:
+            raise StorageError(f"--resume: there is no study {name!r} in {url} to resume")
         record = self.exp.model_dump(mode="json") | {"study": name}
-        if overwrite or not exists:
-            if resume and not exists:
-                raise StorageError(f"--resume: there is no study {name!r} in {url} to resume")
-            return TrialStore.create(url, name, self.problem.objectives, self.space.dims,
-                                     record, overwrite=overwrite)
-        store = TrialStore.open(url, name, self.space.dims)
-        before = Experiment.from_dict(
-            {k: v for k, v in store.experiment.items() if k != "study"}).fingerprint()
-        now = self.exp.fingerprint()
-        if before != now:
-            keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-            raise StorageError(
-                f"study {name!r} in {url} was run with a different {', '.join(keys)}; "
-                "resume with the same experiment, pass --study NEW_NAME to start another "
-                "search, or --overwrite to replace it")
-        store.set_experiment(record)
+        now = self.fingerprint()
+        if exists:
+            store = TrialStore.open(url, name, self.space.dims)
+            store.take_lease()  # refused while another search writes it: before any change
+            try:
+                if overwrite:
+                    store.release_lease()
+                else:
+                    self._check_same(store, now)
+                    store.set_experiment(record)
+                    return store
+            except BaseException:
+                store.release_lease()
+                raise
+        store = TrialStore.create(url, name, self.problem.objectives, self.space.dims,
+                                  record, overwrite=overwrite,
+                                  make_parent=self.exp.storage is None)
+        store.take_lease()
+        store.set_fingerprint(now)
         return store
+
+    def _check_same(self, store: TrialStore, now: dict[str, Any]) -> None:
+        before = store.fingerprint
+        if before is None:  # a study from before fingerprints: compare the experiment
+            old = Experiment.from_dict(
+                {k: v for k, v in store.experiment.items() if k != "study"}).fingerprint()
+            new = self.exp.fingerprint()
+            before, now_cmp = old, new
+        else:
+            now_cmp = now
+        keys = fingerprint.differences(before, now_cmp)
+        if keys:
+            raise StorageError(
+                f"{store.where} was run with a different {'; '.join(keys)}: resume with the "
+                "same experiment, pass --study NEW_NAME to start another search, or "
+                "--overwrite to replace it")
+        if store.fingerprint is None:
+            store.set_fingerprint(now)
+
+
+def check_device(device: str, *, local: bool):
+    """``execution.device`` parsed, and checked to exist here when workers run here."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ExperimentError(f"execution.device: {device!r} is not a device (use cpu, cuda, "
+                              "cuda:1, mps)") from None
+    if not local or dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ExperimentError(f"execution.device: {device!r}, but torch sees no CUDA GPU "
+                                  "here: use device: cpu, or run on a GPU machine")
+        if dev.index is not None and dev.index >= count:
+            raise ExperimentError(f"execution.device: {device!r}, but there are only {count} "
+                                  f"GPU(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ExperimentError(f"execution.device: {device!r} is not available here")
+    elif dev.type not in ("cuda", "mps"):
+        raise ExperimentError(f"execution.device: {device!r}: mergesearch runs on cpu, cuda "
+                              "or mps")
+    return dev
 
 
 def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None,
@@ -189,6 +273,7 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     a new one otherwise; ``True`` requires the study to exist; ``overwrite`` replaces it.
     """
     search = Search(exp, study=study, progress=progress)
+    search.check_not_held()  # before minutes of model loading
     executor = search.make_executor()  # loads models: fails here, before anything is written
     try:
         store = search.open_store(resume=resume, overwrite=overwrite)
@@ -228,7 +313,8 @@ class _Loop:
         # told, not yet written: (candidate, result, cache entry served from, own new entry)
         self.unwritten: list[tuple[Candidate, Result, _Scored | None, _Scored | None]] = []
         self.asked = False  # since the last checkpoint
-        self.checkpointing = False
+        self._critical = 0  # > 0 while a Ctrl-C must wait (see _uninterrupted)
+        self._interrupted = False
         self.best: dict[str, float] = {}
         self.ok = self.failed = self.cached = self.evaluated_now = 0
 
@@ -285,39 +371,78 @@ class _Loop:
         bar = None
         stopped = "budget"
         try:
-            self._restore()
-            bar = tqdm(total=self.budget.evaluations, initial=self.finished, unit="trial",
-                       desc=self.search.study_name, disable=not self.progress,
-                       dynamic_ncols=True)
-            while True:
-                if deadline is not None and time.monotonic() >= deadline:
-                    stopped = "wall time"
-                elif self.strategy.done and not self.in_flight:
-                    stopped = "strategy done"
-                else:
-                    self._dispatch()
-                self._checkpoint()  # while the workers evaluate what was just dispatched
-                if not self.in_flight:
-                    break
-                for result, source in self._results():
-                    self._take(result, source, bar)
+            with self._deferring_sigint():
+                self._restore()
+                bar = tqdm(total=self.budget.evaluations, initial=self.finished, unit="trial",
+                           desc=self.search.study_name, disable=not self.progress,
+                           dynamic_ncols=True)
+                while True:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        stopped = "wall time"
+                    elif self.strategy.done and not self.in_flight:
+                        stopped = "strategy done"
+                    else:
+                        self._dispatch()
+                    self._checkpoint()  # while the workers evaluate what was just dispatched
+                    if not self.in_flight:
+                        break
+                    for result, source in self._results():
+                        self._take(result, source, bar)
             if self.budget.evaluations is not None and self.finished < self.budget.evaluations \
                     and stopped == "budget":
                 stopped = "strategy done"
-        except KeyboardInterrupt:
-            if not self.checkpointing:  # not interrupted mid-write: keep what was evaluated
+        except (KeyboardInterrupt, Exception):
+            # keep what was evaluated: write the told results, then the state that knows them
+            try:
                 self._checkpoint()
+            except Exception as err:  # the store itself failed: the resume redoes the rest
+                log.warning("could not save the last results: %s", err)
             raise
         finally:
             if bar is not None:
                 bar.close()
             self.executor.close()
+            self.store.release_lease()
         return RunSummary(
             study=self.search.study_name, storage=self.search.exp.storage_url,
             run_dir=self.search.exp.run_dir, objectives=list(self.search.problem.objectives),
             finished=self.finished, ok=self.ok, failed=self.failed, cached=self.cached,
             evaluated_now=self.evaluated_now, stopped=stopped,
             elapsed=time.monotonic() - start, front=self.store.pareto_front())
+
+    @contextlib.contextmanager
+    def _deferring_sigint(self) -> Iterator[None]:
+        """While the loop runs, a Ctrl-C that lands inside :meth:`_uninterrupted` waits for
+        the end of that block (elsewhere it interrupts at once).  Only the main thread gets
+        signals; searches in other threads (sweeps, Tune) keep Python's handler."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._critical:
+                self._interrupted = True
+            else:
+                raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def _uninterrupted(self) -> Iterator[None]:
+        """A block a Ctrl-C must not split: telling a result and queueing its write, or
+        writing trials and the checkpoint that follows them."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+            if not self._critical and self._interrupted:
+                self._interrupted = False
+                raise KeyboardInterrupt
 
     def _dispatch(self) -> None:
         """Ask for and dispatch candidates while there is room (a result that needs no
@@ -356,23 +481,25 @@ class _Loop:
         return [(r, None) for r in self.executor.wait()]
 
     def _take(self, result: Result, source: _Scored | None, bar) -> None:
-        """Count a result and tell the strategy; it is written at the next checkpoint."""
-        cand, key = self.in_flight.pop(result.candidate_id)
-        entry = None
-        if result.ok:
-            self.ok += 1
-            self._track_best(result.values)
-            if source is None and key is not None and key not in self.cache:
-                entry = self.cache[key] = _Scored(dict(result.values), result.scores)
-        else:
-            self.failed += 1
-            log.warning("candidate %d failed: %s", result.candidate_id, result.reason)
-        if source is not None:
-            self.cached += 1
-        else:
-            self.evaluated_now += 1
-        self.strategy.tell([result])
-        self.unwritten.append((cand, result, source, entry))
+        """Count a result, queue its write and tell the strategy (it is written at the next
+        checkpoint, before any state that knows the tell)."""
+        with self._uninterrupted():
+            cand, key = self.in_flight.pop(result.candidate_id)
+            entry = None
+            if result.ok:
+                self.ok += 1
+                self._track_best(result.values)
+                if source is None and key is not None and key not in self.cache:
+                    entry = self.cache[key] = _Scored(dict(result.values), result.scores)
+            else:
+                self.failed += 1
+                log.warning("candidate %d failed: %s", result.candidate_id, result.reason)
+            if source is not None:
+                self.cached += 1
+            else:
+                self.evaluated_now += 1
+            self.unwritten.append((cand, result, source, entry))
+            self.strategy.tell([result])
         if self.on_result is not None:
             self.on_result(result)
         bar.update(1)
@@ -381,22 +508,24 @@ class _Loop:
 
     def _checkpoint(self) -> None:
         """Write the results told since the last checkpoint, then save the strategy state
-        (with the candidates in flight)."""
+        (with the candidates in flight).  Each trial leaves the queue once written, so a
+        checkpoint cut short and tried again writes nothing twice."""
         if not (self.unwritten or self.asked):
             return
-        self.checkpointing = True
-        for cand, result, source, entry in self.unwritten:
-            cached_from = None
-            if source is not None:  # its source was written first: it was told first
-                if source.number is None:
-                    source.number = self.store.trial_number(source.trial_id)
-                cached_from = source.number
-            trial_id = self.store.add(cand, result, cached_from=cached_from)
-            if entry is not None:
-                entry.trial_id = trial_id
-        self.unwritten.clear()
-        self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
-        self.asked = self.checkpointing = False
+        with self._uninterrupted():
+            while self.unwritten:
+                cand, result, source, entry = self.unwritten[0]
+                cached_from = None
+                if source is not None:  # its source was written first: it was told first
+                    if source.number is None:
+                        source.number = self.store.trial_number(source.trial_id)
+                    cached_from = source.number
+                trial_id = self.store.add(cand, result, cached_from=cached_from)
+                self.unwritten.pop(0)
+                if entry is not None:
+                    entry.trial_id = trial_id
+            self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
+            self.asked = False
 
     def _track_best(self, values: dict[str, float]) -> None:
         for o in self.search.problem.objectives:

@@ -38,6 +38,7 @@ from mergesearch.merging.layers import (
     with_layer,
 )
 from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
+from mergesearch.models.lora import open_checkpoint
 from mergesearch.recipe import Recipe, RecipeError
 
 try:  # transformers >= 5
@@ -83,10 +84,12 @@ class ModelPool:
         self._checkpoints: dict[str, Checkpoint] = {}
         self._tensors: dict[tuple[str, str], torch.Tensor] = {}
 
-    def checkpoint(self, ref: str) -> Checkpoint:
+    def checkpoint(self, ref: str, base: str | None = None) -> Checkpoint:
         """The checkpoint for a model reference, opened on first use."""
         if ref not in self._checkpoints:
-            self._checkpoints[ref] = Checkpoint(ref, allow_pickle=self.allow_pickle)
+            # a LoRA adapter folder reads as its base with the adapter applied per tensor
+            self._checkpoints[ref] = open_checkpoint(ref, allow_pickle=self.allow_pickle,
+                                                     base=base)
         return self._checkpoints[ref]
 
     def place(self, refs: list[str], resident_bytes: int) -> Hold:
@@ -216,7 +219,7 @@ class ResidentMerger:
 
     def _make_plan(self, recipe: Recipe, needs_base: bool, hops: tuple) -> _Plan:
         refs = recipe.model_names
-        ckpts = {ref: self.pool.checkpoint(ref) for ref in refs}
+        ckpts = {ref: self.pool.checkpoint(ref, base=recipe.base) for ref in refs}
         ref0 = refs[0]
         config = copy.deepcopy(ckpts[ref0].config)
         ties = {r: bool(getattr(c.config, "tie_word_embeddings", False)) for r, c in ckpts.items()}

@@ -15,7 +15,9 @@ slow may override both methods with a native state.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -33,6 +35,17 @@ STATE_VERSION = 1
 
 class StrategyError(MergesearchError, ValueError):
     """A strategy was misconfigured or misused; the message names the fix."""
+
+
+class ReplayError(StrategyError):
+    """Replaying a saved state does not reproduce the candidates the search asked for."""
+
+
+def genome_hash(genome: Sequence[float], fidelity: float = 1.0) -> str:
+    """A short, exact digest of a proposal (float64 bits), logged with every ask so a
+    replay that would attach recorded results to other genomes is caught."""
+    data = struct.pack(f"<{len(genome) + 1}d", *genome, fidelity)
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -143,6 +156,9 @@ class Strategy(ABC):
     description: ClassVar[str]
     multi_objective: ClassVar[bool]
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: distributions whose random streams the strategy's proposals depend on: their
+    #: versions are part of a study's fingerprint, since an upgrade may change the replay
+    rng_libraries: ClassVar[tuple[str, ...]] = ("numpy",)
 
     def __init__(self, problem: Problem, options: dict[str, Any] | StrategyOptions | None = None,
                  *, seed: int = 0):
@@ -166,6 +182,7 @@ class Strategy(ABC):
         self._next_id = 0
         self._pending: dict[int, Candidate] = {}
         self._log: list[list[Any]] = []
+        self._replaying: list[list[str] | None] | None = None  # hashes of logged asks
         self._setup()
 
     # -- the contract -------------------------------------------------------------------
@@ -177,20 +194,53 @@ class Strategy(ABC):
             raise StrategyError(f"ask(n) needs n >= 1, got {n}")
         if self.done:
             return []
-        self._log.append(["ask", n])
         proposed = self._ask(n)
         if len(proposed) > n:
             raise AssertionError(f"{self.name} returned {len(proposed)} candidates for ask({n})")
         out = []
-        for genome, fidelity in proposed:
+        for k, (genome, fidelity) in enumerate(proposed):
             genome = [float(g) for g in genome]
-            if len(genome) != self.problem.n_dims:
-                raise AssertionError(f"{self.name} returned a genome of length {len(genome)}")
-            cand = Candidate(id=self._next_id, genome=genome, fidelity=float(fidelity))
-            self._next_id += 1
+            self._check_proposal(self._next_id + k, genome, float(fidelity))
+            out.append(Candidate(id=self._next_id + k, genome=genome, fidelity=float(fidelity)))
+        hashes = [genome_hash(c.genome, c.fidelity) for c in out]
+        if self._replaying is not None:  # the log says what this ask gave when it ran
+            self._check_replay(out, hashes)
+        self._log.append(["ask", n, hashes])
+        self._next_id += len(out)
+        for cand in out:
             self._pending[cand.id] = cand
-            out.append(cand)
         return out
+
+    def _check_proposal(self, cid: int, genome: list[float], fidelity: float) -> None:
+        """A proposal outside the problem is the strategy's bug: refuse it before anything
+        is evaluated (storage would refuse it after the evaluation)."""
+        if len(genome) != self.problem.n_dims:
+            raise StrategyError(f"{self.name} proposed candidate {cid} with {len(genome)} "
+                                f"values for {self.problem.n_dims} dimensions (a strategy bug)")
+        for g, d in zip(genome, self.problem.dims, strict=True):
+            if not d.low <= g <= d.high:  # also false for NaN
+                raise StrategyError(
+                    f"{self.name} proposed {d.name} = {g!r} for candidate {cid}, outside "
+                    f"[{d.low}, {d.high}] (a strategy bug: strategies must return genomes "
+                    "within the bounds)")
+        if not 0.0 < fidelity <= 1.0:
+            raise StrategyError(f"{self.name} proposed fidelity {fidelity!r} for candidate "
+                                f"{cid}: fidelities are in (0, 1]")
+
+    def _check_replay(self, out: list[Candidate], hashes: list[str]) -> None:
+        logged = self._replaying.pop(0)
+        if logged is None:  # logged before genomes were hashed
+            return
+        for cand, was, now in zip(out, logged, hashes, strict=False):
+            if was != now:
+                raise ReplayError(
+                    f"{self.name}: replaying the saved state proposes a different candidate "
+                    f"{cand.id} than the search did (genome hash {now} != {was}): the search "
+                    "space, the strategy's options or the libraries its randomness comes "
+                    f"from ({', '.join(self.rng_libraries)}) changed since the study was run")
+        if len(logged) != len(hashes):
+            raise ReplayError(f"{self.name}: replaying the saved state gives {len(hashes)} "
+                              f"candidate(s) where the search got {len(logged)}")
 
     def tell(self, results: Iterable[Result]) -> None:
         """Report finished candidates, in any order and any grouping."""
@@ -249,14 +299,19 @@ class Strategy(ABC):
         self.seed = int(state["seed"])
         self.options = self.parse_options(state["options"])
         self._reset()
-        for kind, payload in state["log"]:
-            if kind == "ask":
-                self.ask(int(payload))
-            elif kind == "tell":
-                self.tell(Result(candidate_id=int(r["id"]), values=r["values"],
-                                 status=r["status"]) for r in payload)
-            else:
-                raise StrategyError(f"unknown event {kind!r} in strategy state")
+        events = state["log"]
+        self._replaying = [e[2] if len(e) > 2 else None for e in events if e[0] == "ask"]
+        try:
+            for kind, payload, *_ in events:
+                if kind == "ask":
+                    self.ask(int(payload))
+                elif kind == "tell":
+                    self.tell(Result(candidate_id=int(r["id"]), values=r["values"],
+                                     status=r["status"]) for r in payload)
+                else:
+                    raise StrategyError(f"unknown event {kind!r} in strategy state")
+        finally:
+            self._replaying = None
 
     # -- for subclasses -----------------------------------------------------------------
 

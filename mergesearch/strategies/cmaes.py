@@ -76,6 +76,7 @@ class CMAES(Strategy):
     """pycma's CMA-ES in the unit cube, one generation at a time."""
 
     name = "cmaes"
+    rng_libraries = ("cma", "numpy")
     description = "CMA-ES (pycma), single objective (weighted sum), generation by generation"
     multi_objective = False
     Options = CMAESOptions

@@ -52,6 +52,7 @@ class OptunaOptions(StrategyOptions):
 class _OptunaStrategy(Strategy):
     """Shared adapter: a study in memory, one trial per candidate."""
 
+    rng_libraries = ("optuna", "numpy")
     multi_objective = True
     options: OptunaOptions
     sampler_class: ClassVar[type[optuna.samplers.BaseSampler]]

@@ -112,7 +112,7 @@ def test_tune_drives_cmaes_and_every_result_is_the_workers(zoo, ray_cluster, tmp
         assert rec["status"] == "ok"
         assert rec["values"] == {o.name: r.metrics[o.name] for o in search.problem.objectives}
     # at the generation boundary ask() came back empty and suggest() made Tune wait
-    asks = [payload for kind, payload in strategy.state_dict()["log"] if kind == "ask"]
+    asks = [event[1] for event in strategy.state_dict()["log"] if event[0] == "ask"]
     assert len(asks) > 6
     check_against_worker(search, ok)
     # actors were reused: fewer worker processes than trials

@@ -1,0 +1,299 @@
+"""Trials on an Optuna RDB storage: one study per search, one trial per finished candidate.
+
+Each candidate becomes one finished Optuna trial, written in one transaction
+the moment its result arrives: params are the named genome dimensions, values
+the objectives, user attrs the recipe, per-task scores, per-item correctness,
+timings and, for failures, the reason.  The experiment config lives in study
+user attrs, the strategy's JSON state in study system attrs, appended to
+rather than rewritten (see :meth:`TrialStore.save_state`).  So
+optuna-dashboard shows any search, and a PostgreSQL URL shares one study
+across machines.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+from mergesearch.storage import lease
+from mergesearch.storage.rdb import (
+    StorageError,
+    has_study,
+    open_rdb,
+    quiet_optuna,
+    sqlite_missing,
+    sqlite_path,
+)
+from mergesearch.storage.state import StateLog
+from mergesearch.strategies.base import Dimension, Objective
+from mergesearch.trial import Candidate, Result
+
+log = logging.getLogger(__name__)
+
+# study user attrs
+EXPERIMENT = "mergesearch.experiment"
+OBJECTIVES = "mergesearch.objectives"
+FINGERPRINT = "mergesearch.fingerprint"  # what the search's results depend on, by content
+# trial user attrs
+CANDIDATE = "candidate_id"
+RECIPE = "recipe"
+FIDELITY = "fidelity"
+SCORES = "scores"
+CORRECT = "correct"
+TIMINGS = "timings"
+REASON = "fail_reason"
+CACHED_FROM = "cached_from"
+ATTEMPTS = "attempts"
+GENOME = "genome"  # kept when storage refused the params, so nothing evaluated is lost
+
+
+@dataclass
+class TrialRecord:
+    """A trial as mergesearch reads it back ("running" only in studies other tools wrote)."""
+
+    number: int
+    candidate_id: int
+    state: str  # "running", "ok", "failed"
+    values: dict[str, float]
+    params: dict[str, float]  # genome dimension name -> value
+    recipe: dict[str, Any] | None
+    fidelity: float
+    scores: dict[str, dict[str, float]]
+    reason: str | None
+    cached_from: int | None
+    timings: dict[str, float]
+    attempts: int = 1
+
+    def result(self) -> Result:
+        if self.state == "ok":
+            return Result(candidate_id=self.candidate_id, values=dict(self.values),
+                          scores=self.scores, timings=self.timings)
+        return Result.failed(self.candidate_id, self.reason or "failed")
+
+
+class TrialStore:
+    """One search's study: create or reopen it, record trials, keep strategy state."""
+
+    def __init__(self, study: optuna.Study, storage: optuna.storages.RDBStorage, url: str,
+                 dims: Sequence[Dimension] | None = None):
+        self.study = study
+        self.url = url
+        self._storage = storage
+        self._study_id = self._storage.get_study_id_from_name(study.study_name)
+        attrs = study.user_attrs
+        self.objectives = [Objective(**o) for o in attrs.get(OBJECTIVES, [])]
+        self._distributions = None
+        self._names: list[str] = []
+        self._state = StateLog(storage, self._study_id, study.study_name)
+        self._lease: lease.Lease | None = None
+        if dims is not None:
+            self.set_dims(dims)
+
+    @property
+    def where(self) -> str:
+        return f"study {self.study.study_name!r} in {self.url}"
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def exists(cls, url: str, name: str) -> bool:
+        return not sqlite_missing(url) and has_study(open_rdb(url), name)
+
+    @classmethod
+    def create(cls, url: str, name: str, objectives: Sequence[Objective],
+               dims: Sequence[Dimension], experiment: dict[str, Any],
+               *, overwrite: bool = False, make_parent: bool = False) -> TrialStore:
+        """A new study (``make_parent``: create a SQLite file's folder if missing)."""
+        path = sqlite_path(url)
+        if path is not None and make_parent:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None and not path.parent.is_dir():
+            raise StorageError(f"storage {url!r}: the folder {str(path.parent)!r} does not "
+                               "exist: create it, or fix the path")
+        storage = open_rdb(url)
+        with quiet_optuna():
+            if overwrite and has_study(storage, name):
+                optuna.delete_study(study_name=name, storage=storage)
+            try:
+                study = optuna.create_study(storage=storage, study_name=name,
+                                            directions=[o.direction for o in objectives])
+            except optuna.exceptions.DuplicatedStudyError:
+                raise StorageError(f"study {name!r} already exists in {url}") from None
+        study.set_user_attr(EXPERIMENT, experiment)
+        study.set_user_attr(OBJECTIVES, [vars(o) for o in objectives])
+        with warnings.catch_warnings():  # experimental in Optuna, but the dashboard uses it
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([o.name for o in objectives])
+        return cls(study, storage, url, dims)
+
+    @classmethod
+    def open(cls, url: str, name: str, dims: Sequence[Dimension] | None = None) -> TrialStore:
+        storage = None if sqlite_missing(url) else open_rdb(url)  # no file created to look
+        if storage is None or not has_study(storage, name):
+            raise StorageError(f"no study {name!r} in {url}")
+        with quiet_optuna():
+            study = optuna.load_study(study_name=name, storage=storage)
+        if EXPERIMENT not in study.user_attrs:
+            raise StorageError(f"study {name!r} in {url} was not written by mergesearch")
+        return cls(study, storage, url, dims)
+
+    def set_dims(self, dims: Sequence[Dimension]) -> None:
+        self._names = [d.name for d in dims]
+        self._distributions = {d.name: FloatDistribution(d.low, d.high) for d in dims}
+
+    @property
+    def experiment(self) -> dict[str, Any]:
+        return self.study.user_attrs[EXPERIMENT]
+
+    def set_experiment(self, experiment: dict[str, Any]) -> None:
+        self._storage.set_study_user_attr(self._study_id, EXPERIMENT, experiment)
+
+    @property
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What the recorded results depend on, by content (None in older studies)."""
+        return self._storage.get_study_user_attrs(self._study_id).get(FINGERPRINT)
+
+    def set_fingerprint(self, fingerprint: dict[str, Any]) -> None:
+        self._storage.set_study_user_attr(self._study_id, FINGERPRINT, fingerprint)
+
+    # -- the writer's lease -------------------------------------------------------------
+
+    def take_lease(self, *, ttl: float = lease.TTL) -> lease.Lease:
+        """Become the one writer of this study (refused while another search holds it);
+        every later write checks that the lease is still ours."""
+        self._lease = lease.Lease(self._storage.engine, self._study_id, self.where,
+                                  ttl=ttl).acquire()
+        return self._lease
+
+    def release_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    def lease_holder(self) -> dict[str, Any] | None:
+        """Who is writing this study now, if anybody (never blocks)."""
+        return lease.holder(self._storage.engine, self._study_id)
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.check()
+
+    # -- strategy state -----------------------------------------------------------------
+
+    def save_state(self, state: dict[str, Any], in_flight: Sequence[int] = ()) -> None:
+        """Checkpoint the strategy state and the candidates now in flight (see
+        :mod:`mergesearch.storage.state`)."""
+        self._check_lease()
+        self._state.save(state, in_flight)
+
+    def load_state(self) -> dict[str, Any] | None:
+        """The strategy state last saved (None before the first save)."""
+        read = self._state.read()
+        return None if read is None else read[0]
+
+    def in_flight(self, trials: Sequence[TrialRecord] | None = None) -> list[int]:
+        """Candidates dispatched at the last checkpoint and not recorded since (among
+        ``trials``, read from the study when not given)."""
+        read = self._state.read()
+        if read is None:
+            return []
+        done = {t.candidate_id for t in (self.trials() if trials is None else trials)}
+        return [i for i in read[1] if i not in done]
+
+    # -- trials -------------------------------------------------------------------------
+
+    def add(self, candidate: Candidate, result: Result, *,
+            cached_from: int | None = None) -> int:
+        """Write a finished candidate as one trial, in one transaction; returns its id.
+
+        If Optuna refuses the trial (a param outside its distribution: a strategy bug the
+        ask-time checks should have caught), the result is still kept, as a failed trial
+        whose user attrs hold the genome, the values and the reason.
+        """
+        self._check_lease()
+        params = dict(zip(self._names, candidate.genome, strict=True))
+        attrs: dict[str, Any] = {CANDIDATE: candidate.id, FIDELITY: candidate.fidelity}
+        if candidate.recipe is not None:
+            attrs[RECIPE] = candidate.recipe.to_dict()
+        if result.scores:
+            attrs[SCORES] = result.scores
+        if result.correct:
+            attrs[CORRECT] = {k: "".join("1" if c else "0" for c in v)
+                              for k, v in result.correct.items()}
+        if result.timings:
+            attrs[TIMINGS] = {k: round(v, 6) for k, v in result.timings.items()}
+        if cached_from is not None:
+            attrs[CACHED_FROM] = cached_from
+        if result.attempts > 1:
+            attrs[ATTEMPTS] = result.attempts
+        if result.ok:
+            state, values = TrialState.COMPLETE, [float(result.values[o.name])
+                                                  for o in self.objectives]
+        else:
+            state, values = TrialState.FAIL, None
+            attrs[REASON] = result.reason or "failed"
+        try:
+            template = create_trial(state=state, values=values, params=params,
+                                    distributions=self._distributions, user_attrs=attrs)
+        except ValueError as err:
+            log.error("%s: storage refused candidate %d (%s); kept as a failed trial with its "
+                      "genome and values in user attrs", self.where, candidate.id, err)
+            attrs |= {GENOME: list(candidate.genome), "values": dict(result.values),
+                      REASON: f"storage refused the trial: {err}"}
+            template = create_trial(state=TrialState.FAIL, user_attrs=attrs)
+        return self._storage.create_new_trial(self._study_id, template_trial=template)
+
+    def fail_running(self, reason: str) -> int:
+        """Mark trials left RUNNING (by other tools or older versions) failed; how many."""
+        n = 0
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trial_id = self.trial_id(t.number)
+            self._storage.set_trial_user_attr(trial_id, REASON, reason)
+            self._storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            n += 1
+        return n
+
+    def trials(self) -> list[TrialRecord]:
+        return [self._record(t) for t in self.study.get_trials(deepcopy=False)]
+
+    def _record(self, t: FrozenTrial) -> TrialRecord:
+        state = {TrialState.COMPLETE: "ok", TrialState.RUNNING: "running"}.get(t.state, "failed")
+        values = {}
+        if t.values is not None:
+            values = {o.name: v for o, v in zip(self.objectives, t.values, strict=True)}
+        a = t.user_attrs
+        return TrialRecord(
+            number=t.number, candidate_id=int(a.get(CANDIDATE, -1)), state=state, values=values,
+            params=dict(t.params), recipe=a.get(RECIPE),
+            fidelity=float(a.get(FIDELITY, 1.0)),
+            scores=a.get(SCORES, {}), reason=a.get(REASON), cached_from=a.get(CACHED_FROM),
+            timings=a.get(TIMINGS, {}), attempts=int(a.get(ATTEMPTS, 1)))
+
+    def trial_number(self, trial_id: int) -> int:
+        return self._storage.get_trial_number_from_id(trial_id)
+
+    def trial_id(self, number: int) -> int:
+        return self._storage.get_trial_id_from_study_id_trial_number(self._study_id, number)
+
+    def pareto_front(self) -> list[TrialRecord]:
+        """Distinct recipes no completed trial dominates (Optuna's best_trials), each once:
+        a trial served from the cache, or a recipe scored again, stands behind the first
+        trial that scored it."""
+        if not any(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False)):
+            return []
+        front, seen = [], set()
+        for t in sorted(self.study.best_trials, key=lambda t: t.number):
+            record = self._record(t)
+            key = json.dumps(record.recipe, sort_keys=True) if record.recipe else t.number
+            if record.cached_from is None and key not in seen:
+                seen.add(key)
+                front.append(record)
+        return front
