@@ -40,11 +40,12 @@ class OutputExists(WriteError, FileExistsError):
 
 
 def write_error(path: str | Path, err: OSError) -> WriteError:
-    """``err`` (raised while writing ``path``) as one line saying what to do."""
+    """``err`` (raised while writing ``path``, or the file it names) as one line saying
+    what to do."""
     if isinstance(err, WriteError):
         return err
     fix = _FIXES.get(err.errno) or err.strerror or str(err)
-    return WriteError(f"cannot write {path}: {fix}")
+    return WriteError(f"cannot write {err.filename or path}: {fix}")
 
 
 def check_target(path: Path, *, directory: bool) -> None:
@@ -52,7 +53,7 @@ def check_target(path: Path, *, directory: bool) -> None:
     the current directory or one above it, a path under a regular file, a directory
     where a file is wanted (or a file where a directory is)."""
     if str(path).strip() in ("", "."):
-        raise WriteError("the output path is empty; give a file or directory name")
+        raise WriteError("the output path is empty or '.'; give a new file or directory name")
     here = Path.cwd().resolve()
     target = path.resolve()
     if target == here or target in here.parents:
@@ -91,15 +92,13 @@ def atomic_dir(path: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _publish(tmp, path)
-    except OSError as err:
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
         _remove_new(made)
+        if not isinstance(err, OSError):
+            raise
         err = write_error(path, err)  # named by the path the caller gave, not ``tmp``
         raise type(err)(str(err).replace(str(tmp), str(path))) from None
-    except BaseException:
-        _remove_new(made)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _publish(tmp: Path, path: Path) -> None:

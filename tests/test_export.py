@@ -180,3 +180,29 @@ def test_malformed_files_are_recipe_errors(tmp_path):
         load_config(bad)
     with pytest.raises(RecipeError, match="no such file"):
         load_config(tmp_path / "absent.yaml")
+
+
+def test_atomic_dir_leaves_the_old_output_when_writing_fails(tmp_path):
+    import errno
+
+    from mergesearch.atomic import OutputExists, WriteError, atomic_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    with pytest.raises(OutputExists, match="--overwrite"):
+        with atomic_dir(out):
+            pass
+    with pytest.raises(WriteError, match=f"cannot write {out}/model: no space left"):
+        with atomic_dir(out, overwrite=True) as tmp:
+            (tmp / "half.bin").write_text("partial")
+            raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "model"))
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["keep.txt", "out"]
+    with atomic_dir(out, overwrite=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new.txt", "out"]
+    deep = tmp_path / "a" / "b" / "c"
+    with pytest.raises(KeyboardInterrupt):  # parents made for the output go again
+        with atomic_dir(deep):
+            raise KeyboardInterrupt
+    assert not (tmp_path / "a").exists()

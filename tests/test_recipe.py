@@ -314,6 +314,15 @@ INVALID = {
     "bad vocab": (ties(vocab="loose"), r"recipe\.vocab"),
     "unknown key in lines": (ties(lines={"alpha": 1.0, "beta": 0.0, "gamma": 1.0}),
                              r"recipe\.lines\.gamma: unknown key"),
+    "NaN density": (with_model_params(density=float("nan")),
+                    r"^recipe\.models\.0\.parameters\.density: nan is not a usable value"),
+    "inf in a gradient": (with_model_params(weight=[0.0, float("inf")]),
+                          r"parameters\.weight: inf is not a usable value"),
+    "NaN recipe-wide": (ties(parameters={"lambda": float("nan")}), r"parameters\.lambda: nan"),
+    "NaN lines": (ties(lines={"alpha": float("nan"), "beta": 0.0}), r"recipe\.lines\.alpha"),
+    "boolean seed": (ties(seed=True), r"recipe\.seed"),
+    "boolean layer": ({"method": "passthrough", "layer_path": [{"model": "a", "layer": True}]},
+                      r"layer_path\.0\.layer"),
 }
 
 
@@ -355,3 +364,18 @@ def test_della_density_epsilon_conflict_is_a_recipe_error():
 def test_empty_setting_for_required_parameter_is_rejected():
     with pytest.raises(RecipeError, match="weight"):
         Recipe.from_dict(ties(models=[{"model": "x", "parameters": {"weight": []}}]))
+
+
+def test_duplicate_keys_are_refused_and_merge_keys_still_work():
+    from mergesearch.recipe import load_json, load_yaml
+
+    with pytest.raises(yaml.YAMLError, match="key 'weight' is given twice"):
+        load_yaml("models:\n  - {model: a, parameters: {weight: 1, weight: 2}}\n")
+    with pytest.raises(RecipeError, match="line 2, column 1: key 'method' is given twice"):
+        Recipe.from_yaml("method: ties\nmethod: linear\n")
+    with pytest.raises(RecipeError, match="not valid JSON: key 'base' is given twice"):
+        Recipe.from_json('{"method": "ties", "base": "a", "base": "b"}')
+    with pytest.raises(ValueError, match="'x' is given twice"):
+        load_json('{"a": {"x": 1, "x": 2}}')
+    # a YAML merge key is not a duplicate, and a key after it overrides the merged one
+    assert load_yaml("d: &d {w: 1, v: 2}\ne: {<<: *d, w: 3}\n")["e"] == {"w": 3, "v": 2}
