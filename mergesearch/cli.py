@@ -74,8 +74,13 @@ def _cmd_zoo_build(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace):
-    from mergesearch.experiment import Experiment
+    from mergesearch.experiment import Experiment, check_name
 
+    if args.study is not None:  # it names folders too (Ray Tune's trials, under the run's)
+        try:
+            check_name(args.study)
+        except ValueError as err:
+            raise UsageError(f"--study {err}") from None
     return Experiment.load(args.experiment, args.set or ())
 
 

@@ -199,6 +199,7 @@ CASES: dict[str, tuple[Case, str]] = {
         f"storage: the folder {'{tmp}'}/nowhere"),
     "name ..": (lambda c: ["run", c.exp(name="..", output=None)], "name: '..'"),
     "name .": (lambda c: ["run", c.exp(name=".", output=None)], "name: '.'"),
+    "--study ..": (lambda c: ["run", c.exp(), "--study", ".."], "--study '..' is not a usable"),
     "output ''": (lambda c: ["run", c.exp(output="")], "output"),
     "output under a file": (lambda c: (c.write("afile", "x"),
                                        ["run", c.exp(output=str(c.tmp / "afile" / "run"))])[1],
