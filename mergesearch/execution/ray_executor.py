@@ -6,9 +6,17 @@ sends back results.  Candidates go to the least busy live actor (up to
 ``1 + queue`` outstanding per actor), results are returned as they finish.
 An actor whose process dies (killed, out of memory, segfault) is replaced by
 a fresh one, and every candidate it held is retried on the pool, at most
-``max_retries`` times each, then reported failed with the reason.  Actors are
-owned by the driver, so they end with it: a killed controller leaves no
-orphans.
+``max_retries`` times each, then reported failed with the reason.  The
+replacement starts in the background while the other actors keep working; one
+that cannot start within ``start_timeout`` (its node is gone and no other has
+room) is given up, and the pool goes on smaller, or, with no actor left,
+stops with a clear error after returning every result already in hand.  An
+actor that is only unreachable for a while (``ActorUnavailableError``) is kept:
+its candidate is retried, its models stay loaded.  Actors are owned by the
+driver, so they end with it: a killed controller leaves no orphans.
+
+A private cluster (``address: local``) keeps Ray's token authentication on;
+``RAY_AUTH_MODE=disabled`` in the environment turns it off.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
@@ -54,12 +63,18 @@ class WorkerActor:
 
 @dataclass
 class _Slot:
-    """One live actor and what it is working on."""
+    """One actor and what it is working on; ``starting`` until its models are loaded."""
 
     actor: Any
+    ready: Any = None  # the ready() call while starting
+    deadline: float = 0.0  # when a start is given up
     pid: int | None = None
     node: str | None = None
     outstanding: int = 0
+
+    @property
+    def starting(self) -> bool:
+        return self.ready is not None
 
 
 def connect(address: str, *, num_cpus: int | None = None) -> None:
@@ -71,9 +86,9 @@ def connect(address: str, *, num_cpus: int | None = None) -> None:
         return
     _check_reachable(address)
     try:
-        if address == "local":
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+        if address == "local":  # token authentication stays on unless RAY_AUTH_MODE says not
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     log_to_driver=False,
                      configure_logging=False)
         else:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
@@ -104,7 +119,7 @@ class RayExecutor:
 
     def __init__(self, spec: WorkerSpec, *, workers: int = 1, address: str = "local",
                  cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, queue: int = 0,
-                 max_retries: int = 2):
+                 max_retries: int = 2, start_timeout: float = 600.0):
         import ray
 
         connect(address, num_cpus=max(int(workers * cpus_per_worker + 0.999), 1)
@@ -122,11 +137,14 @@ class RayExecutor:
         self.spec = spec
         self.max_retries = max_retries
         self.per_actor = 1 + queue
+        self.start_timeout = float(start_timeout)
         self._remote = ray.remote(WorkerActor).options(
             num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0,
             max_task_retries=0)
         self._queue: deque[tuple[Candidate, int]] = deque()
         self._running: dict[Any, tuple[_Slot, Candidate, int]] = {}  # ref -> slot, cand, tries
+        self._fatal: ExecutionError | None = None  # raised once the results in hand are out
+        self._lost = "workers died"  # why the pool last shrank
         self.replaced = 0
         self._slots = [self._start() for _ in range(workers)]
         self._check_ready(self._slots)
@@ -134,22 +152,37 @@ class RayExecutor:
     # -- actors -------------------------------------------------------------------------
 
     def _start(self) -> _Slot:
-        return _Slot(actor=self._remote.remote(self.spec))
+        actor = self._remote.remote(self.spec)
+        return _Slot(actor=actor, ready=actor.ready.remote(),
+                     deadline=time.monotonic() + self.start_timeout)
 
     def _check_ready(self, slots: list[_Slot]) -> None:
+        """Wait (at most ``start_timeout``) for the first actors to load their models."""
         import ray
 
-        infos = ray.get([s.actor.ready.remote() for s in slots])
+        try:
+            infos = ray.get([s.ready for s in slots], timeout=self.start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise ExecutionError(
+                f"the Ray workers did not start within {self.start_timeout:g} s (the cluster "
+                "may have no room for them: check `ray status`, or raise "
+                "execution.start_timeout for slow model loads)") from None
+        except ray.exceptions.RayError as err:
+            self.close()
+            raise ExecutionError(f"a Ray worker died while starting: {_death(err)}") from None
         for slot, info in zip(slots, infos, strict=True):
-            slot.pid, slot.node = info["pid"], info["node"]
-            if info["error"]:
-                self.close()
-                raise ExecutionError(f"worker on node {info['node']} cannot start: "
-                                     f"{info['error']}")
+            self._started(slot, info)
+
+    def _started(self, slot: _Slot, info: dict[str, Any]) -> None:
+        slot.ready, slot.pid, slot.node = None, info["pid"], info["node"]
+        if info["error"]:
+            self.close()
+            raise ExecutionError(f"worker on node {info['node']} cannot start: {info['error']}")
 
     @property
     def worker_pids(self) -> list[int | None]:
-        """Process ids of the live actors (known once each has started)."""
+        """Process ids of the actors (None for those still starting)."""
         return [s.pid for s in self._slots]
 
     # -- executor interface -------------------------------------------------------------
@@ -171,8 +204,9 @@ class RayExecutor:
         self._pump()
 
     def _pump(self) -> None:
-        while self._queue:
-            slot = min(self._slots, key=lambda s: s.outstanding)
+        live = [s for s in self._slots if not s.starting]
+        while self._queue and live:
+            slot = min(live, key=lambda s: s.outstanding)
             if slot.outstanding >= self.per_actor:
                 return
             candidate, tries = self._queue.popleft()
@@ -181,62 +215,119 @@ class RayExecutor:
             self._running[ref] = (slot, candidate, tries)
 
     def wait(self) -> list[Result]:
-        """Results of every candidate finished by now (blocks until at least one is)."""
+        """Results of every candidate finished by now (blocks until at least one is).
+
+        Raises :class:`ExecutionError` when no worker is left to run what is queued, but
+        only after the results already gathered have been returned."""
         import ray
 
+        if self._fatal is not None:
+            raise self._fatal
         out: list[Result] = []
-        while not out and self._running:
-            ready, _ = ray.wait(list(self._running), num_returns=1)
-            more, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
+        while not out and (self._running or self._queue):
+            starting = {s.ready: s for s in self._slots if s.starting}
+            if not self._running and not starting:
+                self._fatal = ExecutionError(
+                    f"no Ray worker left to run {len(self._queue)} candidate(s): {self._lost}; "
+                    "resume the search once the cluster has room")
+                break
+            timeout = None
+            if starting:
+                timeout = max(0.0, min(s.deadline for s in starting.values()) - time.monotonic())
+            refs = [*self._running, *starting]
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
             for ref in dict.fromkeys([*ready, *more]):
-                slot, candidate, tries = self._running.pop(ref)
-                slot.outstanding -= 1
-                try:
-                    result = ray.get(ref)
-                    result.attempts = tries + 1
-                    out.append(result)
-                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                        ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError) as err:
-                    self._replace(slot, err)
-                    reason = _death(err)
-                    if tries + 1 > self.max_retries:
-                        failed = Result.failed(
-                            candidate.id, f"worker died {tries + 1} time(s) running it; "
-                            f"last: {reason}")
-                        failed.attempts = tries + 1
-                        out.append(failed)
-                    else:
-                        log.warning("worker on %s died running candidate %d (%s); retrying",
-                                    slot.node, candidate.id, reason)
-                        self._queue.appendleft((candidate, tries + 1))
-                except ray.exceptions.RayTaskError as err:  # Worker.evaluate catches its own
-                    out.append(Result.failed(candidate.id, _death(err)))
+                if ref in starting:
+                    self._on_started(starting[ref], ref)
+                else:
+                    out.extend(self._on_finished(ref))
+            self._give_up_late_starts()
             self._pump()
+        if self._fatal is not None and not out:
+            raise self._fatal
         return out
 
-    def _replace(self, slot: _Slot, err: Exception) -> None:
-        """Swap a dead actor for a fresh one in the same slot (once per death)."""
-        if slot not in self._slots:
-            return
+    def _on_finished(self, ref) -> list[Result]:
         import ray
 
-        i = self._slots.index(slot)
+        slot, candidate, tries = self._running.pop(ref)
+        slot.outstanding -= 1
+        try:
+            result = ray.get(ref)
+            result.attempts = tries + 1
+            return [result]
+        except ray.exceptions.ActorUnavailableError as err:  # unreachable for now, not dead
+            return self._retry(candidate, tries, slot, _death(err))
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError) as err:
+            self._replace(slot)
+            return self._retry(candidate, tries, slot, _death(err))
+        except ray.exceptions.RayTaskError as err:  # Worker.evaluate catches its own
+            return [Result.failed(candidate.id, _death(err))]
+
+    def _retry(self, candidate: Candidate, tries: int, slot: _Slot, reason: str) -> list[Result]:
+        if tries + 1 > self.max_retries:
+            failed = Result.failed(candidate.id, f"worker died {tries + 1} time(s) running it; "
+                                   f"last: {reason}")
+            failed.attempts = tries + 1
+            return [failed]
+        log.warning("worker on %s failed running candidate %d (%s); retrying", slot.node,
+                    candidate.id, reason)
+        self._queue.appendleft((candidate, tries + 1))
+        return []
+
+    def _on_started(self, slot: _Slot, ref) -> None:
+        import ray
+
+        try:
+            info = ray.get(ref)
+        except ray.exceptions.RayError as err:  # the replacement died too
+            self._lost = f"a replacement worker died while starting: {_death(err)}"
+            log.warning("%s; going on with %d worker(s)", self._lost, len(self._slots) - 1)
+            self._drop(slot)
+            return
+        if info["error"]:  # it cannot load the models there
+            self._lost = f"a replacement worker on node {info['node']} cannot start: " \
+                f"{info['error']}"
+            log.warning("%s; going on with %d worker(s)", self._lost, len(self._slots) - 1)
+            self._drop(slot)
+            return
+        slot.ready, slot.pid, slot.node = None, info["pid"], info["node"]
+
+    def _give_up_late_starts(self) -> None:
+        now = time.monotonic()
+        for slot in [s for s in self._slots if s.starting and s.deadline <= now]:
+            self._lost = (f"a replacement worker could not start within {self.start_timeout:g} "
+                          "s (a node was lost and the cluster has no room elsewhere?)")
+            log.warning("%s; going on with %d worker(s)", self._lost, len(self._slots) - 1)
+            self._drop(slot)
+
+    def _drop(self, slot: _Slot) -> None:
+        import ray
+
+        if slot in self._slots:
+            self._slots.remove(slot)
         try:
             ray.kill(slot.actor, no_restart=True)
         except Exception:  # already gone
             pass
-        fresh = self._start()
-        self._slots[i] = fresh
+
+    def _replace(self, slot: _Slot) -> None:
+        """Swap a dead actor for a fresh one in the same place (once per death); the fresh
+        one loads its models in the background."""
+        if slot not in self._slots:
+            return
+        import ray
+
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        self._slots[self._slots.index(slot)] = self._start()
         self.replaced += 1
         # The dead actor's other calls fail on their own and are retried then; the dead
         # slot is no longer in the pool, so those failures replace nothing more.
-        try:
-            self._check_ready([fresh])
-        except ExecutionError:
-            raise
-        except Exception as again:  # the replacement died too: report the first death
-            raise ExecutionError(f"a replacement worker could not start after {_death(err)}: "
-                                 f"{_death(again)}") from None
 
     def close(self) -> None:
         import ray

@@ -166,3 +166,94 @@ def test_a_killed_controller_leaves_no_actors_and_resumes(zoo, ray_cluster, tmp_
     assert summary.finished == 10
     done = [t for t in trials(exp) if t.state == "ok"]
     assert sorted(t.candidate_id for t in done) == list(range(10))
+
+
+def _slow_spec(zoo, limit=256) -> WorkerSpec:
+    return WorkerSpec(tokenizer=str(zoo.base), evaluator={
+        "suite": str(ROOT / "evaluators/zoo"), "limit": limit,
+        "objectives": [{"name": "m", "metric": "char_accuracy"}]})
+
+
+def _candidates(zoo, n):
+    from mergesearch.recipe import Recipe
+    from mergesearch.trial import Candidate
+
+    return [Candidate(i, [0.0], recipe=Recipe.from_dict({
+        "method": "task_arithmetic", "base": str(zoo.base),
+        "models": [{"model": str(zoo.experts["rev"]), "parameters": {"weight": 0.1 * i}}]}))
+        for i in range(n)]
+
+
+def test_a_lost_worker_with_no_room_for_a_replacement_is_a_bounded_wait(zoo, ray_cluster):
+    """A node lost with no spare capacity: the replacement cannot be placed (it needs a
+    resource nobody has), so after start_timeout it is given up; the search goes on with the
+    workers left, and with none left stops with a clear error, results in hand returned."""
+    executor = RayExecutor(_slow_spec(zoo), workers=2, start_timeout=120)
+    executor.start_timeout = 3.0
+    import ray
+
+    from mergesearch.execution.ray_executor import WorkerActor
+
+    executor._remote = ray.remote(WorkerActor).options(
+        num_cpus=1, resources={"node-that-is-gone": 1}, max_restarts=0)
+    for cand in _candidates(zoo, 4):
+        executor.submit(cand)
+    doomed = executor._slots[0].pid
+    os.kill(doomed, signal.SIGKILL)
+    results, start = [], time.monotonic()
+    while len(results) < 4:
+        results += executor.wait()
+        assert time.monotonic() - start < 120
+    assert sorted(r.candidate_id for r in results) == [0, 1, 2, 3]
+    assert all(r.ok for r in results), [r.reason for r in results if not r.ok]
+    assert len(executor._slots) == 1 and executor._slots[0].pid != doomed
+    # now the last worker goes too: what it finished comes back, then a clear error
+    for cand in _candidates(zoo, 2):
+        executor.submit(cand)
+    os.kill(executor._slots[0].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(ExecutionError, match=r"no Ray worker left to run .* could not start "
+                       r"within 3 s"):
+        while True:
+            executor.wait()
+    assert time.monotonic() - start < 60
+    executor.close()
+
+
+def test_an_unavailable_actor_is_retried_not_replaced(zoo, ray_cluster, monkeypatch):
+    import ray
+
+    executor = RayExecutor(_slow_spec(zoo, limit=8), workers=1)
+    pid = executor._slots[0].pid
+    real_get, failed = ray.get, []
+
+    def flaky_get(ref, *args, **kwargs):
+        if not failed and not isinstance(ref, list):  # the first result fetched
+            failed.append(ref)
+            raise ray.exceptions.ActorUnavailableError("unreachable for now (simulated)", None)
+        return real_get(ref, *args, **kwargs)
+
+    monkeypatch.setattr(ray, "get", flaky_get)
+    executor.submit(_candidates(zoo, 1)[0])
+    results = []
+    while not results:
+        results = executor.wait()
+    assert failed and results[0].ok and results[0].attempts == 2
+    assert executor.replaced == 0 and executor._slots[0].pid == pid  # models kept loaded
+    executor.close()
+
+
+def test_a_cluster_mergesearch_starts_keeps_token_authentication(tmp_path):
+    """Ray's GCS and raylet listen on every interface: a private cluster must not run
+    without authentication (RAY_AUTH_MODE=disabled is the one way to turn it off)."""
+    script = ("from mergesearch.execution.ray_executor import connect\n"
+              "connect('local', num_cpus=1)\n"
+              "from ray._raylet import AuthenticationMode, get_authentication_mode\n"
+              "print('TOKEN', get_authentication_mode() == AuthenticationMode.TOKEN)\n"
+              "import ray; ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)  # its token file goes here
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "TOKEN True" in out.stdout.splitlines(), out.stdout

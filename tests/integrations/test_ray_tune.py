@@ -39,11 +39,15 @@ BAD = 5  # the candidate that asks for an impossible fidelity, so its evaluation
 
 
 class _FailOne:
-    """Candidate BAD asks for fidelity 2: the evaluator refuses it, as it would a real bug."""
+    """Candidate BAD reaches the worker with fidelity 2 (set after the ask-time checks, which
+    would refuse it): the evaluator refuses it, as it would a real bug."""
 
-    def _ask(self, n):
-        return [(g, 2.0 if self._next_id + k == BAD else f)
-                for k, (g, f) in enumerate(super()._ask(n))]
+    def ask(self, n=1):
+        out = super().ask(n)
+        for cand in out:
+            if cand.id == BAD:
+                cand.fidelity = 2.0
+        return out
 
 
 class FailingCMAES(_FailOne, CMAES):
@@ -57,7 +61,7 @@ def experiment(tmp_path, **changes) -> Experiment:
 
 def told(strategy) -> dict[int, dict]:
     """Every result the strategy was told, by candidate id (each id told once)."""
-    records = [r for kind, payload in strategy.state_dict()["log"] if kind == "tell"
+    records = [r for kind, payload, *_ in strategy.state_dict()["log"] if kind == "tell"
                for r in payload]
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids)), "a candidate was told twice"
