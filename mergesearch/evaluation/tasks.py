@@ -26,6 +26,8 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from mergesearch.recipe import load_yaml
+
 from .base import EvaluationError
 
 OutputType = Literal["generate_until", "multiple_choice"]
@@ -202,7 +204,7 @@ def find_suite(suite: str | Path, base_dir: str | Path | None = None) -> Path:
 
 def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())  # duplicate keys refused, like every file we read
     except yaml.YAMLError as err:
         hint = ("; `!function` hooks run Python from the task file, which the hf backend does "
                 "not do: use templates instead" if "!function" in str(err) else "")
