@@ -30,16 +30,17 @@ KV cache: one slot per hop
     the current path (``num_hidden_layers = len(path)``, per-hop
     ``layer_types``), so ``generate`` works unchanged.
 
-Plugging into the resident merger (not done here)
-    ``ResidentMerger.apply`` would, for a recipe with a ``layer_path``, keep one
-    :class:`LayerPathModel` over the source models (built once with
-    :func:`source_model` from its :class:`~mergesearch.models.resident.ModelPool`,
-    or from already loaded HF modules), call :meth:`LayerPathModel.set_path`
-    with ``recipe.layer_path`` and return it instead of copying weights into the
-    resident module.  The evaluator needs no change (``forward`` with masks and
-    ``logits_to_keep``, greedy ``generate``), and
-    :func:`mergesearch.export.save_checkpoint` works on it as on any model: its
-    ``save_pretrained`` writes the path as a plain checkpoint.
+In the resident merger
+    ``ResidentMerger.apply``, for a recipe with a ``layer_path``, keeps one
+    :class:`LayerPathModel` over the source models (each built once with
+    :func:`source_model` from its :class:`~mergesearch.models.resident.ModelPool`),
+    calls :meth:`LayerPathModel.set_path` with ``recipe.layer_path`` and returns
+    it instead of copying weights into the resident module.  The evaluator needs
+    no change (``forward`` with masks and ``logits_to_keep``, greedy
+    ``generate``); :meth:`state_dict` names the path's tensors as a plain model
+    of the path's depth would, and :func:`mergesearch.export.save_checkpoint`
+    works on it as on any model: its ``save_pretrained`` writes the path as a
+    plain checkpoint.
 
 Supported: Llama-style HF causal LMs (``model.model.layers``, ``.embed_tokens``,
 ``.norm``, ``.rotary_emb``, ``lm_head``: Llama, Qwen2, Mistral and kin) whose
@@ -142,6 +143,11 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
                       [(names[0], i) for i in range(len(self._parts[names[0]].layers))])
 
     # ----------------------------------------------------------------- path
+    @property
+    def source_names(self) -> list[str]:
+        """The names of the source models, in the order given."""
+        return list(self._names)
+
     @property
     def path(self) -> list[tuple[str, int, float]]:
         """The current hops as ``(model, layer, scale)``."""
@@ -261,6 +267,20 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
         plan = assemble_path(out, [(m, layer) for m, layer, _ in self._path])
         tensors = {name: _checkpoint_tensors(self.sources[i]) for name, i in self._names.items()}
         return {n: tensors[src.model][src.name] for n, src in plan.items()}
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The path's tensors as a plain model of its depth names them, not copied.
+
+        As :meth:`to_state_dict`, with a tied head listed under its own name too (as
+        ``nn.Module.state_dict`` lists it); tensors are detached.  Loading a state
+        dict into a path model is not supported: set a path instead.
+        """
+        tensors = self.to_state_dict()
+        if self.config.tie_word_embeddings and "lm_head.weight" not in tensors:
+            tensors["lm_head.weight"] = self.get_output_embeddings().weight.detach()
+        out = destination if destination is not None else {}
+        out.update((prefix + name, t) for name, t in tensors.items())
+        return out
 
     def to_hf_model(self) -> PreTrainedModel:
         """A plain HF model of depth ``len(path)`` holding a copy of the path's weights.

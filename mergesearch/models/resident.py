@@ -5,10 +5,15 @@ the merge runs (memory-mapped on CPU, uploaded once to a GPU), or, when they
 do not fit on the GPU, in pinned host memory streamed over per tensor.  A
 :class:`ResidentMerger` owns one ``transformers`` model and, for every recipe,
 overwrites its parameters with the merged tensors: no reallocation and no
-disk I/O per candidate.  Checks that need the models (missing tensors,
-shapes, vocabulary sizes, layer counts and indices, non-finite weights) run
-when a recipe's models are first planned, before any parameter is touched:
-a broken source fails a worker at start-up, not every candidate.
+disk I/O per candidate.  A layer-path recipe runs as a
+:class:`~mergesearch.models.path_model.LayerPathModel` over the source models
+held once (no weights copied, whatever the path's depth); only where that
+cannot work (``vocab: base`` over different vocabulary sizes, an architecture
+the path model refuses) are the hops copied into the resident model.  Checks
+that need the models (missing tensors, shapes, vocabulary sizes, layer counts
+and indices, non-finite weights) run when a recipe's models are first planned,
+before any parameter is touched: a broken source fails a worker at start-up,
+not every candidate.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from mergesearch.merging.layers import (
 )
 from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
 from mergesearch.models.lora import open_checkpoint
+from mergesearch.models.path_model import LayerPathModel, source_model
 from mergesearch.recipe import Recipe, RecipeError
 
 try:  # transformers >= 5
@@ -175,6 +181,7 @@ class _Plan:
     base: dict[str, Source | None]  # output name -> base tensor (None without a base)
     vocab_rows: int | None  # rows to crop/pad vocabulary tensors to (vocab: base)
     refit: frozenset[str]  # output tensors with a source of another vocabulary size
+    path_model: bool = False  # a layer path run over the sources (sources/base left empty)
 
 
 def _seed(seed: int, name: str) -> int:
@@ -205,6 +212,10 @@ class ResidentMerger:
         self._architecture: str | None = None
         self._plans: dict[tuple, _Plan] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._path_model: LayerPathModel | None = None
+        self._path_sources: dict[str, nn.Module] = {}  # ref -> source_model(pool, ref, dtype)
+        self._path_refusals: dict[frozenset[str], str | None] = {}
+        self._zero_copy_paths = True  # False: copy every layer path (tests compare the two)
 
     # ------------------------------------------------------------- planning
     def plan(self, recipe: Recipe) -> _Plan:
@@ -238,10 +249,17 @@ class ResidentMerger:
                         f"layer_path[{i}]: layer {layer} is past the last layer of {ref} "
                         f"({depth} layers, indices 0..{depth - 1})"
                     )
-            _set_depth(config, len(hops))
+            _set_depth(config, len(hops), _hop_layer_types(ckpts, hops))
             shapes = _param_shapes(config)
 
-        self.pool.place(refs, sum(map(math.prod, shapes.values())) * self.dtype.itemsize)
+        vocab = {ref: getattr(c.config, "vocab_size", None) for ref, c in ckpts.items()}
+        path_model = (bool(hops) and len(set(vocab.values())) == 1
+                      and self._path_refusal(ckpts, hops) is None)
+        if path_model:  # no resident model; the sources may need a copy in the merge dtype
+            hop_refs = list(dict.fromkeys(ref for ref, _ in hops))
+            self.pool.place(hop_refs, self._copy_bytes(hop_refs) if self.pool.hold == "auto" else 0)
+        else:
+            self.pool.place(refs, sum(map(math.prod, shapes.values())) * self.dtype.itemsize)
         out_names = list(shapes)
         if hops:
             placed = assemble_path(out_names, hops)
@@ -252,7 +270,6 @@ class ResidentMerger:
             sources = {name: [Source(ref, name) for ref in inputs] for name in out_names}
             base = {name: Source(recipe.base, name) if needs_base else None for name in out_names}
 
-        vocab = {ref: getattr(c.config, "vocab_size", None) for ref, c in ckpts.items()}
         vocab_rows = None
         if len(set(vocab.values())) > 1:
             if recipe.vocab == "strict":
@@ -282,13 +299,60 @@ class ResidentMerger:
                         f"shape mismatch for {name!r}: {src.model} has {list(shape)}, "
                         f"expected {list(want)} (from {ref0}); these models cannot be merged"
                     )
+        if path_model:  # checked above; a path model needs no per-tensor map
+            sources, base = {}, {}
         return _Plan(config=config, architecture=_architecture(config), sources=sources,
-                     base=base, vocab_rows=vocab_rows, refit=frozenset(refit))
+                     base=base, vocab_rows=vocab_rows, refit=frozenset(refit),
+                     path_model=path_model)
+
+    def _path_refusal(self, ckpts: dict[str, Checkpoint], hops: tuple) -> str | None:
+        """Why these hops' models cannot run as a :class:`LayerPathModel` (None: they can).
+
+        Tried once per set of models, on weightless (meta) models, so a refusal is
+        settled when a recipe's models are planned and such paths are copied.
+        """
+        if not self._zero_copy_paths:
+            return "zero-copy layer paths switched off"
+        refs = list(dict.fromkeys(ref for ref, _ in hops))
+        key = frozenset(refs)
+        if key not in self._path_refusals:
+            with torch.device("meta"):
+                models = {r: _empty_model(copy.deepcopy(ckpts[r].config), self.dtype)
+                          for r in refs}
+            try:
+                LayerPathModel(models)
+                self._path_refusals[key] = None
+            except RecipeError as err:
+                log.info("layer paths over %s copy their weights: %s", ", ".join(refs), err)
+                self._path_refusals[key] = str(err)
+        return self._path_refusals[key]
+
+    def _copy_bytes(self, refs: list[str]) -> int:
+        """Device bytes a path model's sources take beyond the pool's tensors.
+
+        A model stored in another dtype than the merger's is converted once
+        (:func:`source_model`); a model whose tensors' bytes equal its parameters'
+        bytes in the merger's dtype is taken to be stored in it (zero-copy).  On a
+        host-held pool every source gets its one device copy all the same: a path
+        model runs its layers where the sources are.
+        """
+        total = 0
+        for ref in refs:
+            ckpt = self.pool.checkpoint(ref)
+            own = sum(map(math.prod, _param_shapes(ckpt.config).values())) * self.dtype.itemsize
+            total += 0 if own == ckpt.nbytes else own
+        return total
 
     # ------------------------------------------------------------- merging
     def apply(self, recipe: Recipe, *, progress: bool = False) -> nn.Module:
-        """Merge ``recipe`` into the resident model and return that model."""
+        """Merge ``recipe`` into the resident model and return that model.
+
+        A layer-path recipe returns the :class:`LayerPathModel` over its source
+        models instead (see :meth:`_run_path`), unless its plan copies the hops.
+        """
         plan = self.plan(recipe)
+        if plan.path_model:
+            return self._run_path(recipe)
         model = self._resident(plan)
         method = get_method(recipe.method)
         num_layers = plan.config.num_hidden_layers
@@ -302,6 +366,23 @@ class ResidentMerger:
                 merged = self._merge_tensor(recipe, method, plan, name, sources, num_layers, extra)
                 params[name].copy_(merged)
         self._set_input_scales(model, recipe)
+        return model
+
+    def _run_path(self, recipe: Recipe) -> LayerPathModel:
+        """The path model over the recipe's hop models, set to its path: nothing copied.
+
+        Each source model is built once per merger; the path model is rebuilt
+        (cheaply, weights shared) only when the set of models changes.
+        """
+        refs = list(dict.fromkeys(hop.model for hop in recipe.layer_path))
+        for ref in refs:
+            if ref not in self._path_sources:
+                self._path_sources[ref] = source_model(self.pool, ref, self.dtype)
+        model = self._path_model
+        if model is None or set(model.source_names) != set(refs):
+            model = LayerPathModel({ref: self._path_sources[ref] for ref in refs}).eval()
+            self._path_model = model
+        model.set_path(recipe.layer_path)
         return model
 
     def _merge_tensor(self, recipe, method, plan, name, sources, num_layers, extra):
@@ -408,13 +489,27 @@ def _param_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in meta.named_parameters()}
 
 
-def _set_depth(config: PretrainedConfig, depth: int) -> None:
-    """Give a config ``depth`` layers (per-layer lists are cut or repeated to match)."""
+def _set_depth(config: PretrainedConfig, depth: int, layer_types: list[str] | None = None) -> None:
+    """Give a config ``depth`` layers.
+
+    ``layer_types`` (one attention kind per new layer) replaces the config's;
+    without it the config's list is cut or repeated to match.
+    """
     old = config.num_hidden_layers
     config.num_hidden_layers = depth
-    layer_types = getattr(config, "layer_types", None)
-    if isinstance(layer_types, list) and len(layer_types) == old:
-        config.layer_types = [layer_types[i % old] for i in range(depth)]
+    old_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        config.layer_types = list(layer_types)
+    elif isinstance(old_types, list) and len(old_types) == old:
+        config.layer_types = [old_types[i % old] for i in range(depth)]
+
+
+def _hop_layer_types(ckpts: dict[str, Checkpoint], hops: tuple) -> list[str] | None:
+    """Each hop's attention kind, its source layer's (None where a config lists none)."""
+    kinds = [getattr(ckpts[ref].config, "layer_types", None) for ref, _ in hops]
+    if any(not isinstance(k, list) for k in kinds):
+        return None
+    return [k[layer] for k, (_, layer) in zip(kinds, hops, strict=True)]
 
 
 def merge(recipe: Recipe, *, device: str = "cpu", dtype: torch.dtype | None = None,

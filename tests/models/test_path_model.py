@@ -22,7 +22,7 @@ from transformers import (
 from mergesearch.evaluation.scorers import greedy_generate, pad_left, score_rows
 from mergesearch.export import NotExpressible
 from mergesearch.models.path_model import LayerPathModel, source_model
-from mergesearch.models.resident import ModelPool, merge
+from mergesearch.models.resident import ModelPool, ResidentMerger
 from mergesearch.recipe import Recipe, RecipeError
 
 PAD = 1
@@ -287,8 +287,11 @@ def test_source_models_from_a_pool_use_the_pool_tensors(tiny):
 def test_same_logits_as_the_resident_mergers_copied_path(tiny, tied):
     a, b = tiny.tied_sources if tied else tiny.sources[:2]
     hops = [(a, 2, 1.0), (b, 0, 0.7), (b, 0, 1.0), (a, 1, 1.3), (b, 2, 1.0)]  # a ... b
-    copied = merge(Recipe(method="passthrough",
-                          layer_path=[{"model": m, "layer": i, "scale": s} for m, i, s in hops]))
+    merger = ResidentMerger()
+    merger._zero_copy_paths = False  # the copying implementation (merge() runs a path model)
+    copied = merger.apply(Recipe(method="passthrough", layer_path=[
+        {"model": m, "layer": i, "scale": s} for m, i, s in hops]))
+    assert not isinstance(copied, LayerPathModel)
     pool = ModelPool("cpu")
     model = LayerPathModel({ref: source_model(pool, ref, torch.float32) for ref in (a, b)}, hops)
     ids, attn = batch()

@@ -108,11 +108,13 @@ def test_pickle_checkpoint_refused_unless_allowed(tiny):
                                (state(tiny.base)[name] + pickled[name]) / 2)
 
 
-def test_layer_path_stacks_layers_and_scales_inputs(tiny):
+@pytest.mark.parametrize("copied", [True, False], ids=["copied", "path_model"])
+def test_layer_path_stacks_layers_and_scales_inputs(tiny, copied):
     hops = [(tiny.base, 0), (tiny.deep, 4), (tiny.deep, 1), (tiny.base, 2)]
     recipe = Recipe(method="passthrough",
                     layer_path=[{"model": m, "layer": i} for m, i in hops])
     merger = ResidentMerger()
+    merger._zero_copy_paths = not copied
     model = merger.apply(recipe)
     assert model.config.num_hidden_layers == 4
     sd = model.state_dict()
@@ -124,6 +126,8 @@ def test_layer_path_stacks_layers_and_scales_inputs(tiny):
     base = state(tiny.base)
     assert torch.equal(sd["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
     assert torch.equal(sd["lm_head.weight"], base["lm_head.weight"])
+    if not copied:  # the scales on a path model: tests/models/test_resident_paths.py
+        return
 
     # Scale 0.5 on hop 1 must multiply that layer's input x.  RMSNorm hides a
     # scale from the attention branch, so the residual stream shows it: the
