@@ -52,7 +52,7 @@ def cli(*args, **kw):
 @pytest.mark.slow
 def test_a_second_run_on_a_study_being_written_is_refused_and_a_dead_ones_is_taken_over(
         zoo, tmp_path):
-    exp = zoo_experiment(tmp_path, budget={"evaluations": 24}, evaluator__limit=48)
+    exp = zoo_experiment(tmp_path, budget={"evaluations": 32}, evaluator__limit=48)
     path = write(tmp_path, exp)
     db = Path(exp.storage_url.removeprefix("sqlite:///"))
     first = cli("run", path, "-q")
@@ -74,7 +74,7 @@ def test_a_second_run_on_a_study_being_written_is_refused_and_a_dead_ones_is_tak
     out, err = third.communicate(timeout=300)
     assert third.returncode == 0, err
     assert "took over the lease" in err and "its process is gone" in err
-    assert ids(exp) == list(range(24))  # exactly the budget, nothing twice
+    assert ids(exp) == list(range(32))  # exactly the budget, nothing twice
     assert TrialStore.open(exp.storage_url, "t").lease_holder() is None  # released
 
 
