@@ -369,19 +369,24 @@ class ResidentMerger:
         return model
 
     def _run_path(self, recipe: Recipe) -> LayerPathModel:
-        """The path model over the recipe's hop models, set to its path: nothing copied.
+        """The path model over every source model so far, set to the recipe's path.
 
-        Each source model is built once per merger; the path model is rebuilt
-        (cheaply, weights shared) only when the set of models changes.
+        Nothing is copied: each source model is built once per merger, and the
+        path model (no weights of its own) is rebuilt only when a recipe brings a
+        model it lacks.  Models of earlier recipes that cannot share a path with
+        this one's (another architecture) are left out of the new path model.
         """
         refs = list(dict.fromkeys(hop.model for hop in recipe.layer_path))
         for ref in refs:
             if ref not in self._path_sources:
                 self._path_sources[ref] = source_model(self.pool, ref, self.dtype)
         model = self._path_model
-        if model is None or set(model.source_names) != set(refs):
-            model = LayerPathModel({ref: self._path_sources[ref] for ref in refs}).eval()
-            self._path_model = model
+        if model is None or not set(refs) <= set(model.source_names):
+            try:
+                model = LayerPathModel(self._path_sources)
+            except RecipeError:  # this recipe's models were checked together at plan time
+                model = LayerPathModel({ref: self._path_sources[ref] for ref in refs})
+            self._path_model = model.eval()
         model.set_path(recipe.layer_path)
         return model
 
