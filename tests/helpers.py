@@ -93,3 +93,20 @@ def zoo_experiment(tmp_path, **changes):
             node = node.setdefault(p, {})
         node[last] = value
     return Experiment.from_dict(data)
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every storage a live tensor uses, each storage once (tensors without real
+    storage, e.g. the fake tensors torch.compile leaves behind, are skipped)."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.Tensor) and not obj.is_meta:
+            try:
+                s = obj.untyped_storage()
+                storages[s.data_ptr()] = s.nbytes()
+            except (RuntimeError, NotImplementedError):
+                continue
+    return sum(storages.values())

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import gc
 import json
 import random
 
 import pytest
 import torch
-from helpers import VOCAB, perturbed, tiny_config
+from helpers import VOCAB, live_tensor_bytes, perturbed, tiny_config
 from transformers import (
     AutoModelForCausalLM,
     LlamaForCausalLM,
@@ -130,17 +129,6 @@ def test_each_hop_has_its_own_cache_slot_and_sources_keep_their_indices(sources)
         assert [block.self_attn.layer_idx for block in m.model.layers] == [0, 1, 2, 3]
 
 
-def _live_tensor_bytes() -> int:
-    """Bytes of every storage a live tensor uses, each storage once."""
-    gc.collect()
-    storages = {}
-    for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and not obj.is_meta:
-            s = obj.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
-
-
 def _module_storage(model: torch.nn.Module) -> tuple[int, frozenset]:
     tensors = [*model.parameters(), *model.buffers()]
     return len(tensors), frozenset((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
@@ -171,14 +159,14 @@ def test_fifty_paths_of_any_length_copy_no_weights(sources):
         count, storage = _module_storage(model)
         assert storage == held  # exactly the sources' tensors, no others
         if i == 0:
-            first_count, first_bytes = count, _live_tensor_bytes()
+            first_count, first_bytes = count, live_tensor_bytes()
         assert count == first_count
         seen.append(len(path))
-    assert _live_tensor_bytes() == first_bytes
+    assert live_tensor_bytes() == first_bytes
     assert len(set(seen)) >= 8
     # the probe would see a per-path copy of even one layer
     spare = copy.deepcopy(sources["A"].model.layers[0])
-    assert _live_tensor_bytes() > first_bytes
+    assert live_tensor_bytes() > first_bytes
     del spare
     for path in paths[::10]:  # and the reused model is right at every depth
         model.set_path(path)

@@ -8,13 +8,12 @@ merges, and still evaluates and exports as a plain checkpoint.
 
 from __future__ import annotations
 
-import gc
 import random
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import VOCAB, perturbed, save, state
+from helpers import VOCAB, live_tensor_bytes, perturbed, save, state
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -103,17 +102,6 @@ def test_one_source_model_per_model_and_a_new_path_model_only_for_a_new_model(ti
     assert built == [a, b, c]
 
 
-def _live_tensor_bytes() -> int:
-    """Bytes of every storage a live tensor uses, each storage once."""
-    gc.collect()
-    storages = {}
-    for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and not obj.is_meta:
-            s = obj.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
-    return sum(storages.values())
-
-
 @torch.no_grad()
 def test_thirty_paths_of_two_depths_through_apply_copy_no_weights(tiny):
     refs = [tiny.base, tiny.sources[0]]
@@ -135,11 +123,11 @@ def test_thirty_paths_of_two_depths_through_apply_copy_no_weights(tiny):
         storage = {p.untyped_storage().data_ptr() for p in model.parameters()}
         assert storage <= pool  # every weight is the pool's own tensor
         if i == 0:
-            first, first_bytes = model, _live_tensor_bytes()
+            first, first_bytes = model, live_tensor_bytes()
         assert model is first
-    assert _live_tensor_bytes() == first_bytes
+    assert live_tensor_bytes() == first_bytes
     spare = torch.empty_like(merger.pool.tensor(refs[0], "model.layers.0.mlp.up_proj.weight"))
-    assert _live_tensor_bytes() > first_bytes  # the probe sees even one copied matrix
+    assert live_tensor_bytes() > first_bytes  # the probe sees even one copied matrix
     del spare
     copier = copying_merger()
     for recipe in recipes[-2:]:  # right at both depths after all that reuse
