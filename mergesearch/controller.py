@@ -39,7 +39,7 @@ from mergesearch.merging.layers import layer_key
 from mergesearch.models.checkpoint import ModelLoadError
 from mergesearch.models.lora import open_checkpoint
 from mergesearch.space import SearchSpace, SpaceConfig, SpaceError
-from mergesearch.storage import StorageError, TrialRecord, TrialStore, lease
+from mergesearch.storage import StorageError, StudyExists, TrialRecord, TrialStore, lease
 from mergesearch.strategies import Objective, Problem, Strategy, create_strategy
 from mergesearch.trial import Candidate, Result
 
@@ -211,9 +211,13 @@ class Search:
             except BaseException:
                 store.release_lease()
                 raise
-        store = TrialStore.create(url, name, self.problem.objectives, self.space.dims,
-                                  record, overwrite=overwrite,
-                                  make_parent=self.exp.storage is None)
+        try:
+            store = TrialStore.create(url, name, self.problem.objectives, self.space.dims,
+                                      record, overwrite=overwrite,
+                                      make_parent=self.exp.storage is None)
+        except StudyExists:  # another search created it a moment ago: its lease says who
+            TrialStore.open(url, name, self.space.dims).take_lease().release()
+            raise
         store.take_lease()
         store.set_fingerprint(now)
         return store

@@ -8,8 +8,9 @@
 * :mod:`~mergesearch.storage.rdb`: opening the database (retries, SQLite pragmas, errors).
 """
 
-from mergesearch.storage.rdb import StorageError
+from mergesearch.storage.rdb import StorageError, StudyExists
 from mergesearch.storage.state import LEGACY_STATE, STATE, STATE_APPEND
 from mergesearch.storage.trials import TrialRecord, TrialStore
 
-__all__ = ["LEGACY_STATE", "STATE", "STATE_APPEND", "StorageError", "TrialRecord", "TrialStore"]
+__all__ = ["LEGACY_STATE", "STATE", "STATE_APPEND", "StorageError", "StudyExists", "TrialRecord",
+           "TrialStore"]

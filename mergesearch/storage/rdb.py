@@ -20,6 +20,10 @@ class StorageError(MergesearchError, ValueError):
     search); the message names it and the fix."""
 
 
+class StudyExists(StorageError):
+    """A study to be created is already there (another search may have just created it)."""
+
+
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
     """Optuna's INFO lines (study created, trial finished) silenced while mergesearch
@@ -41,17 +45,22 @@ def open_rdb(url: str) -> optuna.storages.RDBStorage:
     The first open of a database creates Optuna's tables, which races when several
     searches start on an empty database together (a sweep's threads: serialised here;
     other machines: PostgreSQL refuses the loser's CREATE, which is retried once the
-    tables exist).  SQLite files run in WAL mode: `mergesearch status` or a dashboard can
+    tables exist; on SQLite the loser finds the file locked, and retries too).  SQLite
+    files run in WAL mode: `mergesearch status` or a dashboard can
     read while a search writes, and a commit costs no fsync (a killed process loses
     nothing; a power cut may lose the last trials, which a resume then evaluates again).
     """
-    for attempt in range(4):
+    attempts = 8
+    for attempt in range(attempts):
         try:
             with _OPENING, quiet_optuna():
                 storage = optuna.storages.RDBStorage(url)
             break
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
-            if attempt == 3 or "already exists" not in str(err) and "duplicate key" not in str(err):
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
+                sqlalchemy.exc.OperationalError) as err:
+            # another process creating the tables (PostgreSQL) or holding SQLite's lock
+            racing = any(s in str(err) for s in ("already exists", "duplicate key", "locked"))
+            if attempt == attempts - 1 or not racing:
                 raise StorageError(_cannot_open(url, err)) from None
             time.sleep(0.2 * (attempt + 1) * (1 + random.random()))
         except Exception as err:  # bad URL, missing driver, unreachable server: all user-facing

@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from mergesearch.storage import lease
 from mergesearch.storage.rdb import (
     StorageError,
+    StudyExists,
     has_study,
     open_rdb,
     quiet_optuna,
@@ -126,7 +127,7 @@ class TrialStore:
                 study = optuna.create_study(storage=storage, study_name=name,
                                             directions=[o.direction for o in objectives])
             except optuna.exceptions.DuplicatedStudyError:
-                raise StorageError(f"study {name!r} already exists in {url}") from None
+                raise StudyExists(f"study {name!r} already exists in {url}") from None
         study.set_user_attr(EXPERIMENT, experiment)
         study.set_user_attr(OBJECTIVES, [vars(o) for o in objectives])
         with warnings.catch_warnings():  # experimental in Optuna, but the dashboard uses it
