@@ -66,6 +66,8 @@ class RunSummary:
     stopped: str  # "budget", "wall time", "strategy done"
     elapsed: float
     front: list[TrialRecord] = field(default_factory=list)
+    probes: int = 0  # probes answered, all runs together (not trials)
+    cost: float = 0.0  # items scored by every trial and probe, all runs together
 
 
 def resolve_model(ref: str, exp: Experiment, *, progress: bool = False) -> str:
@@ -128,7 +130,7 @@ class Search:
             raise ExperimentError(str(err)) from None
         objectives = tuple(Objective(o.name, o.direction, o.weight)
                            for o in exp.evaluator.objectives)
-        self.problem = Problem(tuple(self.space.dims), objectives)
+        self.problem = Problem(tuple(self.space.dims), objectives, decode=self.space.decode)
         self.strategy = create_strategy(exp.strategy.name, self.problem, exp.strategy.options,
                                         seed=exp.seed)
         if self.problem.multi_objective and not self.strategy.multi_objective:
@@ -293,8 +295,15 @@ class _Scored:
 
     values: dict[str, float]
     scores: dict
+    correct: dict[str, list[bool]] = field(default_factory=dict)
+    items: dict[str, list[int]] = field(default_factory=dict)
     number: int | None = None  # trial number, looked up when first served
     trial_id: int | None = None  # set once that trial is written
+
+    def result(self, candidate_id: int) -> Result:
+        """What a cache hit tells the strategy: everything the first evaluation saw."""
+        return Result(candidate_id=candidate_id, values=dict(self.values), scores=self.scores,
+                      correct=self.correct, items=self.items)
 
 
 class _Loop:
@@ -320,7 +329,8 @@ class _Loop:
         self._critical = 0  # > 0 while a Ctrl-C must wait (see _uninterrupted)
         self._interrupted = False
         self.best: dict[str, float] = {}
-        self.ok = self.failed = self.cached = self.evaluated_now = 0
+        self.ok = self.failed = self.cached = self.evaluated_now = self.probes = 0
+        self.spent = 0.0  # evaluation cost (items scored) of every trial and probe so far
 
     # -- resume -------------------------------------------------------------------------
 
@@ -331,25 +341,29 @@ class _Loop:
             log.info("trials left running in the study were marked failed")
         records = self.store.trials()
         for r in records:
+            self.spent += r.cost
             if r.state == "ok":
                 self.ok += 1
                 self._track_best(r.values)
                 if r.recipe is not None and r.cached_from is None:
-                    self.cache.setdefault(_key(r.recipe, r.fidelity),
-                                          _Scored(r.values, r.scores, number=r.number))
+                    self.cache.setdefault(_key(r.recipe, r.fidelity), _Scored(
+                        r.values, r.scores, r.correct, r.items, number=r.number))
             else:
                 self.failed += 1
             if r.cached_from is not None:
                 self.cached += 1
+        probes = self.store.probes()
+        self.probes = len(probes)
+        self.spent += sum(p.cost for p in probes)
         state = self.store.load_state()
         if state is None:
             return
         self.strategy.load_state_dict(state)
-        recorded = {r.candidate_id: r for r in records}
+        recorded = {r.candidate_id: r for r in [*records, *probes]}
         pending = self.strategy.pending
         # recorded, then killed before the next checkpoint: tell them as they were told
         for rec in sorted((recorded[c.id] for c in pending if c.id in recorded),
-                          key=lambda r: r.number):
+                          key=lambda r: r.finished_at):
             self.strategy.tell([rec.result()])
         for cand in pending:
             if cand.id not in recorded:
@@ -363,10 +377,14 @@ class _Loop:
         return self.ok + self.failed
 
     def _room(self) -> int:
-        """How many more candidates may be dispatched now."""
+        """How many more candidates may be dispatched now (probes are not trials: only the
+        cost budget counts them)."""
         room = self.executor.free
         if self.budget.evaluations is not None:
-            room = min(room, self.budget.evaluations - self.finished - len(self.in_flight))
+            trials = sum(not c.is_probe for c, _ in self.in_flight.values())
+            room = min(room, self.budget.evaluations - self.finished - trials)
+        if self.budget.cost is not None and self.spent >= self.budget.cost:
+            room = 0
         return max(room, 0)
 
     def run(self) -> RunSummary:
@@ -411,7 +429,8 @@ class _Loop:
             study=self.search.study_name, storage=self.search.exp.storage_url,
             run_dir=self.search.exp.run_dir, objectives=list(self.search.problem.objectives),
             finished=self.finished, ok=self.ok, failed=self.failed, cached=self.cached,
-            evaluated_now=self.evaluated_now, stopped=stopped,
+            evaluated_now=self.evaluated_now, probes=self.probes, cost=self.spent,
+            stopped=stopped,
             elapsed=time.monotonic() - start, front=self.store.pareto_front())
 
     @contextlib.contextmanager
@@ -462,11 +481,16 @@ class _Loop:
     def _route(self, cand: Candidate) -> None:
         """Decode a candidate and send it to a worker, or straight to ``ready`` when its
         recipe was scored before or it does not decode."""
-        try:
-            cand.recipe = self.space.decode(cand.genome)
-        except SpaceError as err:
+        if cand.genome is not None:  # a recipe the strategy built goes as it is
+            try:
+                cand.recipe = self.space.decode(cand.genome)
+            except SpaceError as err:
+                self.in_flight[cand.id] = (cand, None)
+                self.ready.append((Result.failed(cand.id, str(err)), None))
+                return
+        if cand.is_probe:  # answered fresh every time: a probe is cheap and not a score
             self.in_flight[cand.id] = (cand, None)
-            self.ready.append((Result.failed(cand.id, str(err)), None))
+            self.executor.submit(cand)
             return
         key = _key(cand.recipe.to_dict(), cand.fidelity)
         self.in_flight[cand.id] = (cand, key)
@@ -474,8 +498,7 @@ class _Loop:
         if hit is None:
             self.executor.submit(cand)
         else:
-            self.ready.append((Result(candidate_id=cand.id, values=dict(hit.values),
-                                      scores=hit.scores), hit))
+            self.ready.append((hit.result(cand.id), hit))
 
     def _results(self) -> list[tuple[Result, _Scored | None]]:
         """The next results: those that needed no worker, else what the executor returns."""
@@ -490,22 +513,30 @@ class _Loop:
         with self._uninterrupted():
             cand, key = self.in_flight.pop(result.candidate_id)
             entry = None
-            if result.ok:
+            self.spent += result.cost
+            if cand.is_probe:
+                self.probes += 1
+                if not result.ok:
+                    log.warning("probe %d (%s) failed: %s", cand.id, cand.kind, result.reason)
+            elif result.ok:
                 self.ok += 1
                 self._track_best(result.values)
                 if source is None and key is not None and key not in self.cache:
-                    entry = self.cache[key] = _Scored(dict(result.values), result.scores)
+                    entry = self.cache[key] = _Scored(dict(result.values), result.scores,
+                                                      result.correct, result.items)
             else:
                 self.failed += 1
                 log.warning("candidate %d failed: %s", result.candidate_id, result.reason)
             if source is not None:
                 self.cached += 1
-            else:
+            elif not cand.is_probe:
                 self.evaluated_now += 1
             self.unwritten.append((cand, result, source, entry))
             self.strategy.tell([result])
         if self.on_result is not None:
             self.on_result(result)
+        if cand.is_probe:
+            return
         bar.update(1)
         bar.set_postfix_str(
             "best " + " ".join(f"{k}={v:.4g}" for k, v in self.best.items()), refresh=False)
@@ -524,7 +555,10 @@ class _Loop:
                     if source.number is None:
                         source.number = self.store.trial_number(source.trial_id)
                     cached_from = source.number
-                trial_id = self.store.add(cand, result, cached_from=cached_from)
+                if cand.is_probe:
+                    trial_id = self.store.add_probe(cand, result)
+                else:
+                    trial_id = self.store.add(cand, result, cached_from=cached_from)
                 self.unwritten.pop(0)
                 if entry is not None:
                     entry.trial_id = trial_id

@@ -85,11 +85,14 @@ _UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
 class BudgetConfig(_Strict):
-    """When the search stops: after ``evaluations`` trials and/or ``wall_time``."""
+    """When the search stops: after ``evaluations`` trials, ``wall_time`` and/or ``cost``
+    (evaluation items scored by trials and probes together, so cheap low-fidelity
+    candidates and probes are counted for what they cost)."""
 
     evaluations: StrictInt | None = Field(None, ge=1)
     wall_time: StrictFloat | None = Field(None, gt=0,
                                           description="seconds, or a string like 10m, 2h")
+    cost: StrictFloat | None = Field(None, gt=0, description="items scored, all tasks together")
 
     @field_validator("wall_time", mode="before")
     @classmethod
@@ -103,8 +106,8 @@ class BudgetConfig(_Strict):
 
     @model_validator(mode="after")
     def _some_limit(self) -> BudgetConfig:
-        if self.evaluations is None and self.wall_time is None:
-            raise ValueError("set evaluations and/or wall_time")
+        if self.evaluations is None and self.wall_time is None and self.cost is None:
+            raise ValueError("set evaluations, wall_time and/or cost")
         return self
 
 

@@ -99,6 +99,9 @@ def of_search(search: Search) -> dict[str, Any]:
         "strategy": exp.strategy.model_dump(mode="json"),
         "seed": exp.seed,
         "space": _digest(search.space.config.model_dump(mode="json")),
+        # the genome's layout: which value means what (source order, granularity, kinds)
+        "space.dimensions": _digest([[d.name, d.kind, d.low, d.high, list(d.choices)]
+                                     for d in search.space.dims]),
         "evaluator": evaluator,
         "evaluator.suite": tree_digest(search.suite),
         "models.options": {"allow_pickle": exp.models.allow_pickle,

@@ -1,9 +1,11 @@
 """What travels between strategy, worker and controller: candidates and results.
 
-A :class:`Candidate` is a point a strategy wants scored (its genome; the
-controller attaches the recipe the search space decodes it to).  A
+A :class:`Candidate` is what a strategy asks a worker for: a point of its
+search space (the controller attaches the recipe it decodes to) or a recipe
+it built, to be scored as a trial or answered by a named probe.  A
 :class:`Result` is what came back: objective values, per-task scores,
-per-item correctness, timings, and whether it worked.  Both are plain data
+per-item correctness with item ids, a probe's payload, cost, timings, and
+whether it worked.  Both are plain data
 with a JSON form, so they can cross process boundaries and live in storage.
 """
 
@@ -18,34 +20,50 @@ from mergesearch.recipe import Recipe
 Status = Literal["ok", "failed"]
 
 
+SCORE = "score"  # the request kind of a trial; any other kind names a probe
+
+
 @dataclass
 class Candidate:
-    """One point to evaluate.
+    """One request to a worker.
 
     ``id`` is unique within a search (strategies number their candidates 0, 1, ...);
-    ``fidelity`` in (0, 1] is the share of the evaluation set to use; ``kind`` says
-    what the strategy asks for ("score" for now; probes such as gradients come later).
+    ``genome`` is a point of the search space (the controller attaches the recipe it
+    decodes to), or ``None`` when the strategy built the ``recipe`` itself (children of
+    archive members, Frank-Wolfe iterates); ``fidelity`` in (0, 1] is the share of the
+    evaluation set to use; ``kind`` is ``"score"`` for a trial, or the name of a probe
+    whose JSON payload goes back to the strategy; ``meta`` is the strategy's JSON notes
+    (parents, generation, predicted values), stored with the trial.
     """
 
     id: int
-    genome: list[float]
+    genome: list[float] | None
     fidelity: float = 1.0
-    kind: str = "score"
+    kind: str = SCORE
     recipe: Recipe | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_probe(self) -> bool:
+        return self.kind != SCORE
 
     def to_dict(self) -> dict[str, Any]:
-        data = {"id": self.id, "genome": list(self.genome), "fidelity": self.fidelity,
-                "kind": self.kind}
+        data = {"id": self.id, "genome": None if self.genome is None else list(self.genome),
+                "fidelity": self.fidelity, "kind": self.kind}
         if self.recipe is not None:
             data["recipe"] = self.recipe.to_dict()
+        if self.meta:
+            data["meta"] = self.meta
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Candidate:
-        recipe = data.get("recipe")
-        return cls(id=int(data["id"]), genome=[float(g) for g in data["genome"]],
-                   fidelity=float(data.get("fidelity", 1.0)), kind=data.get("kind", "score"),
-                   recipe=Recipe.from_dict(recipe) if recipe is not None else None)
+        recipe, genome = data.get("recipe"), data.get("genome")
+        return cls(id=int(data["id"]),
+                   genome=None if genome is None else [float(g) for g in genome],
+                   fidelity=float(data.get("fidelity", 1.0)), kind=data.get("kind", SCORE),
+                   recipe=Recipe.from_dict(recipe) if recipe is not None else None,
+                   meta=dict(data.get("meta") or {}))
 
 
 @dataclass
@@ -54,7 +72,9 @@ class Result:
 
     ``values`` maps objective names to numbers (empty when the evaluation failed);
     ``scores`` maps task -> metric -> value; ``correct`` maps task -> per-item
-    correctness; ``timings`` are seconds by phase (``merge``, ``evaluate``, ...).
+    correctness, and ``items`` task -> the ids (positions in the task's data) of those
+    items, in the same order; ``payload`` is a probe's JSON answer; ``cost`` counts the
+    items scored; ``timings`` are seconds by phase (``merge``, ``evaluate``, ...).
     """
 
     candidate_id: int
@@ -63,6 +83,9 @@ class Result:
     reason: str | None = None
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
     correct: dict[str, list[bool]] = field(default_factory=dict)
+    items: dict[str, list[int]] = field(default_factory=dict)
+    payload: dict[str, Any] | None = None
+    cost: float = 0.0
     timings: dict[str, float] = field(default_factory=dict)
     attempts: int = 1  # > 1 when workers died running it and it was retried
 
@@ -80,7 +103,7 @@ class Result:
         if self.ok and bad:
             return Result(candidate_id=self.candidate_id, status="failed",
                           reason=f"non-finite objective values: {', '.join(bad)}",
-                          scores=self.scores, timings=self.timings)
+                          scores=self.scores, cost=self.cost, timings=self.timings)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,3 +112,31 @@ class Result:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Result:
         return cls(**data)
+
+
+def pack_bits(values: list[bool]) -> str:
+    """Per-item correctness as a string of 0s and 1s (how storage and logs keep it)."""
+    return "".join("1" if v else "0" for v in values)
+
+
+def unpack_bits(text: str) -> list[bool]:
+    return [c == "1" for c in text]
+
+
+def pack_ids(ids: list[int]) -> str:
+    """Item ids as runs, ``"0-15,18,20-31"``: a seeded subset of a task stays short."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def unpack_ids(text: str) -> list[int]:
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        a, _, b = part.partition("-")
+        out += range(int(a), int(b or a) + 1)
+    return out

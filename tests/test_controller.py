@@ -43,7 +43,13 @@ def test_every_trial_is_recorded_with_its_recipe_scores_and_state(zoo, tmp_path)
             np.mean([s["char_accuracy"] for s in t.scores.values()]))
         assert t.timings["merge"] > 0 and t.timings["evaluate"] > 0
     raw = store.study.trials[0].user_attrs["correct"]
-    assert set(raw) == set(trials[0].scores) and all(len(v) == 16 for v in raw.values())
+    assert set(raw) == set(trials[0].scores)
+    for packed in raw.values():  # per-item correctness, with the ids of the items scored
+        assert len(packed["correct"]) == 16 and set(packed["correct"]) <= {"0", "1"}
+    for t in trials:
+        assert all(len(t.items[task]) == len(t.correct[task]) == 16 for task in t.scores)
+        assert len(set(t.items["zoo_rev"])) == 16  # 16 distinct items of the task
+        assert t.cost == 64  # items scored: 16 per task
     state = store.load_state()
     assert state["strategy"] == "random" and json.loads(json.dumps(state)) == state
     # the first random candidate is the space's start: the uniform merge

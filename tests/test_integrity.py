@@ -378,3 +378,14 @@ def test_a_missing_relative_model_path_is_not_tried_as_a_hub_id(tmp_path, monkey
     with pytest.raises(ExperimentError, match=r"'models/math' not found"):
         resolve_model("models/math", exp)
     assert resolve_model("org/model", exp) == "org/model"  # no such folder: a hub id
+
+
+def test_sources_listed_in_another_order_are_another_search(zoo, tmp_path):
+    """The order of the sources is the genome's layout: weight[rev] first, or weight[dup]."""
+    exp = zoo_experiment(tmp_path, budget={"evaluations": 2})
+    run(exp, progress=False)
+    shuffled = dict(sorted(exp.models.sources.items()))
+    assert list(shuffled) != list(exp.models.sources)
+    with pytest.raises(StorageError, match=r"different space.dimensions"):
+        run(zoo_experiment(tmp_path, budget={"evaluations": 3},
+                           models={"base": "zoo:base", "sources": shuffled}), progress=False)

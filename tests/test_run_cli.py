@@ -129,7 +129,7 @@ BAD = {
     "missing zoo model": ({"models": {"base": "zoo:base", "sources": {"a": "zoo:add"}}},
                           "no model 'add'"),
     "budget 0": ({"budget": {"evaluations": 0}}, "budget.evaluations"),
-    "no budget": ({"budget": {}}, "set evaluations and/or wall_time"),
+    "no budget": ({"budget": {}}, "set evaluations, wall_time and/or cost"),
     "missing space": ({"space": "search_spaces/nope.yaml"}, "nope.yaml"),
     "bad storage URL": ({"storage": "nonsense://db"}, "cannot open storage 'nonsense://db'"),
 }

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from mergesearch.evaluation import EvaluatorConfig, make_evaluator
+from mergesearch.execution import probes
 from mergesearch.models.resident import Hold, ResidentMerger
 from mergesearch.recipe import Recipe
 from mergesearch.trial import Candidate, Result
@@ -69,7 +70,8 @@ class Worker:
             self.merger.plan(Recipe.from_dict(spec.check_recipe))
 
     def evaluate(self, candidate: Candidate) -> Result:
-        """Merge and score one candidate; any exception becomes a failed result."""
+        """Merge one candidate, then score it (a trial) or answer its probe; any exception
+        becomes a failed result."""
         t0 = time.perf_counter()
         merged = t0
         try:
@@ -77,6 +79,11 @@ class Worker:
                 raise ValueError("candidate has no recipe")
             model = self.merger.apply(candidate.recipe)
             merged = time.perf_counter()
+            if candidate.is_probe:
+                payload, cost = probes.answer(self, model, candidate)
+                done = time.perf_counter()
+                return Result(candidate_id=candidate.id, payload=payload, cost=cost,
+                              timings={"merge": merged - t0, "probe": done - merged})
             # one subset per fidelity for every candidate, so their scores compare
             ev = self.evaluator.evaluate(model, fidelity=candidate.fidelity, seed=0)
         except Exception as err:  # a bad candidate must not stop the search
@@ -86,5 +93,6 @@ class Worker:
                                  merge=merged - t0, evaluate=now - merged)
         done = time.perf_counter()
         return Result(candidate_id=candidate.id, values=dict(ev.values), scores=ev.scores,
-                      correct=ev.correct,
+                      correct=ev.correct, items=dict(ev.indices),
+                      cost=float(sum(len(v) for v in ev.correct.values())),
                       timings={"merge": merged - t0, "evaluate": done - merged}).check_finite()

@@ -108,6 +108,10 @@ class CandidateFailed(RuntimeError):
 
 def candidate_config(problem: Problem, candidate: Candidate) -> dict[str, Any]:
     """The Tune config of a candidate: its genome by dimension name, its id and fidelity."""
+    if candidate.genome is None or candidate.is_probe:
+        what = "a probe" if candidate.is_probe else "a recipe it built"
+        raise CandidateFailed(f"candidate {candidate.id} is {what}: Tune trials are points of "
+                              "the search space; run such strategies with `mergesearch run`")
     config: dict[str, Any] = dict(zip(problem.names, candidate.genome, strict=True))
     config[CANDIDATE_ID] = candidate.id
     config[FIDELITY] = candidate.fidelity

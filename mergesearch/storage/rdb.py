@@ -59,7 +59,8 @@ def open_rdb(url: str) -> optuna.storages.RDBStorage:
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError,
                 sqlalchemy.exc.OperationalError) as err:
             # another process creating the tables (PostgreSQL) or holding SQLite's lock
-            racing = any(s in str(err) for s in ("already exists", "duplicate key", "locked"))
+            racing = any(s in str(err) for s in ("already exists", "duplicate key", "locked",
+                                                  "UNIQUE constraint failed"))
             if attempt == attempts - 1 or not racing:
                 raise StorageError(_cannot_open(url, err)) from None
             time.sleep(0.2 * (attempt + 1) * (1 + random.random()))

@@ -16,11 +16,10 @@ import json
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.distributions import FloatDistribution
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from mergesearch.storage import lease
@@ -35,7 +34,16 @@ from mergesearch.storage.rdb import (
 )
 from mergesearch.storage.state import StateLog
 from mergesearch.strategies.base import Dimension, Objective
-from mergesearch.trial import Candidate, Result
+from mergesearch.strategies.optuna_samplers import distribution
+from mergesearch.trial import (
+    SCORE,
+    Candidate,
+    Result,
+    pack_bits,
+    pack_ids,
+    unpack_bits,
+    unpack_ids,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +62,24 @@ REASON = "fail_reason"
 CACHED_FROM = "cached_from"
 ATTEMPTS = "attempts"
 GENOME = "genome"  # kept when storage refused the params, so nothing evaluated is lost
+META = "meta"  # the strategy's JSON notes on a candidate (parents, generation, predictions)
+# probe records (in the search's probe study, never among its trials)
+KIND = "kind"
+PAYLOAD = "payload"
+COST = "cost"
+PROBES = ".probes"  # suffix of the probe study's name
 
 
 @dataclass
 class TrialRecord:
-    """A trial as mergesearch reads it back ("running" only in studies other tools wrote)."""
+    """A trial (or a probe) as mergesearch reads it back ("running" only in studies other
+    tools wrote)."""
 
     number: int
     candidate_id: int
     state: str  # "running", "ok", "failed"
     values: dict[str, float]
-    params: dict[str, float]  # genome dimension name -> value
+    params: dict[str, Any]  # genome dimension name -> value (a categorical's choice)
     recipe: dict[str, Any] | None
     fidelity: float
     scores: dict[str, dict[str, float]]
@@ -72,11 +87,20 @@ class TrialRecord:
     cached_from: int | None
     timings: dict[str, float]
     attempts: int = 1
+    meta: dict[str, Any] = field(default_factory=dict)
+    correct: dict[str, list[bool]] = field(default_factory=dict)
+    items: dict[str, list[int]] = field(default_factory=dict)
+    kind: str = SCORE
+    payload: dict[str, Any] | None = None
+    cost: float = 0.0
+    finished_at: float = 0.0  # when it was written (seconds since the epoch)
 
     def result(self) -> Result:
+        """The result as the strategy was told it."""
         if self.state == "ok":
             return Result(candidate_id=self.candidate_id, values=dict(self.values),
-                          scores=self.scores, timings=self.timings)
+                          scores=self.scores, correct=self.correct, items=self.items,
+                          payload=self.payload, cost=self.cost, timings=self.timings)
         return Result.failed(self.candidate_id, self.reason or "failed")
 
 
@@ -92,7 +116,8 @@ class TrialStore:
         attrs = study.user_attrs
         self.objectives = [Objective(**o) for o in attrs.get(OBJECTIVES, [])]
         self._distributions = None
-        self._names: list[str] = []
+        self._dims: list[Dimension] = []
+        self._probes: TrialStore | None = None
         self._state = StateLog(storage, self._study_id, study.study_name)
         self._lease: lease.Lease | None = None
         if dims is not None:
@@ -121,8 +146,9 @@ class TrialStore:
                                "exist: create it, or fix the path")
         storage = open_rdb(url)
         with quiet_optuna():
-            if overwrite and has_study(storage, name):
-                optuna.delete_study(study_name=name, storage=storage)
+            for old in (name, name + PROBES) if overwrite else ():
+                if has_study(storage, old):
+                    optuna.delete_study(study_name=old, storage=storage)
             try:
                 study = optuna.create_study(storage=storage, study_name=name,
                                             directions=[o.direction for o in objectives])
@@ -147,8 +173,8 @@ class TrialStore:
         return cls(study, storage, url, dims)
 
     def set_dims(self, dims: Sequence[Dimension]) -> None:
-        self._names = [d.name for d in dims]
-        self._distributions = {d.name: FloatDistribution(d.low, d.high) for d in dims}
+        self._dims = list(dims)
+        self._distributions = {d.name: distribution(d) for d in dims}
 
     @property
     def experiment(self) -> dict[str, Any]:
@@ -220,30 +246,44 @@ class TrialStore:
         whose user attrs hold the genome, the values and the reason.
         """
         self._check_lease()
-        params = dict(zip(self._names, candidate.genome, strict=True))
+        if candidate.genome is not None:
+            params = {d.name: d.label(g) for d, g in zip(self._dims, candidate.genome,
+                                                         strict=True)}
+            distributions = self._distributions
+        else:  # a recipe the strategy built: no point of the space
+            params, distributions = {}, {}
         attrs: dict[str, Any] = {CANDIDATE: candidate.id, FIDELITY: candidate.fidelity}
         if candidate.recipe is not None:
             attrs[RECIPE] = candidate.recipe.to_dict()
+        if candidate.meta:
+            attrs[META] = candidate.meta
         if result.scores:
             attrs[SCORES] = result.scores
         if result.correct:
-            attrs[CORRECT] = {k: "".join("1" if c else "0" for c in v)
-                              for k, v in result.correct.items()}
+            attrs[CORRECT] = {t: {"correct": pack_bits(v), "items": pack_ids(result.items[t])}
+                              if t in result.items else pack_bits(v)
+                              for t, v in result.correct.items()}
         if result.timings:
             attrs[TIMINGS] = {k: round(v, 6) for k, v in result.timings.items()}
         if cached_from is not None:
             attrs[CACHED_FROM] = cached_from
         if result.attempts > 1:
             attrs[ATTEMPTS] = result.attempts
-        if result.ok:
+        if candidate.is_probe:
+            attrs |= {KIND: candidate.kind, COST: result.cost}
+            if result.payload is not None:
+                attrs[PAYLOAD] = result.payload
+        if result.ok and not candidate.is_probe:
             state, values = TrialState.COMPLETE, [float(result.values[o.name])
                                                   for o in self.objectives]
+        elif result.ok:  # a probe: its one value is what it cost
+            state, values = TrialState.COMPLETE, [float(result.cost)]
         else:
             state, values = TrialState.FAIL, None
             attrs[REASON] = result.reason or "failed"
         try:
             template = create_trial(state=state, values=values, params=params,
-                                    distributions=self._distributions, user_attrs=attrs)
+                                    distributions=distributions, user_attrs=attrs)
         except ValueError as err:
             log.error("%s: storage refused candidate %d (%s); kept as a failed trial with its "
                       "genome and values in user attrs", self.where, candidate.id, err)
@@ -251,6 +291,37 @@ class TrialStore:
                       REASON: f"storage refused the trial: {err}"}
             template = create_trial(state=TrialState.FAIL, user_attrs=attrs)
         return self._storage.create_new_trial(self._study_id, template_trial=template)
+
+    # -- probes ---------------------------------------------------------------------------
+
+    def _probe_store(self, *, create: bool) -> TrialStore | None:
+        """The study beside this one that keeps its probes: recorded like trials (one
+        transaction each, the strategy hears of them from the state log), but never
+        counted as trials, in the front, the budget of evaluations or `status`."""
+        if self._probes is None:
+            name = self.study.study_name + PROBES
+            if has_study(self._storage, name):
+                with quiet_optuna():
+                    study = optuna.load_study(study_name=name, storage=self._storage)
+            elif create:
+                with quiet_optuna():
+                    study = optuna.create_study(storage=self._storage, study_name=name,
+                                                directions=["minimize"])
+                study.set_user_attr(EXPERIMENT, {"probes_of": self.study.study_name})
+                study.set_user_attr(OBJECTIVES, [vars(Objective("cost", "minimize"))])
+            else:
+                return None
+            self._probes = TrialStore(study, self._storage, self.url, self._dims)
+        self._probes._lease = self._lease
+        return self._probes
+
+    def add_probe(self, candidate: Candidate, result: Result) -> int:
+        """Record a probe's answer (its payload, cost, recipe and metadata)."""
+        return self._probe_store(create=True).add(candidate, result)
+
+    def probes(self) -> list[TrialRecord]:
+        store = self._probe_store(create=False)
+        return [] if store is None else store.trials()
 
     def fail_running(self, reason: str) -> int:
         """Mark trials left RUNNING (by other tools or older versions) failed; how many."""
@@ -271,12 +342,24 @@ class TrialStore:
         if t.values is not None:
             values = {o.name: v for o, v in zip(self.objectives, t.values, strict=True)}
         a = t.user_attrs
+        correct, items = {}, {}
+        for task, packed in a.get(CORRECT, {}).items():
+            if isinstance(packed, dict):
+                correct[task], items[task] = unpack_bits(packed["correct"]), \
+                    unpack_ids(packed["items"])
+            else:  # studies from before item ids were kept
+                correct[task] = unpack_bits(packed)
+        kind = a.get(KIND, SCORE)
+        cost = float(a[COST]) if COST in a else (
+            float(sum(map(len, correct.values()))) if a.get(CACHED_FROM) is None else 0.0)
         return TrialRecord(
-            number=t.number, candidate_id=int(a.get(CANDIDATE, -1)), state=state, values=values,
-            params=dict(t.params), recipe=a.get(RECIPE),
+            number=t.number, candidate_id=int(a.get(CANDIDATE, -1)), state=state,
+            values=values if kind == SCORE else {}, params=dict(t.params), recipe=a.get(RECIPE),
             fidelity=float(a.get(FIDELITY, 1.0)),
             scores=a.get(SCORES, {}), reason=a.get(REASON), cached_from=a.get(CACHED_FROM),
-            timings=a.get(TIMINGS, {}), attempts=int(a.get(ATTEMPTS, 1)))
+            timings=a.get(TIMINGS, {}), attempts=int(a.get(ATTEMPTS, 1)), meta=a.get(META, {}),
+            correct=correct, items=items, kind=kind, payload=a.get(PAYLOAD), cost=cost,
+            finished_at=t.datetime_complete.timestamp() if t.datetime_complete else 0.0)
 
     def trial_number(self, trial_id: int) -> int:
         return self._storage.get_trial_number_from_id(trial_id)

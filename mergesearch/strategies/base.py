@@ -16,19 +16,21 @@ slow may override both methods with a native state.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import struct
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mergesearch.errors import MergesearchError
-from mergesearch.trial import Candidate, Result
+from mergesearch.recipe import Recipe, RecipeError
+from mergesearch.trial import SCORE, Candidate, Result, pack_bits, pack_ids, unpack_bits, unpack_ids
 
 STATE_VERSION = 1
 
@@ -42,28 +44,111 @@ class ReplayError(StrategyError):
 
 
 def genome_hash(genome: Sequence[float], fidelity: float = 1.0) -> str:
-    """A short, exact digest of a proposal (float64 bits), logged with every ask so a
-    replay that would attach recorded results to other genomes is caught."""
+    """A short, exact digest of a genome proposal (float64 bits)."""
     data = struct.pack(f"<{len(genome) + 1}d", *genome, fidelity)
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def proposal_hash(candidate: Candidate) -> str:
+    """A short digest of what a candidate asks for, logged with every ask, so that a replay
+    which would attach recorded results to other proposals is caught."""
+    if candidate.genome is not None and candidate.kind == SCORE:
+        return genome_hash(candidate.genome, candidate.fidelity)  # as states logged it first
+    what = {"genome": candidate.genome, "fidelity": candidate.fidelity, "kind": candidate.kind,
+            "recipe": None if candidate.recipe is None else candidate.recipe.to_dict()}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Proposal:
+    """What ``_ask`` returns for one candidate: a ``genome`` in the problem's space *or* a
+    ``recipe`` the strategy built (a :class:`Recipe` or its dict), with the fidelity, the
+    request ``kind`` (``"score"``, or a probe's name) and JSON ``meta`` to store with it.
+    A plain ``(genome, fidelity)`` pair is the short form of a genome to score."""
+
+    genome: Sequence[float] | None = None
+    recipe: Recipe | dict[str, Any] | None = None
+    fidelity: float = 1.0
+    kind: str = SCORE
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Kind = Literal["real", "int", "categorical", "binary"]
+KINDS: tuple[str, ...] = ("real", "int", "categorical", "binary")
+
+
 @dataclass(frozen=True)
 class Dimension:
-    """One genome coordinate: a name (also the Optuna param name), bounds, a start value."""
+    """One genome coordinate: a name (also the Optuna param name), its kind, bounds and a
+    start value.
+
+    Every kind lives in the genome as a float: ``real`` anywhere in ``[low, high]``;
+    ``int`` and ``binary`` (``[0, 1]``) on whole numbers; ``categorical`` as the index of
+    one of ``choices`` (``low`` 0, ``high`` the last index).  Build the discrete kinds
+    with :meth:`integer`, :meth:`binary` and :meth:`categorical`.
+    """
 
     name: str
     low: float
     high: float
     init: float
+    kind: Kind = "real"
+    choices: tuple[str, ...] = ()
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise StrategyError(f"dimension {self.name!r}: unknown kind {self.kind!r} "
+                                f"(known: {', '.join(KINDS)})")
+        if self.kind == "categorical":
+            if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
+                raise StrategyError(f"dimension {self.name!r}: a categorical needs two or more "
+                                    f"distinct choices, got {list(self.choices)}")
+            if (self.low, self.high) != (0, len(self.choices) - 1):
+                raise StrategyError(f"dimension {self.name!r}: a categorical spans the indices "
+                                    f"0..{len(self.choices) - 1}")
+        elif self.choices:
+            raise StrategyError(f"dimension {self.name!r}: only categoricals have choices")
+        if self.kind == "binary" and (self.low, self.high) != (0, 1):
+            raise StrategyError(f"dimension {self.name!r}: a binary spans [0, 1]")
         if not self.low < self.high:
             raise StrategyError(
                 f"dimension {self.name!r}: low {self.low} must be < high {self.high}")
-        if not self.low <= self.init <= self.high:
-            raise StrategyError(
-                f"dimension {self.name!r}: init {self.init} outside [{self.low}, {self.high}]")
+        if not self.contains(self.init):
+            what = "outside" if not self.low <= self.init <= self.high else \
+                f"not a {self.kind} value in"
+            raise StrategyError(f"dimension {self.name!r}: init {self.init} {what} "
+                                f"[{self.low}, {self.high}]")
+
+    @classmethod
+    def integer(cls, name: str, low: int, high: int, init: int | None = None) -> Dimension:
+        return cls(name, float(low), float(high), float(low if init is None else init), "int")
+
+    @classmethod
+    def binary(cls, name: str, init: int = 0) -> Dimension:
+        return cls(name, 0.0, 1.0, float(init), "binary")
+
+    @classmethod
+    def categorical(cls, name: str, choices: Sequence[str], init: int | str = 0) -> Dimension:
+        choices = tuple(str(c) for c in choices)
+        index = choices.index(init) if isinstance(init, str) else int(init)
+        return cls(name, 0.0, float(len(choices) - 1), float(index), "categorical", choices)
+
+    @property
+    def discrete(self) -> bool:
+        return self.kind != "real"
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` is a genome value of this dimension (NaN never is)."""
+        if not self.low <= value <= self.high:
+            return False
+        return not self.discrete or float(value).is_integer()
+
+    def label(self, value: float) -> float | int | str:
+        """The value as a reader (and Optuna's storage) sees it: the choice of a categorical,
+        a whole number for int and binary."""
+        if self.kind == "categorical":
+            return self.choices[int(value)]
+        return int(value) if self.discrete else float(value)
 
 
 @dataclass(frozen=True)
@@ -82,10 +167,14 @@ class Objective:
 
 @dataclass(frozen=True)
 class Problem:
-    """What a strategy may know: the genome's dimensions and the objectives."""
+    """What a strategy may know: the genome's dimensions and the objectives, and (in a
+    search) ``decode``, the search space's pure genome -> :class:`Recipe` map, for
+    strategies that build recipes from earlier ones (archives, crossovers)."""
 
     dims: tuple[Dimension, ...]
     objectives: tuple[Objective, ...]
+    decode: Callable[[Sequence[float]], Recipe] | None = field(default=None, compare=False,
+                                                               repr=False)
 
     def __post_init__(self):
         if not self.dims:
@@ -123,6 +212,11 @@ class Problem:
     def multi_objective(self) -> bool:
         return len(self.objectives) > 1
 
+    @property
+    def discrete(self) -> list[Dimension]:
+        """The dimensions that are not real numbers."""
+        return [d for d in self.dims if d.discrete]
+
     def losses(self, values: dict[str, float]) -> np.ndarray:
         """Objective values as losses (smaller is better), in objective order."""
         return np.array([o.sign * values[o.name] for o in self.objectives], dtype=float)
@@ -133,7 +227,12 @@ class Problem:
         return float(sum(o.weight * o.sign * values[o.name] for o in self.objectives) / total)
 
     def clip(self, genome: Sequence[float]) -> list[float]:
-        return [float(min(max(g, d.low), d.high)) for g, d in zip(genome, self.dims, strict=True)]
+        """``genome`` within the bounds, discrete dimensions rounded to their nearest value."""
+        out = []
+        for g, d in zip(genome, self.dims, strict=True):
+            g = float(min(max(g, d.low), d.high))
+            out.append(float(round(g)) if d.discrete else g)
+        return out
 
 
 class StrategyOptions(BaseModel):
@@ -159,9 +258,24 @@ class Strategy(ABC):
     #: distributions whose random streams the strategy's proposals depend on: their
     #: versions are part of a study's fingerprint, since an upgrade may change the replay
     rng_libraries: ClassVar[tuple[str, ...]] = ("numpy",)
+    #: whether the strategy reads per-item correctness (M2N2, IRT estimators): then the
+    #: replay log keeps each result's correctness and item ids, so a resumed strategy
+    #: sees exactly what it saw before
+    uses_items: ClassVar[bool] = False
+    #: the variable kinds the strategy searches; a problem with others is refused when the
+    #: strategy is built, with a message naming strategies that handle them
+    kinds: ClassVar[frozenset[str]] = frozenset(KINDS)
 
     def __init__(self, problem: Problem, options: dict[str, Any] | StrategyOptions | None = None,
                  *, seed: int = 0):
+        unknown = [d for d in problem.dims if d.kind not in self.kinds]
+        if unknown:
+            able = sorted(n for n, c in _REGISTRY.items()
+                          if {d.kind for d in unknown} <= c.kinds)
+            raise StrategyError(
+                f"{self.name} searches {', '.join(sorted(self.kinds))} variables only, but "
+                f"dimension {unknown[0].name!r} is {unknown[0].kind} ({len(unknown)} such): "
+                f"use {', '.join(able) or 'another strategy'}, which handle every type")
         self.problem = problem
         self.seed = int(seed)
         self.options = self.parse_options(options)
@@ -189,7 +303,12 @@ class Strategy(ABC):
 
     def ask(self, n: int = 1) -> list[Candidate]:
         """Up to ``n`` new candidates; fewer (even none) when the strategy must wait for
-        results first (e.g. at a generation boundary) or is done."""
+        results first (e.g. at a generation boundary) or is done.
+
+        Each proposal is checked here, before anything is evaluated: a genome outside its
+        dimensions (bounds, whole numbers, choices), a recipe that does not validate, a
+        fidelity outside (0, 1] or metadata that is not JSON is the strategy's bug.
+        """
         if n < 1:
             raise StrategyError(f"ask(n) needs n >= 1, got {n}")
         if self.done:
@@ -197,12 +316,8 @@ class Strategy(ABC):
         proposed = self._ask(n)
         if len(proposed) > n:
             raise AssertionError(f"{self.name} returned {len(proposed)} candidates for ask({n})")
-        out = []
-        for k, (genome, fidelity) in enumerate(proposed):
-            genome = [float(g) for g in genome]
-            self._check_proposal(self._next_id + k, genome, float(fidelity))
-            out.append(Candidate(id=self._next_id + k, genome=genome, fidelity=float(fidelity)))
-        hashes = [genome_hash(c.genome, c.fidelity) for c in out]
+        out = [self._candidate(self._next_id + k, p) for k, p in enumerate(proposed)]
+        hashes = [proposal_hash(c) for c in out]
         if self._replaying is not None:  # the log says what this ask gave when it ran
             self._check_replay(out, hashes)
         self._log.append(["ask", n, hashes])
@@ -211,21 +326,52 @@ class Strategy(ABC):
             self._pending[cand.id] = cand
         return out
 
-    def _check_proposal(self, cid: int, genome: list[float], fidelity: float) -> None:
-        """A proposal outside the problem is the strategy's bug: refuse it before anything
+    def _candidate(self, cid: int, proposal: Proposal | tuple) -> Candidate:
+        """A checked candidate from what ``_ask`` returned."""
+        if not isinstance(proposal, Proposal):  # the short form: (genome, fidelity)
+            genome, fidelity = proposal
+            proposal = Proposal(genome=genome, fidelity=fidelity)
+        where = f"{self.name} proposed candidate {cid}"
+        if (proposal.genome is None) == (proposal.recipe is None):
+            what = "both a genome and" if proposal.genome is not None else "neither a genome nor"
+            raise StrategyError(f"{where} with {what} a recipe: give exactly one (a strategy "
+                                "bug)")
+        genome = recipe = None
+        if proposal.genome is not None:
+            genome = [float(g) for g in proposal.genome]
+            self._check_genome(cid, genome)
+        else:
+            try:
+                recipe = (proposal.recipe if isinstance(proposal.recipe, Recipe)
+                          else Recipe.from_dict(proposal.recipe))
+            except RecipeError as err:
+                raise StrategyError(f"{where} with an invalid recipe: {err}") from None
+        fidelity = float(proposal.fidelity)
+        if not 0.0 < fidelity <= 1.0:
+            raise StrategyError(f"{where} with fidelity {fidelity!r}: fidelities are in (0, 1]")
+        if not isinstance(proposal.kind, str) or not proposal.kind:
+            raise StrategyError(f"{where} with request kind {proposal.kind!r}: use 'score' or "
+                                "a probe's name")
+        try:
+            meta = json.loads(json.dumps(proposal.meta, allow_nan=False))
+        except (TypeError, ValueError) as err:
+            raise StrategyError(f"{where} with metadata that is not plain JSON: {err}") from None
+        return Candidate(id=cid, genome=genome, fidelity=fidelity, kind=proposal.kind,
+                         recipe=recipe, meta=meta)
+
+    def _check_genome(self, cid: int, genome: list[float]) -> None:
+        """A genome outside the problem is the strategy's bug: refuse it before anything
         is evaluated (storage would refuse it after the evaluation)."""
         if len(genome) != self.problem.n_dims:
             raise StrategyError(f"{self.name} proposed candidate {cid} with {len(genome)} "
                                 f"values for {self.problem.n_dims} dimensions (a strategy bug)")
         for g, d in zip(genome, self.problem.dims, strict=True):
-            if not d.low <= g <= d.high:  # also false for NaN
+            if not d.contains(g):  # also false for NaN
+                what = "outside" if not d.low <= g <= d.high else f"not a {d.kind} value in"
                 raise StrategyError(
-                    f"{self.name} proposed {d.name} = {g!r} for candidate {cid}, outside "
+                    f"{self.name} proposed {d.name} = {g!r} for candidate {cid}, {what} "
                     f"[{d.low}, {d.high}] (a strategy bug: strategies must return genomes "
-                    "within the bounds)")
-        if not 0.0 < fidelity <= 1.0:
-            raise StrategyError(f"{self.name} proposed fidelity {fidelity!r} for candidate "
-                                f"{cid}: fidelities are in (0, 1]")
+                    "within their dimensions)")
 
     def _check_replay(self, out: list[Candidate], hashes: list[str]) -> None:
         logged = self._replaying.pop(0)
@@ -251,7 +397,7 @@ class Strategy(ABC):
             if r.candidate_id not in self._pending or r.candidate_id in seen:
                 raise StrategyError(f"{self.name}: candidate {r.candidate_id} is not awaiting a "
                                     "result (never asked, or already told)")
-            if r.ok:
+            if r.ok and not self._pending[r.candidate_id].is_probe:
                 missing = [o.name for o in self.problem.objectives if o.name not in r.values]
                 if missing:
                     raise StrategyError(f"{self.name}: result for candidate {r.candidate_id} lacks "
@@ -265,7 +411,10 @@ class Strategy(ABC):
             pairs.append((self._pending[r.candidate_id], r))
         if not pairs:
             return
-        self._log.append(["tell", [_log_record(r, self.problem) for r in results]])
+        records = [self._log_record(r) for r in results]
+        self._log.append(["tell", records])
+        # the strategy hears what the log keeps, no more: the same live and on replay
+        pairs = [(cand, _replayed(rec)) for (cand, _), rec in zip(pairs, records, strict=True)]
         for cand, _ in pairs:
             del self._pending[cand.id]
         self._tell(pairs)
@@ -280,6 +429,19 @@ class Strategy(ABC):
     def pending(self) -> list[Candidate]:
         """Candidates asked for and not yet told, oldest first."""
         return list(self._pending.values())
+
+    def _log_record(self, result: Result) -> dict[str, Any]:
+        """What the replay log keeps of a told result: everything the strategy may read."""
+        values = {}
+        if result.ok and not self._pending[result.candidate_id].is_probe:
+            values = {o.name: float(result.values[o.name]) for o in self.problem.objectives}
+        record = {"id": result.candidate_id, "values": values, "status": result.status}
+        if result.payload is not None:
+            record["payload"] = result.payload
+        if self.uses_items and result.correct:
+            record["correct"] = {t: pack_bits(v) for t, v in result.correct.items()}
+            record["items"] = {t: pack_ids(v) for t, v in result.items.items()}
+        return record
 
     # -- state --------------------------------------------------------------------------
 
@@ -306,8 +468,7 @@ class Strategy(ABC):
                 if kind == "ask":
                     self.ask(int(payload))
                 elif kind == "tell":
-                    self.tell(Result(candidate_id=int(r["id"]), values=r["values"],
-                                     status=r["status"]) for r in payload)
+                    self.tell(_replayed(r) for r in payload)
                 else:
                     raise StrategyError(f"unknown event {kind!r} in strategy state")
         finally:
@@ -320,8 +481,8 @@ class Strategy(ABC):
         """(Re)build all internal state from ``self.problem``, ``self.options``, ``self.seed``."""
 
     @abstractmethod
-    def _ask(self, n: int) -> list[tuple[Sequence[float], float]]:
-        """Up to ``n`` ``(genome, fidelity)`` pairs, genomes within the bounds.
+    def _ask(self, n: int) -> list[Proposal | tuple[Sequence[float], float]]:
+        """Up to ``n`` proposals (or ``(genome, fidelity)`` pairs), within the problem.
 
         The ``k``-th pair becomes candidate ``self._next_id + k`` (strategies that must map
         ids back to their own bookkeeping may rely on this)."""
@@ -331,9 +492,13 @@ class Strategy(ABC):
         """Take finished candidates (failed ones have ``result.ok`` False and no values)."""
 
 
-def _log_record(result: Result, problem: Problem) -> dict[str, Any]:
-    values = {o.name: float(result.values[o.name]) for o in problem.objectives} if result.ok else {}
-    return {"id": result.candidate_id, "values": values, "status": result.status}
+def _replayed(record: dict[str, Any]) -> Result:
+    """The result a log record stands for: what the strategy is told (treat its payload as
+    read-only: the log keeps it)."""
+    return Result(candidate_id=int(record["id"]), values=dict(record["values"]),
+                  status=record["status"], payload=record.get("payload"),
+                  correct={t: unpack_bits(v) for t, v in record.get("correct", {}).items()},
+                  items={t: unpack_ids(v) for t, v in record.get("items", {}).items()})
 
 
 _REGISTRY: dict[str, type[Strategy]] = {}
@@ -351,11 +516,23 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 
 def get_strategy(name: str) -> type[Strategy]:
-    try:
+    """A registered strategy by name, or one given by import path (``package.module:Class``,
+    a Strategy subclass: an extension point that needs no registration)."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        raise StrategyError(f"unknown strategy {name!r}; available: "
-                            f"{', '.join(sorted(_REGISTRY))}") from None
+    module, sep, attr = name.partition(":")
+    if sep:
+        import importlib
+
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise StrategyError(f"strategy {name!r} cannot be imported: {err}") from None
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise StrategyError(f"strategy {name!r} is not a Strategy subclass")
+        return cls
+    raise StrategyError(f"unknown strategy {name!r}; available: {', '.join(sorted(_REGISTRY))}"
+                        " (or give one as module:Class)")
 
 
 def strategies() -> dict[str, type[Strategy]]:

@@ -77,6 +77,7 @@ class CMAES(Strategy):
 
     name = "cmaes"
     rng_libraries = ("cma", "numpy")
+    kinds = frozenset({"real"})  # pycma's search distribution is continuous
     description = "CMA-ES (pycma), single objective (weighted sum), generation by generation"
     multi_objective = False
     Options = CMAESOptions

@@ -1,7 +1,9 @@
 """Optuna's TPE and NSGA-II samplers as mergesearch strategies.
 
 Each strategy drives an in-memory ``optuna.Study`` through ``study.ask`` / ``study.tell``: one
-``FloatDistribution`` per dimension (named as the dimension), one direction per objective,
+distribution per dimension, named as the dimension (``FloatDistribution`` for real,
+``IntDistribution`` for int and binary, ``CategoricalDistribution`` for categorical: every
+variable type), one direction per objective,
 failed candidates told as ``TrialState.FAIL``.  All the maths is Optuna's; faithful to
 Optuna's samplers with the defaults given below.  Our choices: the problem's init point is
 enqueued as the first trial (``include_init``), and Optuna's logging and experimental warnings
@@ -19,14 +21,19 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import optuna
-from optuna.distributions import FloatDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import TrialState
 from pydantic import Field
 
-from mergesearch.strategies.base import Strategy, StrategyOptions, register
+from mergesearch.strategies.base import Dimension, Strategy, StrategyOptions, register
 from mergesearch.trial import Candidate, Result
 
 
@@ -42,6 +49,20 @@ def _quiet_optuna() -> Iterator[None]:
             yield
     finally:
         optuna.logging.set_verbosity(level)
+
+
+def distribution(d: Dimension) -> BaseDistribution:
+    """Optuna's distribution for a dimension (also how storage records its params)."""
+    if d.kind == "categorical":
+        return CategoricalDistribution(d.choices)
+    if d.discrete:
+        return IntDistribution(int(d.low), int(d.high))
+    return FloatDistribution(d.low, d.high)
+
+
+def genome_value(d: Dimension, value: Any) -> float:
+    """An Optuna param value back in genome units (a categorical's choice -> its index)."""
+    return float(d.choices.index(value)) if d.kind == "categorical" else float(value)
 
 
 class OptunaOptions(StrategyOptions):
@@ -64,12 +85,12 @@ class _OptunaStrategy(Strategy):
 
     def _setup(self) -> None:
         p = self.problem
-        self._distributions = {d.name: FloatDistribution(d.low, d.high) for d in p.dims}
+        self._distributions = {d.name: distribution(d) for d in p.dims}
         with _quiet_optuna():
             self._study = optuna.create_study(
                 directions=[o.direction for o in p.objectives], sampler=self._sampler())
             if self.options.include_init:
-                self._study.enqueue_trial({d.name: float(d.init) for d in p.dims})
+                self._study.enqueue_trial({d.name: d.label(d.init) for d in p.dims})
         self._trials: dict[int, optuna.Trial] = {}
 
     @property
@@ -84,7 +105,8 @@ class _OptunaStrategy(Strategy):
                 trial = self._study.ask(self._distributions)
                 self._after_ask(trial)
                 self._trials[self._next_id + k] = trial  # the id the base class will give it
-                out.append(([trial.params[name] for name in self._distributions], 1.0))
+                out.append(([genome_value(d, trial.params[d.name]) for d in self.problem.dims],
+                            1.0))
         return out
 
     def _after_ask(self, trial: optuna.Trial) -> None:

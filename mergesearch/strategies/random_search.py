@@ -42,8 +42,22 @@ class RandomSearch(Strategy):
             out.append((self.problem.x0, 1.0))
         low, high = self.problem.low, self.problem.high
         for _ in range(n - len(out)):
-            out.append((self.problem.clip(self._rng.uniform(low, high)), 1.0))
+            out.append((self._point(self._rng.uniform(low, high)), 1.0))
         return out
+
+    def _point(self, draw: np.ndarray) -> list[float]:
+        """A uniform draw in the box, made a genome: each discrete dimension takes each of
+        its values with equal chance (one draw per dimension whatever the kinds, so a space
+        of real dimensions samples what it always did)."""
+        genome = self.problem.clip(draw) if not self.problem.discrete else list(draw)
+        for i, d in enumerate(self.problem.dims):
+            if d.discrete:
+                values = int(d.high - d.low) + 1
+                share = (draw[i] - d.low) / (d.high - d.low)
+                genome[i] = float(d.low + min(int(share * values), values - 1))
+            else:
+                genome[i] = float(min(max(genome[i], d.low), d.high))
+        return genome
 
     def _tell(self, told: list[tuple[Candidate, Result]]) -> None:
         """Nothing to learn: random search ignores its results."""

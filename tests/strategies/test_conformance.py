@@ -410,3 +410,112 @@ def test_resume_in_a_fresh_process() -> None:
     done = subprocess.run([sys.executable, "-c", _RESUME], input=json.dumps(data), env=env,
                           cwd=root, capture_output=True, text=True, check=True, timeout=120)
     assert json.loads(done.stdout) == expected
+
+
+# -- second-round contracts: typed variables, proposals, what a strategy is told -----------
+
+#: One dimension of every kind, with a loss that prefers a corner of each.
+TYPED = Problem((Dimension("w", 0.0, 1.0, 0.5), Dimension.integer("k", 1, 6, 3),
+                 Dimension.categorical("src", ["a", "b", "c"], "a"),
+                 Dimension.binary("on", 0)),
+                (Objective("loss", "minimize"), Objective("size", "minimize")))
+
+
+def typed(x: np.ndarray) -> dict[str, float]:
+    return {"loss": float((x[0] - 0.2) ** 2 + abs(x[1] - 5) + (x[2] != 2) + (1 - x[3])),
+            "size": float(x[1])}
+
+
+def test_every_variable_type_is_searched_or_refused_by_name(name: str) -> None:
+    cls = strategies()[name]
+    if not {"int", "categorical", "binary"} <= cls.kinds:
+        with pytest.raises(StrategyError, match=r"searches real variables only.*use .*random"):
+            cls(TYPED, seed=0)
+        return
+    s = cls(TYPED, seed=4)
+    history = drive(s, typed, 60, batches=(3, 5))
+    seen = {d.name: set() for d in TYPED.dims}
+    for cand, _ in history:
+        for g, d in zip(cand.genome, TYPED.dims, strict=True):
+            assert d.contains(g), (d.name, g)
+            seen[d.name].add(d.label(g))
+    assert seen["src"] == {"a", "b", "c"} and seen["on"] == {0, 1}
+    assert len(seen["k"]) >= 4 and all(isinstance(v, int) for v in seen["k"])
+
+
+def test_typed_state_round_trips(name: str) -> None:
+    cls = strategies()[name]
+    if "categorical" not in cls.kinds:
+        pytest.skip(f"{name} searches real variables only")
+    s = cls(TYPED, seed=5)
+    drive(s, typed, 12, batches=(4,))
+    s.ask(2)
+    t = cls(TYPED, seed=0)
+    t.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert t.pending == s.pending
+    for c in s.pending:
+        s.tell([result(c, typed)])
+        t.tell([result(c, typed)])
+    assert s.ask(4) == t.ask(4)
+
+
+def test_what_a_strategy_is_told_is_what_its_log_keeps(name: str) -> None:
+    """Told live or replayed, a strategy hears the same: values, status, payloads, and
+    per-item correctness only if it declares ``uses_items``."""
+    s = create_strategy(name, MIXED, seed=8)
+    heard: list[Result] = []
+    original = s._tell
+    s._tell = lambda told: (heard.extend(r for _, r in told), original(told))[-1]
+    cands = s.ask(3)
+    s.tell(Result(c.id, mixed(np.asarray(c.genome)), scores={"t": {"m": 1.0}},
+                  correct={"t": [True, False]}, items={"t": [4, 9]}, timings={"merge": 1.0})
+           for c in cands)
+    state = json.loads(json.dumps(s.state_dict()))
+    t = create_strategy(name, MIXED, seed=8)
+    replay: list[Result] = []
+    original_t = t._tell
+    t._tell = lambda told: (replay.extend(r for _, r in told), original_t(told))[-1]
+    t.load_state_dict(state)
+    assert heard == replay and len(heard) == 3
+    for r in heard:
+        assert r.scores == {} and r.timings == {}
+        assert (r.correct, r.items) == (({"t": [True, False]}, {"t": [4, 9]})
+                                        if s.uses_items else ({}, {}))
+
+
+def test_proposals_outside_the_contract_are_refused_at_ask() -> None:
+    class Bad(Strategy):
+        name = "bad-for-test"
+        description = "test only"
+        multi_objective = True
+
+        def _setup(self):
+            self.next = None
+
+        def _ask(self, n):
+            return [self.next]
+
+        def _tell(self, told):
+            pass
+
+    from mergesearch.strategies import Proposal
+
+    s = Bad(TYPED)
+    cases = {
+        "outside": Proposal(genome=[1.5, 1, 0, 0]),
+        "not a int value": Proposal(genome=[0.5, 2.5, 0, 0]),
+        "not a categorical value": Proposal(genome=[0.5, 2, 0.5, 0]),
+        "neither a genome nor a recipe": Proposal(),
+        "both a genome and a recipe": Proposal(genome=[0.5, 2, 0, 0], recipe={"method": "x"}),
+        "invalid recipe": Proposal(recipe={"method": "no-such-method", "models": []}),
+        "fidelity": Proposal(genome=[0.5, 2, 0, 0], fidelity=0.0),
+        "not plain JSON": Proposal(genome=[0.5, 2, 0, 0], meta={"x": object()}),
+    }
+    for message, proposal in cases.items():
+        s.next = proposal
+        with pytest.raises(StrategyError, match=message):
+            s.ask(1)
+    assert s.state_dict()["log"] == [] and s.pending == []  # nothing was asked
+    s.next = Proposal(genome=[0.5, 2, 1, 1], kind="delta_stats", meta={"why": "probe"})
+    (cand,) = s.ask(1)
+    assert (cand.kind, cand.is_probe, cand.meta) == ("delta_stats", True, {"why": "probe"})
