@@ -5,19 +5,51 @@ from __future__ import annotations
 from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+
+from mergesearch.objectives import metric_problem
 
 
 class ObjectiveConfig(BaseModel):
-    """One objective: a metric averaged over some tasks of the suite."""
+    """One objective: a metric averaged over some tasks of the suite (``source:
+    evaluator``), or computed from the recipe or the merged weights (``recipe``,
+    ``weights``: see :mod:`mergesearch.objectives`)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
     metric: str
+    source: Literal["evaluator", "recipe", "weights"] = "evaluator"
     tasks: list[str] | None = Field(None, min_length=1)  # None: every task of the evaluator
     direction: Literal["maximize", "minimize"] = "maximize"
     weight: float = Field(1.0, gt=0)  # for strategies that scalarise several objectives
+
+    @model_validator(mode="after")
+    def _check_source(self) -> ObjectiveConfig:
+        if self.tasks is not None and self.source != "evaluator":
+            raise ValueError(f"objective {self.name!r}: 'tasks' is only for source: evaluator, "
+                             f"not {self.source}")
+        problem = metric_problem(self.source, self.metric)
+        if problem:
+            raise ValueError(f"objective {self.name!r}: {problem}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """The default source is left out, so evaluator objectives dump (and fingerprint
+        studies) as they did before sources existed."""
+        data = handler(self)
+        if data.get("source") == "evaluator":
+            del data["source"]
+        return data
 
 
 class EvaluatorConfig(BaseModel):

@@ -77,15 +77,17 @@ class HFEvaluator:
             raise EvaluationError(f"evaluator.tasks names unknown tasks {unknown}; the suite "
                                   f"{config.suite!r} has {sorted(specs)}")
         self.tasks = {n: specs[n] for n in names}
-        self.objective_names = [o.name for o in config.objectives]
-        self.directions = {o.name: o.direction for o in config.objectives}
+        # recipe and weight objectives are computed on the worker (mergesearch.objectives)
+        self._objectives = [o for o in config.objectives if o.source == "evaluator"]
+        self.objective_names = [o.name for o in self._objectives]
+        self.directions = {o.name: o.direction for o in self._objectives}
         self._objective_tasks = {o.name: self._check_objective(o.name, o.metric, o.tasks)
-                                 for o in config.objectives}
+                                 for o in self._objectives}
         known = {m for spec in self.tasks.values() for m in spec.metrics}
         if bad := sorted(set(metrics) - known):
             raise EvaluationError(f"metrics {bad} are not produced by any task; choose from "
                                   f"{sorted(known)}")
-        wanted = {(t, o.metric) for o in config.objectives for t in self._objective_tasks[o.name]}
+        wanted = {(t, o.metric) for o in self._objectives for t in self._objective_tasks[o.name]}
         wanted |= {(t, m) for t, s in self.tasks.items() for m in metrics if m in s.metrics}
         self._generate = {t for t, m in wanted if m.startswith("exact_match")}
         if self.tokenizer.eos_token_id is None and any(
@@ -189,7 +191,7 @@ class HFEvaluator:
                         name, task, fidelity, seed, device), out)
         finally:
             model.train(was_training)
-        for obj in self.config.objectives:
+        for obj in self._objectives:
             out.values[obj.name] = _mean([out.scores[t][obj.metric]
                                           for t in self._objective_tasks[obj.name]])
         return out
