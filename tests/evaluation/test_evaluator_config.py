@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 from transformers import PreTrainedTokenizerFast
 
@@ -92,6 +93,38 @@ def test_mixed_suite_objective_metric_must_fit_every_task(
         ObjectiveConfig(name="o", metric="acc", tasks=["mc"]),
         ObjectiveConfig(name="p", metric="char_accuracy", tasks=["gen"])])
     assert HFEvaluator(ok, tok).objective_names == ["o", "p"]
+
+
+@pytest.mark.parametrize(("objective", "match"), [
+    ({"name": "s", "source": "weights", "metric": "sparsity"},
+     r"objective 's': unknown weights metric 'sparsity'; known: delta_l1, delta_l2, "
+     r"delta_sparsity"),
+    ({"name": "m", "source": "recipe", "metric": "delta_l1"},
+     r"objective 'm': unknown recipe metric 'delta_l1'; known: .*num_models"),
+    ({"name": "m", "source": "recipe", "metric": "num_models", "tasks": ["zoo_rev"]},
+     r"objective 'm': 'tasks' is only for source: evaluator, not recipe"),
+    ({"name": "m", "source": "model", "metric": "num_models"}, "source"),
+])
+def test_objective_sources_refuse_unknown_metrics_and_tasks(objective: dict, match: str) -> None:
+    with pytest.raises(ValidationError, match=match):
+        config(objectives=[objective])
+
+
+def test_evaluator_computes_only_its_own_objectives(tok: PreTrainedTokenizerFast,
+                                                    lm: torch.nn.Module) -> None:
+    cfg = config(limit=2, objectives=[
+        {"name": "sparsity", "source": "weights", "metric": "delta_sparsity"},
+        {"name": "models", "source": "recipe", "metric": "num_models", "direction": "minimize"},
+        {"name": "rev", "metric": "char_accuracy", "tasks": ["zoo_rev"]}])
+    evaluator = HFEvaluator(cfg, tok)
+    assert evaluator.objective_names == ["rev"] and evaluator.directions == {"rev": "maximize"}
+    ev = evaluator.evaluate(lm)
+    assert set(ev.values) == {"rev"}
+    assert ev.values["rev"] == ev.scores["zoo_rev"]["char_accuracy"]
+    # the default source is left out of the dump (fingerprints of older studies stand)
+    dumped = [o.model_dump(mode="json") for o in cfg.objectives]
+    assert [d.get("source") for d in dumped] == ["weights", "recipe", None]
+    assert EvaluatorConfig.model_validate(cfg.model_dump(mode="json")) == cfg
 
 
 def test_relative_suite_resolves_against_base_dir(tok: PreTrainedTokenizerFast,
