@@ -235,13 +235,19 @@ def extra_objective_values(worker: Worker, candidate: Candidate, model: Any) -> 
     """The recipe and weight objectives of one merged candidate (``{}`` if there are none).
 
     ``worker.extra_objectives`` lists the experiment's objectives (those of
-    ``source: evaluator`` are skipped). Weight objectives compare every tensor of the
+    ``source: evaluator`` are skipped); a worker without it has them read from its
+    ``spec.evaluator``. Weight objectives compare every tensor of the
     resident ``model`` that the recipe's base has with the base's tensor from the
     worker's pool, in float32 (a model held in a lower precision is compared as held).
     """
     import torch
 
-    objectives = [o for o in worker.extra_objectives if o.source != "evaluator"]
+    objectives = getattr(worker, "extra_objectives", None)
+    if objectives is None:
+        from mergesearch.evaluation.config import EvaluatorConfig
+
+        objectives = EvaluatorConfig.model_validate(worker.spec.evaluator).objectives
+    objectives = [o for o in objectives if o.source != "evaluator"]
     recipe = candidate.recipe
     out = recipe_values(recipe, objectives)
     weights = WeightObjectives(objectives)

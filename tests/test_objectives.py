@@ -151,6 +151,11 @@ def test_weight_objectives_need_a_base_and_matching_shapes(tiny) -> None:
             ObjectiveConfig(name="acc", metric="char_accuracy")]
     assert extra_objective_values(worker_for(merger, only), Candidate(0, None, recipe=r),
                                   model) == {"n": 2.0}
+    # a worker without extra_objectives reads them from its spec's evaluator
+    spec = SimpleNamespace(evaluator={"suite": "evaluators/zoo", "objectives": [
+        o.model_dump(mode="json") for o in only]})
+    bare = SimpleNamespace(merger=merger, spec=spec)
+    assert extra_objective_values(bare, Candidate(0, None, recipe=r), model) == {"n": 2.0}
     with pytest.raises(ObjectiveError, match=r"shape \[2\], the base \[3\]"):
         WeightObjectives(WEIGHTS).update("x", torch.zeros(2), torch.zeros(3))
 
