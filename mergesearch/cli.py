@@ -88,7 +88,21 @@ def _store(args: argparse.Namespace):
     from mergesearch.storage import TrialStore
 
     exp = _experiment(args)
-    return exp, TrialStore.open(exp.storage_url, args.study or exp.name)
+    study = args.study or exp.name
+    if exp.stages:  # a staged experiment: one study per stage, the last by default
+        from mergesearch.controller import stage_study
+
+        names = [st.name for st in exp.stages]
+        if args.stage is not None and args.stage not in names:
+            raise UsageError(f"--stage {args.stage!r}: the stages are {', '.join(names)}")
+        if args.stage is None:
+            ran = [n for n in names if TrialStore.exists(exp.storage_url,
+                                                         stage_study(exp, n, args.study))]
+            args.stage = ran[-1] if ran else names[0]
+        study = stage_study(exp, args.stage, args.study)
+    elif getattr(args, "stage", None) is not None:
+        raise UsageError("--stage: this experiment has no stages")
+    return exp, TrialStore.open(exp.storage_url, study)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -100,8 +114,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.set = [*(args.set or ()), "execution.backend=ray",
                     f"execution.address={args.ray_address}"]
     exp = _experiment(args)
-    summary = run(exp, study=args.study, resume=True if args.resume else None,
-                  overwrite=args.overwrite, progress=not args.quiet)
+    if exp.stages:
+        from mergesearch.controller import run_stages
+
+        summaries = run_stages(exp, study=args.study, resume=True if args.resume else None,
+                               overwrite=args.overwrite, progress=not args.quiet)
+        for st in summaries[:-1]:
+            print(f"\n{st.study}: {st.finished} trials ({st.ok} ok); {st.evaluated_now} "
+                  f"evaluated in this run; stopped: {st.stopped}")
+        summary = summaries[-1]
+    else:
+        summary = run(exp, study=args.study, resume=True if args.resume else None,
+                      overwrite=args.overwrite, progress=not args.quiet)
     print(f"\n{summary.study}: {summary.finished} trials ({summary.ok} ok, {summary.failed} "
           f"failed, {summary.cached} from cache); {summary.evaluated_now} evaluated in this run "
           f"in {summary.elapsed:.0f} s; stopped: {summary.stopped}")
@@ -239,12 +263,15 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_args(p: argparse.ArgumentParser) -> None:
+def _study_args(p: argparse.ArgumentParser, *, stage: bool = True) -> None:
     p.add_argument("experiment", help="experiment YAML file")
     p.add_argument("--study", help="study name (default: the experiment's name)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override an experiment field, e.g. --set budget.evaluations=20 "
                    "(repeatable; values are read as YAML)")
+    if stage:
+        p.add_argument("--stage", help="for an experiment with stages: which stage's study "
+                       "(default: the last one that has run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -277,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "experiment, the run resumes it: finished trials are kept, the "
                        "strategy continues from its saved state, trials that were in flight "
                        "are evaluated again, and the budget counts every finished trial.")
-    _study_args(p)
+    _study_args(p, stage=False)
     p.add_argument("--resume", action="store_true",
                    help="resume the study, and fail if it does not exist (resuming is also "
                    "the default when it exists)")

@@ -72,7 +72,14 @@ class RunSummary:
 
 def resolve_model(ref: str, exp: Experiment, *, progress: bool = False) -> str:
     """A model reference as the merger opens it: zoo names built on demand, relative
-    paths found, anything else passed on (a hub id)."""
+    paths found, recipe-defined models and anything else passed on (a hub id).  With
+    ``models.loader`` a reference is whatever the loader takes: one that looks like a
+    path and is found becomes absolute, any other is passed on as written."""
+    if ref.startswith("recipe:"):
+        return ref
+    if exp.models.loader is not None:
+        found = exp.find(ref) if ref.startswith((".", "~")) or "/" in ref else None
+        return str(found) if found is not None else ref
     if ref.startswith("zoo:"):
         from mergesearch.zoo import build_zoo
 
@@ -111,7 +118,12 @@ class Search:
                         for n, r in models.sources.items()}
         first = self.base or next(iter(self.sources.values()))
         try:
-            ckpt = open_checkpoint(first, allow_pickle=models.allow_pickle, base=self.base)
+            if models.loader is not None:  # any torch module: layers read from its names
+                from mergesearch.models.generic import LoadedCheckpoint
+
+                ckpt = LoadedCheckpoint.load(models.loader, first)
+            else:
+                ckpt = open_checkpoint(first, allow_pickle=models.allow_pickle, base=self.base)
             num_layers = ckpt.num_layers
             key = layer_key(ckpt.names)
         except ModelLoadError as err:
@@ -136,18 +148,28 @@ class Search:
         if self.problem.multi_objective and not self.strategy.multi_objective:
             log.info("%s optimises one scalar: the weighted sum of %d objectives",
                      self.strategy.name, len(objectives))
-        suite = exp.find(exp.evaluator.suite)
-        if suite is None:
-            raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
-        evaluator = exp.evaluator.model_dump(mode="json") | {"suite": str(suite)}
+        evaluator, suite = exp.evaluator.model_dump(mode="json"), None
+        if exp.evaluator.backend == "hf":
+            suite = exp.find(exp.evaluator.suite)
+            if suite is None:
+                raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
+            evaluator["suite"] = str(suite)
+        else:  # a function by import path: checked here, before the workers start
+            from mergesearch.models.generic import import_function
+
+            try:
+                import_function(exp.evaluator.function, "evaluator.function")
+            except ModelLoadError as err:
+                raise ExperimentError(str(err)) from None
         start = self.space.start
         dtype = exp.execution.dtype or start.dtype
         self.worker_spec = WorkerSpec(
-            tokenizer=first, evaluator=evaluator, device=exp.execution.device, dtype=dtype,
+            tokenizer=first if suite is not None else None,  # the python backend needs none
+            evaluator=evaluator, device=exp.execution.device, dtype=dtype,
             hold_sources=exp.execution.hold_sources,
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
             check_recipe=start.to_dict(),
-            worker_class=exp.execution.worker_class)
+            worker_class=exp.execution.worker_class, loader=models.loader)
         self.device_type = "cuda" if exp.execution.gpus_per_worker > 0 else device.type
         self.suite = suite
 
@@ -278,6 +300,9 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     ``resume=None`` continues an existing study with the same experiment and starts
     a new one otherwise; ``True`` requires the study to exist; ``overwrite`` replaces it.
     """
+    if exp.stages:
+        return run_stages(exp, study=study, resume=resume, overwrite=overwrite,
+                          progress=progress, on_result=on_result)[-1]
     search = Search(exp, study=study, progress=progress)
     search.check_not_held()  # before minutes of model loading
     executor = search.make_executor()  # loads models: fails here, before anything is written
@@ -287,6 +312,63 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
         executor.close()
         raise
     return _Loop(search, store, executor, progress, on_result).run()
+
+
+def stage_study(exp: Experiment, stage: str, study: str | None = None) -> str:
+    """The study of one stage: ``<study>.<stage>``."""
+    return f"{study or exp.name}.{stage}"
+
+
+def run_stages(exp: Experiment, *, study: str | None = None, resume: bool | None = None,
+               overwrite: bool = False, progress: bool = True,
+               on_result: Callable[[Result], None] | None = None) -> list[RunSummary]:
+    """Run the stages of an experiment in order, each into its own study; a stage's
+    ``sources_from`` adds the trial an earlier stage chose (the best by the objectives'
+    weights) as a model rebuilt from its recipe.  Resuming skips the stages already done
+    (without loading their models) and continues inside the one a kill interrupted."""
+    from mergesearch.models.recipe_model import recipe_ref
+    from mergesearch.report import choose
+
+    done: dict[str, RunSummary] = {}
+    for i, st in enumerate(exp.stages):
+        extra = {}
+        for source, earlier in st.sources_from.items():
+            summary = done[earlier]
+            if not summary.front:
+                raise SearchError(f"stage {st.name!r}: stage {earlier!r} has no completed "
+                                  f"trial to take as source {source!r}")
+            extra[source] = recipe_ref(choose(summary.front, summary.objectives).recipe)
+        stage_exp = exp.stage(i, extra)
+        name = stage_study(exp, st.name, study)
+        summary = None if overwrite else _finished_stage(stage_exp, name)
+        if summary is None:
+            log.info("stage %d/%d: %s", i + 1, len(exp.stages), st.name)
+            summary = run(stage_exp, study=name, resume=resume if i == 0 else None,
+                          overwrite=overwrite, progress=progress, on_result=on_result)
+        done[st.name] = summary
+    return list(done.values())
+
+
+def _finished_stage(exp: Experiment, study: str) -> RunSummary | None:
+    """The summary of a stage whose study already holds its whole budget of trials and was
+    run as the experiment says now (else None: it must run, or refuse, as any search)."""
+    url = exp.storage_url
+    budget = exp.budget.evaluations
+    if budget is None or not TrialStore.exists(url, study):
+        return None
+    store = TrialStore.open(url, study)
+    recorded = {k: v for k, v in store.experiment.items() if k != "study"}
+    if Experiment.from_dict(recorded).fingerprint() != exp.fingerprint():
+        return None
+    trials = store.trials()
+    if len(trials) < budget:
+        return None
+    ok = sum(t.state == "ok" for t in trials)
+    return RunSummary(
+        study=study, storage=url, run_dir=exp.run_dir, objectives=store.objectives,
+        finished=len(trials), ok=ok, failed=len(trials) - ok,
+        cached=sum(t.cached_from is not None for t in trials), evaluated_now=0,
+        stopped="budget", elapsed=0.0, front=store.pareto_front())
 
 
 @dataclass

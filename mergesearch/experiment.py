@@ -23,10 +23,12 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     StrictFloat,
     StrictInt,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -58,12 +60,27 @@ class _Strict(BaseModel):
 
 
 class ModelsConfig(_Strict):
-    """The base model and the source models to merge, by short name."""
+    """The base model and the source models to merge, by short name.
+
+    Without ``loader`` they are HF causal LMs (folders, hub ids, zoo names); with
+    ``loader: "package.module:function"`` each reference, a path or any string, is
+    passed to ``function(ref) -> (torch.nn.Module, state_dict)`` (any torch model).
+    """
 
     base: str | None = Field(None, description="local path, hub id or zoo:base")
     sources: dict[str, str] = Field(min_length=1, description="name -> path, hub id or zoo:<skill>")
+    loader: str | None = Field(None, pattern=r"^[\w.]+:[\w.]+$", description="package.module:"
+                               "function giving (module, state_dict) for each reference")
     allow_pickle: bool = False
     trust_remote_code: bool = False
+
+    @model_serializer(mode="wrap")
+    def _dump_models(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """No loader is left out, so HF models dump (and fingerprint studies) as before."""
+        data = handler(self)
+        if data.get("loader") is None:
+            data.pop("loader", None)
+        return data
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -147,21 +164,72 @@ class ExecutionConfig(_Strict):
         return self
 
 
+class StageConfig(_Strict):
+    """One search of a staged experiment; what it leaves out comes from the experiment."""
+
+    name: Name
+    space: str | dict[str, Any] | None = None
+    strategy: StrategyConfig | None = None
+    budget: BudgetConfig | None = None
+    sources_from: dict[str, str] = Field(
+        default_factory=dict, description="new source name -> an earlier stage, whose chosen "
+        "trial (the best by the objectives' weights) joins the models, rebuilt from its recipe")
+
+
 class Experiment(_Strict):
-    """A whole search, as written in an experiment file."""
+    """A whole search, as written in an experiment file (or several, in ``stages``)."""
 
     name: Name
     description: str = ""
     models: ModelsConfig
-    space: str | dict[str, Any] = Field(description="a search_spaces/ file or an inline space")
-    strategy: StrategyConfig
+    space: str | dict[str, Any] | None = Field(
+        None, description="a search_spaces/ file or an inline space")
+    strategy: StrategyConfig | None = None
     evaluator: EvaluatorConfig
     budget: BudgetConfig
+    stages: list[StageConfig] | None = Field(
+        None, min_length=1, description="searches run in order, each its own study "
+        "(<study>.<stage>); a later one may merge with an earlier one's chosen trial")
     execution: ExecutionConfig = ExecutionConfig()
     storage: str | None = Field(
         None, description="SQLAlchemy URL; default: sqlite file study.db in the run folder")
     output: str | None = Field(None, min_length=1, description="run folder; default runs/<name>")
     seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _space_and_strategy(self) -> Experiment:
+        if self.stages is None:
+            missing = [k for k in ("space", "strategy") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(f"{' and '.join(missing)} missing (or give stages)")
+            return self
+        names = [st.name for st in self.stages]
+        for i, st in enumerate(self.stages):
+            if names.index(st.name) != i:
+                raise ValueError(f"stages: {st.name!r} is named twice")
+            for k in ("space", "strategy"):
+                if getattr(st, k) is None and getattr(self, k) is None:
+                    raise ValueError(f"stages.{i}.{k}: missing (and no top-level {k})")
+            for source, earlier in st.sources_from.items():
+                if earlier not in names[:i]:
+                    raise ValueError(f"stages.{i}.sources_from.{source}: {earlier!r} is not an "
+                                     f"earlier stage ({', '.join(names[:i]) or 'none'})")
+                if source in self.models.sources:
+                    raise ValueError(f"stages.{i}.sources_from.{source}: a source of that "
+                                     "name exists already")
+        return self
+
+    def stage(self, index: int, extra_sources: dict[str, str] | None = None) -> Experiment:
+        """Stage ``index`` as an experiment of its own (its sources plus ``extra_sources``)."""
+        st = self.stages[index]
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data |= {"space": st.space if st.space is not None else self.space,
+                 "strategy": (st.strategy or self.strategy).model_dump(mode="json"),
+                 "budget": (st.budget or self.budget).model_dump(mode="json")}
+        data["models"]["sources"] = {**self.models.sources, **(extra_sources or {})}
+        exp = Experiment.from_dict(data, where=f"stages.{index}")
+        exp._file = self._file
+        return exp
 
     # Fields that may change when a study is resumed (everything else must match).
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("budget", "execution", "storage", "output",

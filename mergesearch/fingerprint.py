@@ -103,7 +103,7 @@ def of_search(search: Search) -> dict[str, Any]:
         "space.dimensions": _digest([[d.name, d.kind, d.low, d.high, list(d.choices)]
                                      for d in search.space.dims]),
         "evaluator": evaluator,
-        "evaluator.suite": tree_digest(search.suite),
+        "evaluator.suite": tree_digest(search.suite) if search.suite is not None else None,
         "models.options": {"allow_pickle": exp.models.allow_pickle,
                            "trust_remote_code": exp.models.trust_remote_code},
         "execution.dtype": search.worker_spec.dtype,
@@ -114,7 +114,13 @@ def of_search(search: Search) -> dict[str, Any]:
     refs = ({"models.base": search.base} if search.base else {}) | {
         f"models.sources.{name}": ref for name, ref in search.sources.items()}
     for key, ref in refs.items():
-        fp[key] = model_identity(resolve_model_dir(ref))
+        if exp.models.loader is not None:  # any torch model: loader, tensor index, values
+            from mergesearch.models.generic import LoadedCheckpoint
+
+            fp[key] = LoadedCheckpoint.load(exp.models.loader, ref).identity()
+            continue
+        fp[key] = _digest(ref) if ref.startswith("recipe:") else \
+            model_identity(resolve_model_dir(ref))  # a recipe-defined model: its recipe
     return fp
 
 

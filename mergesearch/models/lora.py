@@ -73,7 +73,12 @@ def open_checkpoint(ref: str, *, allow_pickle: bool = False,
                     base: str | Checkpoint | None = None) -> Checkpoint | LoraCheckpoint:
     """A model reference opened for reading: a :class:`LoraCheckpoint` for an adapter
     folder (on ``base`` if given, else the adapter's own base), else a ``Checkpoint``
-    (``base`` is then ignored)."""
+    (``base`` is then ignored); a ``recipe:{...}`` reference is a recipe-defined model,
+    merged once (:mod:`mergesearch.models.recipe_model`)."""
+    if ref.startswith("recipe:"):
+        from mergesearch.models.recipe_model import RecipeModel
+
+        return RecipeModel(ref)
     if is_lora_adapter(resolve_model_dir(ref)):
         return LoraCheckpoint(ref, base=base, allow_pickle=allow_pickle)
     return Checkpoint(ref, allow_pickle=allow_pickle)
