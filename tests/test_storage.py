@@ -121,3 +121,39 @@ def test_a_study_written_before_appended_checkpoints_still_resumes(tmp_path):
     assert system_attrs(reopened)[STATE]["epoch"] == 1
     assert TrialStore.open(f"sqlite:///{tmp_path / 'study.db'}", "s").load_state() == \
         json.loads(json.dumps(strategy.state_dict()))
+
+
+def test_the_direct_trial_insert_writes_what_optuna_writes(tmp_path):
+    """The few-statement insert and Optuna's own create_new_trial give identical trials,
+    numbered in one sequence, for every variable kind, values, attrs and failures."""
+    import math
+
+    import optuna
+    from optuna.trial import TrialState, create_trial
+
+    from mergesearch.storage import insert
+    from mergesearch.strategies.optuna_samplers import distribution
+
+    dims = [Dimension("w", 0.0, 2.0, 1.0), Dimension.integer("k", 1, 5, 2),
+            Dimension.categorical("src", ["a", "b"], "b"), Dimension.binary("on", 1)]
+    store = TrialStore.create(f"sqlite:///{tmp_path / 'study.db'}", "s",
+                              [Objective("y"), Objective("z", "minimize")], dims, {"name": "s"})
+    assert insert.supported(store._storage)
+    dists = {d.name: distribution(d) for d in dims}
+    templates = [
+        create_trial(state=TrialState.COMPLETE, values=[0.25, -math.inf],
+                     params={"w": 1.5, "k": 3, "src": "b", "on": 0}, distributions=dists,
+                     user_attrs={"recipe": {"method": "linear"}, "n": 3}),
+        create_trial(state=TrialState.FAIL, params={"w": 0.0, "k": 1, "src": "a", "on": 1},
+                     distributions=dists, user_attrs={"fail_reason": "boom"}),
+        create_trial(state=TrialState.FAIL, user_attrs={"genome": [9.0]}),
+    ]
+    for t in templates:  # each written both ways, alternating
+        store._storage.create_new_trial(store._study_id, template_trial=t)
+        insert.insert_trial(store._storage.engine, store._study_id, t)
+    fresh = optuna.load_study(study_name="s", storage=store.url).get_trials(deepcopy=False)
+    assert [t.number for t in fresh] == list(range(6))
+    for a, b in zip(fresh[::2], fresh[1::2], strict=True):
+        assert (a.state, a.values, a.params, a.distributions, a.user_attrs) == \
+            (b.state, b.values, b.params, b.distributions, b.user_attrs)
+        assert a.datetime_complete == b.datetime_complete

@@ -22,7 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from mergesearch.storage import lease
+from mergesearch.storage import insert, lease
 from mergesearch.storage.rdb import (
     StorageError,
     StudyExists,
@@ -119,6 +119,7 @@ class TrialStore:
         self._dims: list[Dimension] = []
         self._probes: TrialStore | None = None
         self._state = StateLog(storage, self._study_id, study.study_name)
+        self._direct = insert.supported(storage)  # trials written in a few SQL statements
         self._lease: lease.Lease | None = None
         if dims is not None:
             self.set_dims(dims)
@@ -290,6 +291,8 @@ class TrialStore:
             attrs |= {GENOME: list(candidate.genome), "values": dict(result.values),
                       REASON: f"storage refused the trial: {err}"}
             template = create_trial(state=TrialState.FAIL, user_attrs=attrs)
+        if self._direct:
+            return insert.insert_trial(self._storage.engine, self._study_id, template)
         return self._storage.create_new_trial(self._study_id, template_trial=template)
 
     # -- probes ---------------------------------------------------------------------------
