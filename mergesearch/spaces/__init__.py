@@ -101,9 +101,10 @@ def load_space(source: str | Path | Mapping[str, Any] | BaseModel, *, base: str 
     return kind.build(config, models)
 
 
-from mergesearch.spaces import parameters as _parameters  # noqa: E402  (registers its kind)
+# each module registers its kind
+from mergesearch.spaces import components, layer_path, parameters  # noqa: E402
 
-_ = _parameters
+_ = (components, layer_path, parameters)
 
 __all__ = ["Models", "Space", "SpaceError", "SpaceKind", "load_space", "read_space",
            "register_space", "space_kinds"]
