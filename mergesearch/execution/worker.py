@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from mergesearch.evaluation import EvaluatorConfig, make_evaluator
 from mergesearch.execution import probes
 from mergesearch.models.resident import Hold, ResidentMerger
+from mergesearch.objectives import extra_objective_values
 from mergesearch.recipe import Recipe
 from mergesearch.trial import Candidate, Result
 
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 class WorkerSpec:
     """What a worker needs, as plain data (so it can be shipped to another process)."""
 
-    tokenizer: str  # model directory whose tokenizer the evaluator uses
+    tokenizer: str | None  # model directory whose tokenizer the evaluator uses (hf backend)
     evaluator: dict[str, Any]  # EvaluatorConfig as a mapping, suite path absolute
     device: str = "cpu"
     dtype: str = "float32"
@@ -38,6 +38,7 @@ class WorkerSpec:
     trust_remote_code: bool = False
     check_recipe: dict[str, Any] | None = field(default=None)  # planned up front to fail early
     worker_class: str | None = None  # "module:Class", a Worker subclass (an extension point)
+    loader: str | None = None  # "module:function" opening every model (any torch module)
 
 
 def make_worker(spec: WorkerSpec) -> Worker:
@@ -61,11 +62,18 @@ class Worker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
         self.merger = ResidentMerger(device=spec.device, dtype=getattr(torch, spec.dtype),
-                                     hold=spec.hold_sources, allow_pickle=spec.allow_pickle)
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            spec.tokenizer, trust_remote_code=spec.trust_remote_code)
-        self.evaluator = make_evaluator(EvaluatorConfig.model_validate(spec.evaluator),
-                                        self.tokenizer)
+                                     hold=spec.hold_sources, allow_pickle=spec.allow_pickle,
+                                     loader=spec.loader)
+        self.tokenizer = None
+        if spec.tokenizer is not None:  # the python evaluator backend needs none
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                spec.tokenizer, trust_remote_code=spec.trust_remote_code)
+        config = EvaluatorConfig.model_validate(spec.evaluator)
+        self.evaluator = make_evaluator(config, self.tokenizer)
+        # recipe and weight objectives, computed after each merge (mergesearch.objectives)
+        self.extra_objectives = [o for o in config.objectives if o.source != "evaluator"]
         if spec.check_recipe is not None:
             self.merger.plan(Recipe.from_dict(spec.check_recipe))
 
@@ -84,6 +92,8 @@ class Worker:
                 done = time.perf_counter()
                 return Result(candidate_id=candidate.id, payload=payload, cost=cost,
                               timings={"merge": merged - t0, "probe": done - merged})
+            extra = extra_objective_values(self, candidate, model) \
+                if self.extra_objectives else {}
             # one subset per fidelity for every candidate, so their scores compare
             ev = self.evaluator.evaluate(model, fidelity=candidate.fidelity, seed=0)
         except Exception as err:  # a bad candidate must not stop the search
@@ -92,7 +102,8 @@ class Worker:
             return Result.failed(candidate.id, f"{type(err).__name__}: {err}",
                                  merge=merged - t0, evaluate=now - merged)
         done = time.perf_counter()
-        return Result(candidate_id=candidate.id, values=dict(ev.values), scores=ev.scores,
+        return Result(candidate_id=candidate.id, values=dict(ev.values) | extra,
+                      scores=ev.scores,
                       correct=ev.correct, items=dict(ev.indices),
                       cost=float(sum(len(v) for v in ev.correct.values())),
                       timings={"merge": merged - t0, "evaluate": done - merged}).check_finite()

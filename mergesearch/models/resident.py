@@ -14,6 +14,11 @@ that need the models (missing tensors, shapes, vocabulary sizes, layer counts
 and indices, non-finite weights) run when a recipe's models are first planned,
 before any parameter is touched: a broken source fails a worker at start-up,
 not every candidate.
+
+Models from a loader entry point (any torch module, see
+:mod:`mergesearch.models.generic`) merge the same way: the pool opens them with
+the loader, and the resident model is a copy of one loaded module instead of
+one built from an HF config.  Layer paths need HF causal LMs.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from mergesearch.merging.layers import (
     with_layer,
 )
 from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
+from mergesearch.models.generic import LoadedCheckpoint, LoadedConfig
 from mergesearch.models.lora import open_checkpoint
 from mergesearch.models.path_model import LayerPathModel, source_model
 from mergesearch.recipe import Recipe, RecipeError
@@ -76,10 +82,14 @@ class ModelPool:
     and :meth:`fetch` copies each one over when a merge needs it.  ``hold="auto"``
     is settled by :meth:`place` (until then tensors go to the device).  On a CPU
     device ``host`` and ``device`` are the same: the memory-mapped tensors, never copied.
+
+    ``loader`` (``"package.module:function"``) opens every reference with that loader
+    entry point (:class:`~mergesearch.models.generic.LoadedCheckpoint`) instead of
+    as a checkpoint folder.
     """
 
     def __init__(self, device: str | torch.device = "cpu", *, hold: Hold = "auto",
-                 allow_pickle: bool = False):
+                 allow_pickle: bool = False, loader: str | None = None):
         if hold not in HOLDS:
             raise ValueError(f"hold must be one of {', '.join(HOLDS)}, not {hold!r}")
         self.device = torch.device(device)
@@ -87,11 +97,14 @@ class ModelPool:
             hold = "device"  # only CUDA says what is free; on a CPU both places are one
         self.hold: Hold = hold
         self.allow_pickle = allow_pickle
+        self.loader = loader
         self._checkpoints: dict[str, Checkpoint] = {}
         self._tensors: dict[tuple[str, str], torch.Tensor] = {}
 
     def checkpoint(self, ref: str, base: str | None = None) -> Checkpoint:
         """The checkpoint for a model reference, opened on first use."""
+        if ref not in self._checkpoints and self.loader is not None:
+            self._checkpoints[ref] = LoadedCheckpoint.load(self.loader, ref)
         if ref not in self._checkpoints:
             # a LoRA adapter folder reads as its base with the adapter applied per tensor
             self._checkpoints[ref] = open_checkpoint(ref, allow_pickle=self.allow_pickle,
@@ -175,13 +188,14 @@ def _check_depth(ckpts: dict[str, Checkpoint], names: list[str]) -> None:
 class _Plan:
     """Where each output tensor comes from, checked once per set of models."""
 
-    config: PretrainedConfig
+    config: PretrainedConfig | LoadedConfig
     architecture: str  # what decides the model's structure, to compare cheaply
     sources: dict[str, list[Source]]  # output name -> one source per merged input
     base: dict[str, Source | None]  # output name -> base tensor (None without a base)
     vocab_rows: int | None  # rows to crop/pad vocabulary tensors to (vocab: base)
     refit: frozenset[str]  # output tensors with a source of another vocabulary size
     path_model: bool = False  # a layer path run over the sources (sources/base left empty)
+    module_from: str | None = None  # a loader's model: the resident is a copy of its module
 
 
 def _seed(seed: int, name: str) -> int:
@@ -204,8 +218,10 @@ class ResidentMerger:
         dtype: torch.dtype = torch.float32,
         hold: Hold = "auto",
         allow_pickle: bool = False,
+        loader: str | None = None,
     ):
-        self.pool = pool or ModelPool(device, hold=hold, allow_pickle=allow_pickle)
+        self.pool = pool or ModelPool(device, hold=hold, allow_pickle=allow_pickle,
+                                      loader=loader)
         self.device = self.pool.device
         self.dtype = dtype
         self.model: nn.Module | None = None
@@ -239,7 +255,11 @@ class ResidentMerger:
                 "models disagree on tie_word_embeddings: "
                 + ", ".join(f"{r}={t}" for r, t in ties.items())
             )
-        shapes = _param_shapes(config)
+        loaded = isinstance(ckpts[ref0], LoadedCheckpoint)
+        if loaded and hops:
+            raise RecipeError("layer paths (passthrough) need HF causal LMs; models from "
+                              "models.loader merge tensor-wise only")
+        shapes = ckpts[ref0].merge_shapes if loaded else _param_shapes(config)
         _check_depth(ckpts, list(shapes))
         if hops:
             for i, (ref, layer) in enumerate(hops):
@@ -303,7 +323,7 @@ class ResidentMerger:
             sources, base = {}, {}
         return _Plan(config=config, architecture=_architecture(config), sources=sources,
                      base=base, vocab_rows=vocab_rows, refit=frozenset(refit),
-                     path_model=path_model)
+                     path_model=path_model, module_from=ref0 if loaded else None)
 
     def _path_refusal(self, ckpts: dict[str, Checkpoint], hops: tuple) -> str | None:
         """Why these hops' models cannot run as a :class:`LayerPathModel` (None: they can).
@@ -357,7 +377,7 @@ class ResidentMerger:
         method = get_method(recipe.method)
         num_layers = plan.config.num_hidden_layers
         extra = method.prepare(self._groups(plan)) if method.prepare else {}
-        params = dict(model.named_parameters())
+        params = dict(model.named_parameters()) | dict(model.named_buffers())
         items = plan.sources.items()
         if progress:
             items = tqdm(items, desc=f"merging ({recipe.method})", unit="tensor")
@@ -432,9 +452,14 @@ class ResidentMerger:
     def _resident(self, plan: _Plan) -> nn.Module:
         """The resident model, rebuilt only when the architecture changes."""
         if self.model is None or self._architecture != plan.architecture:
-            device_ctx = torch.device(self.device) if self.device.type != "cpu" else nullcontext()
-            with device_ctx:
-                self.model = _empty_model(plan.config, self.dtype)
+            if plan.module_from is not None:
+                ckpt = self.pool.checkpoint(plan.module_from)
+                self.model = ckpt.make_module(self.device, self.dtype)
+            else:
+                device_ctx = (torch.device(self.device) if self.device.type != "cpu"
+                              else nullcontext())
+                with device_ctx:
+                    self.model = _empty_model(plan.config, self.dtype)
             self.model.eval()
             self._architecture = plan.architecture
         return self.model
@@ -444,6 +469,8 @@ class ResidentMerger:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if not recipe.layer_path:
+            return
         layers = _decoder_layers(model)
         for layer, hop in zip(layers, recipe.layer_path or (), strict=False):
             if hop.scale != 1.0:
@@ -473,7 +500,7 @@ _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "dtype", "torch_dt
                      "_commit_hash", "architectures"}
 
 
-def _architecture(config: PretrainedConfig) -> str:
+def _architecture(config: PretrainedConfig | LoadedConfig) -> str:
     """The config fields that decide the model's structure (not where it came from)."""
     fields = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     return json.dumps(fields, sort_keys=True, default=str)
