@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -53,17 +53,47 @@ class ObjectiveConfig(BaseModel):
 
 
 class EvaluatorConfig(BaseModel):
-    """A suite of lm-eval task YAMLs, the objectives read from it and how much of it to use."""
+    """A suite of lm-eval task YAMLs (``backend: hf``) or a scoring function named by
+    import path (``backend: python``, see :mod:`mergesearch.evaluation.python`), the
+    objectives read from it and how much of it to use."""
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["hf"] = "hf"
-    suite: str
+    backend: Literal["hf", "python"] = "hf"
+    suite: str | None = None  # hf: a folder of lm-eval task YAMLs
+    function: str | None = None  # python: "package.module:function"
+    split: str = "test"  # python: passed to the function
+    options: dict[str, Any] = Field(default_factory=dict)  # python: keywords for the function
     tasks: list[str] | None = Field(None, min_length=1)  # None: every task of the suite
     objectives: list[ObjectiveConfig] = Field(min_length=1)
     limit: int | None = Field(None, gt=0)  # items per task: a subset_seed-seeded sample
     subset_seed: int = 0
     batch_size: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _backend_fields(self) -> EvaluatorConfig:
+        if self.backend == "hf":
+            if self.suite is None:
+                raise ValueError("backend hf needs a suite (a folder of lm-eval task YAMLs)")
+            used = [k for k in ("function", "options") if getattr(self, k)]
+            if used or self.split != "test":
+                raise ValueError(f"{', '.join(used) or 'split'}: only for backend: python")
+        else:
+            if not self.function or ":" not in self.function:
+                raise ValueError("backend python needs function: 'package.module:function'")
+            if self.suite is not None:
+                raise ValueError("suite is only for backend: hf")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_evaluator(self, handler: SerializerFunctionWrapHandler) -> dict:
+        """The python backend's fields are left out of an hf evaluator's dump, so its
+        studies fingerprint as they did before the backend existed."""
+        data = handler(self)
+        if data.get("backend") == "hf":
+            for key in ("function", "split", "options"):
+                data.pop(key, None)
+        return data
 
     @field_validator("objectives")
     @classmethod
