@@ -38,7 +38,8 @@ from mergesearch.experiment import Experiment, ExperimentError
 from mergesearch.merging.layers import layer_key
 from mergesearch.models.checkpoint import ModelLoadError
 from mergesearch.models.lora import open_checkpoint
-from mergesearch.space import SearchSpace, SpaceConfig, SpaceError
+from mergesearch.space import SpaceError, load_space
+from mergesearch.spaces import read_space
 from mergesearch.storage import StorageError, StudyExists, TrialRecord, TrialStore, lease
 from mergesearch.strategies import Objective, Problem, Strategy, create_strategy
 from mergesearch.trial import Candidate, Result
@@ -135,9 +136,15 @@ class Search:
                 raise ExperimentError(f"space: search space file {space_src!r} not found")
             space_src = found
         try:
-            self.space = SearchSpace(SpaceConfig.load(space_src), base=self.base,
-                                     sources=self.sources, num_layers=num_layers, layer_key=key,
-                                     seed=exp.seed, tensor_names=ckpt.names)
+            config, kind = read_space(space_src)
+            counts = None
+            if kind.name == "layer_path":  # a path may run models of different depths
+                counts = {n: open_checkpoint(r, allow_pickle=models.allow_pickle,
+                                             base=self.base).num_layers
+                          for n, r in self.sources.items() if not r.startswith("recipe:")}
+            self.space = load_space(config, base=self.base, sources=self.sources,
+                                    num_layers=num_layers, layer_key=key, seed=exp.seed,
+                                    tensor_names=ckpt.names, layer_counts=counts)
         except SpaceError as err:
             raise ExperimentError(str(err)) from None
         objectives = tuple(Objective(o.name, o.direction, o.weight)

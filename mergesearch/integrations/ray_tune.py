@@ -65,7 +65,7 @@ from ray.tune.search.variant_generator import _has_unresolved_values
 
 from mergesearch.evaluation import EvaluatorConfig
 from mergesearch.execution.worker import WorkerSpec, make_worker
-from mergesearch.space import SearchSpace, SpaceConfig, SpaceError
+from mergesearch.space import Space, SpaceError, load_space
 from mergesearch.strategies import Objective, Problem, Strategy, StrategyError, create_strategy
 from mergesearch.trial import Candidate, Result
 
@@ -305,20 +305,20 @@ def default_metric(problem: Problem) -> str:
 # -- the trainable -------------------------------------------------------------------------
 
 
-def space_data(space: SearchSpace) -> dict[str, Any]:
+def space_data(space: Space) -> dict[str, Any]:
     """A bound search space as plain data (what a trial actor needs to rebuild it)."""
     return {"config": space.config.model_dump(mode="json"), "base": space.base,
             "sources": dict(space.sources), "num_layers": space.num_layers,
             "layer_key": space.layer_key, "seed": space.seed}
 
 
-def bind_space(data: SearchSpace | Mapping[str, Any]) -> SearchSpace:
-    """The inverse of :func:`space_data` (a :class:`SearchSpace` passes through)."""
-    if isinstance(data, SearchSpace):
+def bind_space(data: Space | Mapping[str, Any]) -> Space:
+    """The inverse of :func:`space_data` (a bound space passes through)."""
+    if not isinstance(data, Mapping):  # a bound space passes through
         return data
-    return SearchSpace(SpaceConfig.model_validate(data["config"]), base=data["base"],
-                       sources=dict(data["sources"]), num_layers=int(data["num_layers"]),
-                       layer_key=data["layer_key"], seed=int(data["seed"]))
+    return load_space(data["config"], base=data["base"], sources=dict(data["sources"]),
+                      num_layers=int(data["num_layers"]), layer_key=data["layer_key"],
+                      seed=int(data["seed"]))
 
 
 class MergeTrainable(tune.Trainable):
@@ -326,11 +326,11 @@ class MergeTrainable(tune.Trainable):
 
     Bind its set-up arguments with :func:`merge_trainable` (``tune.with_parameters``):
     ``worker_spec`` (a :class:`WorkerSpec` or its fields), ``space`` (from
-    :func:`space_data`, or a :class:`SearchSpace`) and ``raise_on_failure``.
+    :func:`space_data`, or a bound space) and ``raise_on_failure``.
     """
 
     def setup(self, config: dict[str, Any], *, worker_spec: WorkerSpec | Mapping[str, Any],
-              space: SearchSpace | Mapping[str, Any], raise_on_failure: bool = True) -> None:
+              space: Space | Mapping[str, Any], raise_on_failure: bool = True) -> None:
         if not isinstance(worker_spec, WorkerSpec):
             worker_spec = WorkerSpec(**worker_spec)
         self.space = bind_space(space)
@@ -368,7 +368,7 @@ class MergeTrainable(tune.Trainable):
         pass  # a trial is one step: nothing to resume
 
 
-def merge_trainable(spec: Search | WorkerSpec, space: SearchSpace | None = None, *,
+def merge_trainable(spec: Search | WorkerSpec, space: Space | None = None, *,
                     raise_on_failure: bool = True,
                     resources: dict[str, float] | None = None) -> type[tune.Trainable]:
     """:class:`MergeTrainable` bound to a worker spec and a space, ready for ``Tuner``.
