@@ -114,7 +114,7 @@ def of_search(search: Search) -> dict[str, Any]:
     refs = ({"models.base": search.base} if search.base else {}) | {
         f"models.sources.{name}": ref for name, ref in search.sources.items()}
     for key, ref in refs.items():
-        if exp.models.loader is not None:  # any torch model: loader, tensor index, values
+        if exp.models.loader is not None and not ref.startswith("recipe:"):  # any torch model
             from mergesearch.models.generic import LoadedCheckpoint
 
             fp[key] = LoadedCheckpoint.load(exp.models.loader, ref).identity()

@@ -305,3 +305,24 @@ def test_a_generic_search_is_checked_before_it_starts(tmp_path):
                                                 "function": "mergesearch.zoo.digits:nope"})
     with pytest.raises(ExperimentError, match="evaluator.function"):
         Search(Experiment.load(bad), progress=False)
+
+
+def test_a_recipe_defined_source_over_loader_models_merges_from_its_recipe(tmp_path):
+    from mergesearch.models.recipe_model import recipe_ref
+
+    sd = states()
+    inner = recipe_ref(recipe("task_arithmetic", weight=(0.5, 0.5), normalize=False).to_dict())
+    model = ResidentMerger(loader=LOADER).apply(Recipe.from_dict({
+        "method": "linear", "models": [{"model": inner, "parameters": {"weight": 1.0}},
+                                       {"model": "low", "parameters": {"weight": 1.0}}]}))
+    for name, value in model.state_dict().items():
+        uniform = (sd["low"][name] + sd["high"][name]) / 2
+        torch.testing.assert_close(value, (uniform + sd["low"][name]) / 2, rtol=0, atol=1e-6)
+    # and so stages work on loader models: a second search merges with the first's choice
+    exp = write_experiment(tmp_path, budget={"evaluations": 6}, stages=[
+        {"name": "ps"}, {"name": "more", "sources_from": {"ps": "ps"}}])
+    assert main(["run", str(exp), "-q"]) == 0
+    db = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    trials = TrialStore.open(db, "digits-task-arithmetic.more").trials()
+    assert len(trials) == 6 and all(t.state == "ok" for t in trials)
+    assert any(m["model"].startswith("recipe:") for m in trials[0].recipe["models"])

@@ -51,6 +51,7 @@ from mergesearch.models.checkpoint import Checkpoint, ModelLoadError
 from mergesearch.models.generic import LoadedCheckpoint, LoadedConfig
 from mergesearch.models.lora import open_checkpoint
 from mergesearch.models.path_model import LayerPathModel, source_model
+from mergesearch.models.recipe_model import is_recipe_ref, ref_recipe
 from mergesearch.recipe import Recipe, RecipeError
 
 try:  # transformers >= 5
@@ -104,7 +105,8 @@ class ModelPool:
     def checkpoint(self, ref: str, base: str | None = None) -> Checkpoint:
         """The checkpoint for a model reference, opened on first use."""
         if ref not in self._checkpoints and self.loader is not None:
-            self._checkpoints[ref] = LoadedCheckpoint.load(self.loader, ref)
+            self._checkpoints[ref] = (_loaded_recipe(ref, self.loader) if is_recipe_ref(ref)
+                                      else LoadedCheckpoint.load(self.loader, ref))
         if ref not in self._checkpoints:
             # a LoRA adapter folder reads as its base with the adapter applied per tensor
             self._checkpoints[ref] = open_checkpoint(ref, allow_pickle=self.allow_pickle,
@@ -152,6 +154,16 @@ class ModelPool:
             # is never freed or written, so the host need not wait for the copy
             x = x.to(self.device, non_blocking=True)
         return x
+
+
+def _loaded_recipe(ref: str, loader: str) -> LoadedCheckpoint:
+    """A recipe-defined model (``recipe:{...}``) over a loader's models, merged once."""
+    try:
+        recipe = Recipe.from_dict(ref_recipe(ref))
+    except RecipeError as err:
+        raise ModelLoadError(f"recipe-defined model: {err}") from None
+    model = merge(recipe, loader=loader)
+    return LoadedCheckpoint(ref, loader, model, model.state_dict())
 
 
 def check_finite(ref: str, name: str, x: torch.Tensor) -> None:
@@ -545,8 +557,11 @@ def _hop_layer_types(ckpts: dict[str, Checkpoint], hops: tuple) -> list[str] | N
 
 
 def merge(recipe: Recipe, *, device: str = "cpu", dtype: torch.dtype | None = None,
-          hold: Hold = "auto", allow_pickle: bool = False, progress: bool = False) -> nn.Module:
-    """One-off merge: a fresh model holding the merged weights of ``recipe``."""
+          hold: Hold = "auto", allow_pickle: bool = False, progress: bool = False,
+          loader: str | None = None) -> nn.Module:
+    """One-off merge: a fresh model holding the merged weights of ``recipe`` (its models
+    opened with ``loader``, a ``package.module:function``, when given)."""
     dtype = dtype or getattr(torch, recipe.dtype)
-    merger = ResidentMerger(device=device, dtype=dtype, hold=hold, allow_pickle=allow_pickle)
+    merger = ResidentMerger(device=device, dtype=dtype, hold=hold, allow_pickle=allow_pickle,
+                            loader=loader)
     return merger.apply(recipe, progress=progress)
