@@ -184,8 +184,11 @@ def test_every_shipped_experiment_and_sweep_is_valid():
             assert planned, path
         else:
             exp = Experiment.load(path)
-            assert exp.find(exp.space) is not None, path
-            assert exp.find(exp.evaluator.suite) is not None, path
+            spaces = [exp.space] if exp.stages is None else \
+                [st.space or exp.space for st in exp.stages]
+            assert all(isinstance(s, dict) or exp.find(s) is not None for s in spaces), path
+            if exp.evaluator.backend == "hf":
+                assert exp.find(exp.evaluator.suite) is not None, path
 
 
 def test_status_pareto_and_listing_start_without_torch(zoo, tmp_path):
