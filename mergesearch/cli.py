@@ -125,7 +125,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         summary = summaries[-1]
     else:
         summary = run(exp, study=args.study, resume=True if args.resume else None,
-                      overwrite=args.overwrite, progress=not args.quiet)
+                      overwrite=args.overwrite, progress=not args.quiet,
+                      new_epoch=args.new_epoch)
     print(f"\n{summary.study}: {summary.finished} trials ({summary.ok} ok, {summary.failed} "
           f"failed, {summary.cached} from cache); {summary.evaluated_now} evaluated in this run "
           f"in {summary.elapsed:.0f} s; stopped: {summary.stopped}")
@@ -310,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the default when it exists)")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the study if it exists and start again")
+    p.add_argument("--new-epoch", action="store_true",
+                   help="if the study was run with a different experiment (space, models, "
+                   "scoring settings, library versions), continue it anyway as a new search "
+                   "epoch: its trials are kept and counted, the strategy starts afresh")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="run the workers on Ray: auto (the cluster `ray start` runs here), "
                    "ray://host:port, or local (a private cluster); same as --set "

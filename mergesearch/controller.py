@@ -217,7 +217,8 @@ class Search:
                                f"{lease.describe(holder)}; wait for it to finish or stop it, "
                                "or pass --study NAME to run a separate search")
 
-    def open_store(self, *, resume: bool | None, overwrite: bool) -> TrialStore:
+    def open_store(self, *, resume: bool | None, overwrite: bool,
+                   new_epoch: bool = False) -> TrialStore:
         """Create the study, or reopen it to resume (``resume=None``: if it exists).
 
         Either way this search becomes the study's one writer (its lease); a study another
@@ -236,7 +237,7 @@ class Search:
                 if overwrite:
                     store.release_lease()
                 else:
-                    self._check_same(store, now)
+                    self._check_same(store, now, new_epoch=new_epoch)
                     store.set_experiment(record)
                     return store
             except BaseException:
@@ -253,7 +254,8 @@ class Search:
         store.set_fingerprint(now)
         return store
 
-    def _check_same(self, store: TrialStore, now: dict[str, Any]) -> None:
+    def _check_same(self, store: TrialStore, now: dict[str, Any], *,
+                    new_epoch: bool = False) -> None:
         before = store.fingerprint
         if before is None:  # a study from before fingerprints: compare the experiment
             old = Experiment.from_dict(
@@ -263,12 +265,18 @@ class Search:
         else:
             now_cmp = now
         keys = fingerprint.differences(before, now_cmp)
-        if keys:
+        if keys and new_epoch:
+            epoch = store.start_epoch(now, self.strategy.state_dict())
+            log.warning("%s continues as search epoch %d (different %s): its trials so far "
+                        "are kept and counted; the strategy starts afresh", store.where,
+                        epoch, "; ".join(keys))
+        elif keys:
             raise StorageError(
                 f"{store.where} was run with a different {'; '.join(keys)}: resume with the "
-                "same experiment, pass --study NEW_NAME to start another search, or "
-                "--overwrite to replace it")
-        if store.fingerprint is None:
+                "same experiment, pass --study NEW_NAME to start another search, "
+                "--overwrite to replace it, or --new-epoch to continue it with a fresh "
+                "strategy (its trials kept)")
+        elif store.fingerprint is None:
             store.set_fingerprint(now)
 
 
@@ -301,7 +309,8 @@ def check_device(device: str, *, local: bool):
 
 def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None,
         overwrite: bool = False, progress: bool = True,
-        on_result: Callable[[Result], None] | None = None) -> RunSummary:
+        on_result: Callable[[Result], None] | None = None,
+        new_epoch: bool = False) -> RunSummary:
     """Run (or resume) the search an experiment describes; returns how it ended.
 
     ``resume=None`` continues an existing study with the same experiment and starts
@@ -314,7 +323,7 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     search.check_not_held()  # before minutes of model loading
     executor = search.make_executor()  # loads models: fails here, before anything is written
     try:
-        store = search.open_store(resume=resume, overwrite=overwrite)
+        store = search.open_store(resume=resume, overwrite=overwrite, new_epoch=new_epoch)
     except BaseException:
         executor.close()
         raise
@@ -428,13 +437,14 @@ class _Loop:
         pending candidates nobody recorded again."""
         if self.store.fail_running("interrupted"):  # left by another tool or an older version
             log.info("trials left running in the study were marked failed")
+        epoch = self.store.epoch
         records = self.store.trials()
         for r in records:
             self.spent += r.cost
             if r.state == "ok":
                 self.ok += 1
                 self._track_best(r.values)
-                if r.recipe is not None and r.cached_from is None:
+                if r.recipe is not None and r.cached_from is None and r.epoch == epoch:
                     self.cache.setdefault(_key(r.recipe, r.fidelity), _Scored(
                         r.values, r.scores, r.correct, r.items, number=r.number))
             else:
@@ -448,7 +458,7 @@ class _Loop:
         if state is None:
             return
         self.strategy.load_state_dict(state)
-        recorded = {r.candidate_id: r for r in [*records, *probes]}
+        recorded = {r.candidate_id: r for r in [*records, *probes] if r.epoch == epoch}
         pending = self.strategy.pending
         # recorded, then killed before the next checkpoint: tell them as they were told
         for rec in sorted((recorded[c.id] for c in pending if c.id in recorded),

@@ -389,3 +389,21 @@ def test_sources_listed_in_another_order_are_another_search(zoo, tmp_path):
     with pytest.raises(StorageError, match=r"different space.dimensions"):
         run(zoo_experiment(tmp_path, budget={"evaluations": 3},
                            models={"base": "zoo:base", "sources": shuffled}), progress=False)
+
+
+def test_new_epoch_continues_a_changed_study_with_a_fresh_strategy(zoo, tmp_path):
+    exp = zoo_experiment(tmp_path, budget={"evaluations": 2})
+    run(exp, progress=False)
+    changed = zoo_experiment(tmp_path, budget={"evaluations": 4},
+                             execution={"dtype": "bfloat16"})
+    summary = run(changed, progress=False, new_epoch=True)
+    assert (summary.finished, summary.evaluated_now, summary.cached) == (4, 2, 0)
+    trials = TrialStore.open(exp.storage_url, "t").trials()
+    assert [(t.epoch, t.candidate_id) for t in trials] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    # the fresh strategy starts where the first did, but under the new scoring nothing old
+    # is served from the cache
+    assert trials[2].params == trials[0].params and trials[2].cached_from is None
+    again = run(changed, progress=False)  # the new epoch resumes like any search
+    assert again.finished == 4 and again.evaluated_now == 0
+    with pytest.raises(StorageError, match="--new-epoch"):
+        run(exp, progress=False)  # the old settings now differ from the study's

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "mergesearch.experiment"
 OBJECTIVES = "mergesearch.objectives"
 FINGERPRINT = "mergesearch.fingerprint"  # what the search's results depend on, by content
+SEARCH_EPOCH = "mergesearch.search_epoch"  # > 0 once continued with another fingerprint
 # trial user attrs
 CANDIDATE = "candidate_id"
 RECIPE = "recipe"
@@ -63,6 +64,7 @@ CACHED_FROM = "cached_from"
 ATTEMPTS = "attempts"
 GENOME = "genome"  # kept when storage refused the params, so nothing evaluated is lost
 META = "meta"  # the strategy's JSON notes on a candidate (parents, generation, predictions)
+EPOCH = "epoch"  # the search epoch a trial belongs to (written only after the first)
 # probe records (in the search's probe study, never among its trials)
 KIND = "kind"
 PAYLOAD = "payload"
@@ -94,6 +96,7 @@ class TrialRecord:
     payload: dict[str, Any] | None = None
     cost: float = 0.0
     finished_at: float = 0.0  # when it was written (seconds since the epoch)
+    epoch: int = 0  # the search epoch it was run in (see TrialStore.start_epoch)
 
     def result(self) -> Result:
         """The result as the strategy was told it."""
@@ -121,6 +124,7 @@ class TrialStore:
         self._state = StateLog(storage, self._study_id, study.study_name)
         self._direct = insert.supported(storage)  # trials written in a few SQL statements
         self._lease: lease.Lease | None = None
+        self._epoch: int | None = None
         if dims is not None:
             self.set_dims(dims)
 
@@ -192,6 +196,29 @@ class TrialStore:
     def set_fingerprint(self, fingerprint: dict[str, Any]) -> None:
         self._storage.set_study_user_attr(self._study_id, FINGERPRINT, fingerprint)
 
+    @property
+    def epoch(self) -> int:
+        """The search epoch new trials belong to (0 until a study is continued with a
+        different fingerprint)."""
+        if self._epoch is None:
+            attrs = self._storage.get_study_user_attrs(self._study_id)
+            self._epoch = int(attrs.get(SEARCH_EPOCH, 0))
+        return self._epoch
+
+    def start_epoch(self, fingerprint: dict[str, Any], state: dict[str, Any]) -> int:
+        """Continue this study as a new search epoch: the trials so far stay (and count
+        toward the budget), the strategy starts again from ``state``, and only trials of the
+        new epoch are told to it or served from the cache.  Returns the new epoch."""
+        self._check_lease()
+        epoch = self.epoch + 1
+        self._storage.set_study_user_attr(self._study_id, SEARCH_EPOCH, epoch)
+        self.set_fingerprint(fingerprint)
+        self._state.save(state, [])
+        self._epoch = epoch
+        if self._probes is not None:
+            self._probes._epoch = epoch
+        return epoch
+
     # -- the writer's lease -------------------------------------------------------------
 
     def take_lease(self, *, ttl: float = lease.TTL) -> lease.Lease:
@@ -233,7 +260,8 @@ class TrialStore:
         read = self._state.read()
         if read is None:
             return []
-        done = {t.candidate_id for t in (self.trials() if trials is None else trials)}
+        done = {t.candidate_id for t in (self.trials() if trials is None else trials)
+                if t.epoch == self.epoch}
         return [i for i in read[1] if i not in done]
 
     # -- trials -------------------------------------------------------------------------
@@ -254,6 +282,8 @@ class TrialStore:
         else:  # a recipe the strategy built: no point of the space
             params, distributions = {}, {}
         attrs: dict[str, Any] = {CANDIDATE: candidate.id, FIDELITY: candidate.fidelity}
+        if self.epoch:
+            attrs[EPOCH] = self.epoch
         if candidate.recipe is not None:
             attrs[RECIPE] = candidate.recipe.to_dict()
         if candidate.meta:
@@ -316,6 +346,7 @@ class TrialStore:
                 return None
             self._probes = TrialStore(study, self._storage, self.url, self._dims)
         self._probes._lease = self._lease
+        self._probes._epoch = self.epoch
         return self._probes
 
     def add_probe(self, candidate: Candidate, result: Result) -> int:
@@ -362,6 +393,7 @@ class TrialStore:
             scores=a.get(SCORES, {}), reason=a.get(REASON), cached_from=a.get(CACHED_FROM),
             timings=a.get(TIMINGS, {}), attempts=int(a.get(ATTEMPTS, 1)), meta=a.get(META, {}),
             correct=correct, items=items, kind=kind, payload=a.get(PAYLOAD), cost=cost,
+            epoch=int(a.get(EPOCH, 0)),
             finished_at=t.datetime_complete.timestamp() if t.datetime_complete else 0.0)
 
     def trial_number(self, trial_id: int) -> int:
