@@ -17,7 +17,10 @@ MergeFn = Callable[..., torch.Tensor]
 the source tensors, all of one shape and already in the compute dtype.
 Per-model parameters arrive as one float per model, method-wide ones as
 scalars, both already resolved for this tensor.  ``seed`` (an int derived from
-the recipe seed and the tensor name) drives any randomness.
+the recipe seed and the tensor name) drives any randomness.  A method with
+``context=True`` also gets ``context=``, a
+:class:`~mergesearch.merging.context.TensorContext` answering cached per-source
+statistics (norms, means, Gram matrices ...) of the tensor being merged.
 """
 
 PrepareFn = Callable[[Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]], dict[str, Any]]
@@ -74,6 +77,7 @@ class MergeMethod:
     task_vectors: bool = False  # merges task vectors (so LiNeS scaling applies)
     stochastic: bool = False  # draws random masks from the seed
     prepare: PrepareFn | None = None
+    context: bool = False  # fn takes ``context=`` (per-source statistics, cached)
     doc: str = ""
     mergekit: bool = True  # mergekit 0.1.5 has a method of this name and meaning
     # Checks across parameters, run on every value a model's settings can take:

@@ -3,9 +3,14 @@
 A :class:`ModelPool` opens each checkpoint once and keeps its tensors where
 the merge runs (memory-mapped on CPU, uploaded once to a GPU), or, when they
 do not fit on the GPU, in pinned host memory streamed over per tensor.  A
-:class:`ResidentMerger` owns one ``transformers`` model and, for every recipe,
-overwrites its parameters with the merged tensors: no reallocation and no
-disk I/O per candidate.  A layer-path recipe runs as a
+:class:`ResidentMerger` plans a recipe once per set of models and
+:meth:`~ResidentMerger.stream` yields its merged ``(name, tensor)`` pairs one
+at a time into a sink (:mod:`mergesearch.models.sinks`): :meth:`~ResidentMerger.apply`
+streams into the one ``transformers`` model it owns, overwriting its parameters
+in place (no reallocation and no disk I/O per candidate), optionally teed to
+more sinks (weight-objective reducers); the export streams into safetensors
+shards.  Methods that ask for them get cached per-source statistics
+(:class:`~mergesearch.merging.context.MergeContext`, one per merger).  A layer-path recipe runs as a
 :class:`~mergesearch.models.path_model.LayerPathModel` over the source models
 held once (no weights copied, whatever the path's depth); only where that
 cannot work (``vocab: base`` over different vocabulary sizes, an architecture
@@ -39,6 +44,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from mergesearch.merging import compute_dtype, get_method
+from mergesearch.merging.context import MergeContext, TensorContext
 from mergesearch.merging.layers import (
     Source,
     assemble_path,
@@ -52,6 +58,7 @@ from mergesearch.models.generic import LoadedCheckpoint, LoadedConfig
 from mergesearch.models.lora import open_checkpoint
 from mergesearch.models.path_model import LayerPathModel, source_model
 from mergesearch.models.recipe_model import is_recipe_ref, ref_recipe
+from mergesearch.models.sinks import ModuleSink, Sink, Tee, drain
 from mergesearch.recipe import Recipe, RecipeError
 
 try:  # transformers >= 5
@@ -244,6 +251,8 @@ class ResidentMerger:
         self._path_sources: dict[str, nn.Module] = {}  # ref -> source_model(pool, ref, dtype)
         self._path_refusals: dict[frozenset[str], str | None] = {}
         self._zero_copy_paths = True  # False: copy every layer path (tests compare the two)
+        # per-source statistics for methods that ask (MergeMethod.context), cached
+        self.context = MergeContext(self.pool.fetch)
 
     # ------------------------------------------------------------- planning
     def plan(self, recipe: Recipe) -> _Plan:
@@ -376,29 +385,66 @@ class ResidentMerger:
         return total
 
     # ------------------------------------------------------------- merging
-    def apply(self, recipe: Recipe, *, progress: bool = False) -> nn.Module:
+    def apply(self, recipe: Recipe, *, progress: bool = False,
+              also: Sink | None = None) -> nn.Module:
         """Merge ``recipe`` into the resident model and return that model.
 
-        A layer-path recipe returns the :class:`LayerPathModel` over its source
-        models instead (see :meth:`_run_path`), unless its plan copies the hops.
+        The merge streams into a :class:`~mergesearch.models.sinks.ModuleSink` over
+        the resident model; ``also`` (e.g. weight-objective reducers) is fed the same
+        stream in the same pass and closed after it.  A layer-path recipe returns the
+        :class:`LayerPathModel` over its source models instead (see
+        :meth:`_run_path`; ``also`` then sees the path's tensors), unless its plan
+        copies the hops.
         """
         plan = self.plan(recipe)
         if plan.path_model:
-            return self._run_path(recipe)
+            model = self._run_path(recipe)
+            if also is not None:
+                drain(self.stream(recipe), also)
+            return model
         model = self._resident(plan)
+        sink = ModuleSink(model) if also is None else Tee(ModuleSink(model), also)
+        drain(self.stream(recipe, progress=progress), sink)
+        self._set_input_scales(model, recipe)
+        return model
+
+    def stream(self, recipe: Recipe, *, progress: bool = False
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged tensors of ``recipe``, one ``(name, tensor)`` at a time.
+
+        Names are those of a plain checkpoint of the merge (tied tensors once), each
+        tensor is computed when asked for and not kept: what holds the merged model
+        is the sink's business (see :mod:`mergesearch.models.sinks`).  Merged
+        tensors come in the compute dtype (float32); a layer-path recipe run as a
+        :class:`LayerPathModel` yields the path's own tensors (no copies) under the
+        names of a model of the path's depth (:meth:`LayerPathModel.to_state_dict`),
+        in the merger's dtype.  The recipe is planned (and checked) on the call, the
+        tensors are merged as the stream is read.
+        """
+        plan = self.plan(recipe)
+        if plan.path_model:
+            return iter(self._run_path(recipe).to_state_dict().items())
+        return self._merged(recipe, plan, progress)
+
+    def _merged(self, recipe: Recipe, plan: _Plan, progress: bool
+                ) -> Iterator[tuple[str, torch.Tensor]]:
         method = get_method(recipe.method)
         num_layers = plan.config.num_hidden_layers
-        extra = method.prepare(self._groups(plan)) if method.prepare else {}
-        params = dict(model.named_parameters()) | dict(model.named_buffers())
+        with torch.no_grad():
+            extra = method.prepare(self._groups(plan)) if method.prepare else {}
         items = plan.sources.items()
         if progress:
             items = tqdm(items, desc=f"merging ({recipe.method})", unit="tensor")
-        with torch.no_grad():
-            for name, sources in items:
-                merged = self._merge_tensor(recipe, method, plan, name, sources, num_layers, extra)
-                params[name].copy_(merged)
-        self._set_input_scales(model, recipe)
-        return model
+        for name, sources in items:
+            yield name, self._merge_tensor(recipe, method, plan, name, sources, num_layers, extra)
+
+    def checkpoint_config(self, recipe: Recipe) -> PretrainedConfig:
+        """A copy of the HF config of ``recipe``'s merged model (a layer path's depth)."""
+        plan = self.plan(recipe)
+        if plan.module_from is not None:
+            raise RecipeError("models from models.loader have no Hugging Face config to "
+                              "write a checkpoint with")
+        return copy.deepcopy(plan.config)
 
     def _run_path(self, recipe: Recipe) -> LayerPathModel:
         """The path model over every source model so far, set to the recipe's path.
@@ -422,12 +468,17 @@ class ResidentMerger:
         model.set_path(recipe.layer_path)
         return model
 
+    @torch.no_grad()
     def _merge_tensor(self, recipe, method, plan, name, sources, num_layers, extra):
         base_src = plan.base[name]
         base = self._load(base_src, plan, name) if base_src else None
         models = [self._load(src, plan, name, base) for src in sources]
         t = gradient_position(name, num_layers)
         kwargs = dict(extra)
+        if method.context:
+            kwargs["context"] = TensorContext(
+                self.context, name, (base_src.model, base_src.name) if base_src else None,
+                tuple((s.model, s.name) for s in sources))
         for p in method.params:
             if p.per_model:
                 kwargs[p.arg] = [recipe.resolve(p.name, name, t, i) for i in range(len(models))]

@@ -1,0 +1,115 @@
+"""Per-source statistics a merge method may ask for, computed once and cached.
+
+Some methods need more than the tensors being merged: a norm or a mean of each
+source tensor, or (BMM-style) a Gram matrix.  A :class:`MergeContext` answers
+``stat(statistic, source, tensor)`` for any registered statistic, computing it
+on first use from the source's stored tensor and caching it, so a worker that
+merges thousands of candidates over the same sources computes each statistic
+once.  A method asks for it by setting ``MergeMethod.context=True``: its
+function then receives ``context=``, a :class:`TensorContext` for the tensor
+being merged (which sources it comes from), e.g.::
+
+    def norm_matched(base, models, *, weight, context, seed=0):
+        norms = [context.stat("norm", i) for i in range(len(models))]
+        ...
+
+New statistics are registered with :func:`register_statistic`; a statistic is
+``fn(tensor) -> value`` (a float, a tensor: anything), the tensor in the
+compute dtype (float32, float64 for float64 sources) where the pool holds it.
+Nothing here knows about checkpoints: the context is given a ``fetch(source,
+tensor)`` function (the resident merger passes its pool's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from mergesearch.merging.base import compute_dtype
+
+Statistic = Callable[[torch.Tensor], Any]
+_STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(name: str) -> Callable[[Statistic], Statistic]:
+    """Decorator: ``fn(tensor) -> value`` computes the per-source statistic ``name``."""
+    def decorate(fn: Statistic) -> Statistic:
+        if name in _STATISTICS and _STATISTICS[name] is not fn:
+            raise ValueError(f"statistic {name!r} is already registered")
+        _STATISTICS[name] = fn
+        return fn
+    return decorate
+
+
+def statistics() -> list[str]:
+    """The registered statistics (sorted)."""
+    return sorted(_STATISTICS)
+
+
+@register_statistic("norm")
+def norm(x: torch.Tensor) -> float:
+    """The L2 (Frobenius) norm of the tensor."""
+    return float(torch.linalg.vector_norm(x))
+
+
+@register_statistic("mean")
+def mean(x: torch.Tensor) -> float:
+    """The mean of the tensor's entries."""
+    return float(x.mean())
+
+
+class MergeContext:
+    """Statistics of source tensors, each computed on first request and then cached.
+
+    ``fetch(source, tensor)`` returns a source's stored tensor (read-only).  One
+    context lives as long as its sources do (a worker's merger keeps one), so the
+    cache is never stale: sources do not change under a worker.
+    """
+
+    def __init__(self, fetch: Callable[[str, str], torch.Tensor]):
+        self._fetch = fetch
+        self._cache: dict[tuple[str, str, str], Any] = {}
+
+    def stat(self, statistic: str, source: str, tensor: str) -> Any:
+        """Statistic ``statistic`` of tensor ``tensor`` of model ``source``."""
+        key = (statistic, source, tensor)
+        if key not in self._cache:
+            try:
+                fn = _STATISTICS[statistic]
+            except KeyError:
+                raise KeyError(f"unknown statistic {statistic!r} (known: "
+                               f"{', '.join(statistics())})") from None
+            x = self._fetch(source, tensor)
+            with torch.no_grad():
+                self._cache[key] = fn(x.to(compute_dtype(x.dtype)))
+        return self._cache[key]
+
+    def __len__(self) -> int:
+        """How many statistics are cached."""
+        return len(self._cache)
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """The context as one merged tensor sees it: where its base and models come from.
+
+    ``base`` and ``models`` are ``(source model, tensor name)`` pairs in the order
+    of the merge function's ``base`` and ``models`` arguments (``base`` is None for
+    a merge without one).
+    """
+
+    context: MergeContext
+    name: str  # the output tensor
+    base: tuple[str, str] | None
+    models: tuple[tuple[str, str], ...]
+
+    def stat(self, statistic: str, which: int | Literal["base"]) -> Any:
+        """Statistic of the ``which``-th model's tensor (``"base"``: the base's)."""
+        if which == "base":
+            if self.base is None:
+                raise ValueError(f"{self.name!r} is merged without a base")
+            return self.context.stat(statistic, *self.base)
+        return self.context.stat(statistic, *self.models[which])
