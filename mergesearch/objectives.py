@@ -156,44 +156,55 @@ def recipe_values(recipe: Recipe, objectives: Iterable[ObjectiveConfig]) -> dict
 
 # ---------------------------------------------------------------- weight reducers
 
+class DeltaReducer:
+    """A reducer of ``merged - base`` alone: :class:`WeightObjectives` computes that delta
+    (in float32) once per tensor for all of them and calls :meth:`add`."""
+
+    def update(self, name: str, merged: torch.Tensor, base: torch.Tensor) -> None:
+        self.add(name, merged.float() - base.float())
+
+    def add(self, name: str, delta: torch.Tensor) -> None:
+        raise NotImplementedError
+
+
 @register_weight_reducer("delta_sparsity")
-class DeltaSparsity:
+class DeltaSparsity(DeltaReducer):
     """Share of the entries of merged - base that are exactly zero, over all tensors."""
 
     def __init__(self) -> None:
         self.zeros, self.count = 0, 0
 
-    def update(self, name: str, merged: torch.Tensor, base: torch.Tensor) -> None:
-        self.zeros += int((merged.float() == base.float()).sum())
-        self.count += merged.numel()
+    def add(self, name: str, delta: torch.Tensor) -> None:
+        self.zeros += int((delta == 0).sum())
+        self.count += delta.numel()
 
     def value(self) -> float:
         return self.zeros / self.count if self.count else math.nan
 
 
 @register_weight_reducer("delta_l1")
-class DeltaL1:
+class DeltaL1(DeltaReducer):
     """sum |merged - base| over all tensors (MM-MO's sparsity objective is its negative)."""
 
     def __init__(self) -> None:
         self.total = 0.0
 
-    def update(self, name: str, merged: torch.Tensor, base: torch.Tensor) -> None:
-        self.total += float((merged.float() - base.float()).abs().sum())
+    def add(self, name: str, delta: torch.Tensor) -> None:
+        self.total += float(delta.abs().sum())
 
     def value(self) -> float:
         return self.total
 
 
 @register_weight_reducer("delta_l2")
-class DeltaL2:
+class DeltaL2(DeltaReducer):
     """The L2 norm of merged - base, all tensors taken as one vector."""
 
     def __init__(self) -> None:
         self.squares = 0.0
 
-    def update(self, name: str, merged: torch.Tensor, base: torch.Tensor) -> None:
-        self.squares += float((merged.float() - base.float()).square().sum())
+    def add(self, name: str, delta: torch.Tensor) -> None:
+        self.squares += float(delta.square().sum())
 
     def value(self) -> float:
         return math.sqrt(self.squares)
@@ -202,8 +213,9 @@ class DeltaL2:
 class WeightObjectives:
     """The ``source: weights`` objectives of an experiment, reduced over one merge.
 
-    Feed every merged tensor with :meth:`update`, then read :meth:`values`; make a new
-    one per merged model.
+    Feed every merged tensor with :meth:`update` (directly, or as a merge streams:
+    :func:`weight_sink`), then read :meth:`values`; make a new one per merged model.
+    The delta of a tensor is computed once for every :class:`DeltaReducer`.
     """
 
     def __init__(self, objectives: Iterable[ObjectiveConfig]):
@@ -222,8 +234,14 @@ class WeightObjectives:
         if merged.shape != base.shape:
             raise ObjectiveError(f"weight objectives: merged {name!r} has shape "
                                  f"{list(merged.shape)}, the base {list(base.shape)}")
+        delta = None
         for reducer in self.reducers.values():
-            reducer.update(name, merged, base)
+            if isinstance(reducer, DeltaReducer):
+                if delta is None:
+                    delta = merged.float() - base.float()
+                reducer.add(name, delta)
+            else:
+                reducer.update(name, merged, base)
 
     def values(self) -> dict[str, float]:
         return {name: float(r.value()) for name, r in self.reducers.items()}
@@ -231,35 +249,59 @@ class WeightObjectives:
 
 # ------------------------------------------------------------------ on the worker
 
-def extra_objective_values(worker: Worker, candidate: Candidate, model: Any) -> dict[str, float]:
-    """The recipe and weight objectives of one merged candidate (``{}`` if there are none).
-
-    ``worker.extra_objectives`` lists the experiment's objectives (those of
-    ``source: evaluator`` are skipped); a worker without it has them read from its
-    ``spec.evaluator``. Weight objectives compare every tensor of the
-    resident ``model`` that the recipe's base has with the base's tensor from the
-    worker's pool, in float32 (a model held in a lower precision is compared as held).
-    """
-    import torch
-
+def _objectives(worker: Worker) -> list[ObjectiveConfig]:
+    """The worker's recipe and weight objectives (read from its spec if it lists none)."""
     objectives = getattr(worker, "extra_objectives", None)
     if objectives is None:
         from mergesearch.evaluation.config import EvaluatorConfig
 
         objectives = EvaluatorConfig.model_validate(worker.spec.evaluator).objectives
-    objectives = [o for o in objectives if o.source != "evaluator"]
-    recipe = candidate.recipe
-    out = recipe_values(recipe, objectives)
-    weights = WeightObjectives(objectives)
+    return [o for o in objectives if o.source != "evaluator"]
+
+
+def weight_sink(worker: Worker, recipe: Recipe) -> Any:
+    """A :class:`~mergesearch.models.sinks.ReducerSink` reducing the worker's weight
+    objectives over a merge of ``recipe`` (None if there are none).
+
+    Give it to ``worker.merger.apply(recipe, also=...)``: the reducers are fed as the
+    merge streams, in the same pass, and each tensor is compared with the base's tensor
+    from the worker's pool, as the resident model holds it (its dtype).  Then pass it
+    to :func:`extra_objective_values` as ``weights``.
+    """
+    weights = WeightObjectives(_objectives(worker))
     if not weights:
-        return out
+        return None
     if recipe.base is None or recipe.layer_path:
         raise ObjectiveError("weight objectives compare the merge with its base: they need a "
                              "recipe with a base model and no layer_path")
-    pool = worker.merger.pool
-    ckpt = pool.checkpoint(recipe.base)
-    with torch.no_grad():
-        for name, merged in model.state_dict().items():
-            if name in ckpt:
-                weights.update(name, merged, pool.fetch(recipe.base, name).to(merged.device))
-    return out | weights.values()
+    from mergesearch.models.sinks import ReducerSink
+
+    merger = worker.merger
+    pool, base = merger.pool, recipe.base
+    ckpt = pool.checkpoint(base)
+    return ReducerSink(weights, lambda name: pool.fetch(base, name) if name in ckpt else None,
+                       dtype=merger.dtype)
+
+
+def extra_objective_values(worker: Worker, candidate: Candidate, model: Any, *,
+                           weights: Any = None) -> dict[str, float]:
+    """The recipe and weight objectives of one merged candidate (``{}`` if there are none).
+
+    ``worker.extra_objectives`` lists the experiment's objectives (those of
+    ``source: evaluator`` are skipped); a worker without it has them read from its
+    ``spec.evaluator``.  ``weights``: the :func:`weight_sink` the merge streamed into
+    (the worker's way); without it, weight objectives walk the resident ``model``'s
+    tensors that the recipe's base has and compare each with the base's tensor from
+    the worker's pool, in float32 (a model held in a lower precision is compared as
+    held).
+    """
+    recipe = candidate.recipe
+    out = recipe_values(recipe, _objectives(worker))
+    if weights is None:
+        weights = weight_sink(worker, recipe)
+        if weights is None:
+            return out
+        from mergesearch.models.sinks import drain
+
+        drain(model.state_dict().items(), weights)
+    return out | weights.reducer.values()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mergesearch.errors import MergesearchError
+from mergesearch.models.sinks import ReducerSink, drain
 
 if TYPE_CHECKING:
     from mergesearch.execution.worker import Worker
@@ -76,22 +77,38 @@ def answer(worker: Worker, model: torch.nn.Module, candidate: Candidate
     return payload, float(cost)
 
 
+class _DeltaStats:
+    """Per tensor and overall: the L2 norm of merged - base and its share of exact zeros."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, dict[str, float]] = {}
+        self.squares, self.zeros, self.count = 0.0, 0, 0
+
+    def update(self, name: str, merged: torch.Tensor, base: torch.Tensor) -> None:
+        delta = merged.float() - base.float()
+        sq = float(delta.square().sum())
+        z = int((delta == 0).sum())
+        self.tensors[name] = {"l2": math.sqrt(sq), "zeros": z / delta.numel()}
+        self.squares, self.zeros, self.count = (self.squares + sq, self.zeros + z,
+                                                self.count + delta.numel())
+
+    def payload(self) -> dict[str, Any]:
+        return {"l2": math.sqrt(self.squares), "zeros": self.zeros / max(self.count, 1),
+                "tensors": self.tensors}
+
+
 @register_probe("delta_stats")
 @torch.no_grad()
 def delta_stats(worker: Worker, model: torch.nn.Module, candidate: Candidate) -> dict[str, Any]:
     """How far the merged model moved from its base: per tensor and overall, the L2 norm of
-    the change and the share of its entries that are exactly zero."""
+    the change and the share of its entries that are exactly zero (every tensor of the
+    merged model that the base has, fed through a
+    :class:`~mergesearch.models.sinks.ReducerSink`)."""
     base = candidate.recipe.base if candidate.recipe is not None else None
     if base is None:
         raise ProbeError("probe 'delta_stats' needs a recipe with a base model")
-    ckpt = worker.merger.pool.checkpoint(base)
-    tensors, total_sq, zeros, count = {}, 0.0, 0, 0
-    for name, param in model.state_dict().items():
-        if name not in ckpt:
-            continue
-        delta = param.float() - worker.merger.pool.fetch(base, name).to(param.device).float()
-        sq = float(delta.square().sum())
-        z = int((delta == 0).sum())
-        tensors[name] = {"l2": math.sqrt(sq), "zeros": z / delta.numel()}
-        total_sq, zeros, count = total_sq + sq, zeros + z, count + delta.numel()
-    return {"l2": math.sqrt(total_sq), "zeros": zeros / max(count, 1), "tensors": tensors}
+    pool = worker.merger.pool
+    ckpt = pool.checkpoint(base)
+    sink = ReducerSink(_DeltaStats(), lambda name: pool.fetch(base, name) if name in ckpt
+                       else None)
+    return drain(model.state_dict().items(), sink).payload()

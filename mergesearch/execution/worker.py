@@ -18,7 +18,7 @@ import torch
 from mergesearch.evaluation import EvaluatorConfig, make_evaluator
 from mergesearch.execution import probes
 from mergesearch.models.resident import Hold, ResidentMerger
-from mergesearch.objectives import extra_objective_values
+from mergesearch.objectives import extra_objective_values, weight_sink
 from mergesearch.recipe import Recipe
 from mergesearch.trial import Candidate, Result
 
@@ -85,14 +85,17 @@ class Worker:
         try:
             if candidate.recipe is None:
                 raise ValueError("candidate has no recipe")
-            model = self.merger.apply(candidate.recipe)
+            # weight objectives are reduced while the merge streams, in the same pass
+            weights = None if candidate.is_probe or not self.extra_objectives \
+                else weight_sink(self, candidate.recipe)
+            model = self.merger.apply(candidate.recipe, also=weights)
             merged = time.perf_counter()
             if candidate.is_probe:
                 payload, cost = probes.answer(self, model, candidate)
                 done = time.perf_counter()
                 return Result(candidate_id=candidate.id, payload=payload, cost=cost,
                               timings={"merge": merged - t0, "probe": done - merged})
-            extra = extra_objective_values(self, candidate, model) \
+            extra = extra_objective_values(self, candidate, model, weights=weights) \
                 if self.extra_objectives else {}
             # one subset per fidelity for every candidate, so their scores compare
             ev = self.evaluator.evaluate(model, fidelity=candidate.fidelity, seed=0)
