@@ -37,7 +37,7 @@ def ids(exp: Experiment, study: str = "t") -> list[int]:
 
 def write(tmp_path: Path, exp: Experiment) -> Path:
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(exp.model_dump(mode="json", exclude_none=True)))
+    path.write_text(yaml.safe_dump(exp.model_dump(mode="json", exclude_none=True), sort_keys=False))
     return path
 
 

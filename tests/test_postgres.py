@@ -145,7 +145,8 @@ def write_experiment(tmp_path: Path, storage: str, name: str, **changes) -> Path
     changes = {"evaluator__limit": 8, "budget": {"evaluations": 4}} | changes
     exp = zoo_experiment(tmp_path, name=name, storage=storage, **changes)
     path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(exp.model_dump(mode="json", exclude_none=True)))
+    path.write_text(yaml.safe_dump(exp.model_dump(mode="json", exclude_none=True),
+                                   sort_keys=False))
     return path
 
 

@@ -133,7 +133,7 @@ def test_a_killed_controller_leaves_no_actors_and_resumes(zoo, ray_cluster, tmp_
     path = tmp_path / "exp.yaml"
     import yaml
 
-    path.write_text(yaml.safe_dump(exp.model_dump(mode="json")))
+    path.write_text(yaml.safe_dump(exp.model_dump(mode="json"), sort_keys=False))
     db = tmp_path / "t" / "study.db"
     proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q"],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
