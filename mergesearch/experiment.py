@@ -32,9 +32,10 @@ from pydantic import (
     model_validator,
 )
 
+from mergesearch.configs import format_validation_error, load_yaml, read_yaml_mapping
 from mergesearch.errors import MergesearchError
 from mergesearch.evaluation import EvaluatorConfig
-from mergesearch.recipe import Dtype, format_validation_error, load_yaml, read_yaml_mapping
+from mergesearch.recipe import Dtype
 
 _NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*")
 

@@ -29,8 +29,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
+from mergesearch.configs import format_validation_error, read_yaml_mapping
 from mergesearch.experiment import Experiment, ExperimentError, Name
-from mergesearch.recipe import format_validation_error, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 

@@ -367,7 +367,7 @@ def test_empty_setting_for_required_parameter_is_rejected():
 
 
 def test_duplicate_keys_are_refused_and_merge_keys_still_work():
-    from mergesearch.recipe import load_json, load_yaml
+    from mergesearch.configs import load_json, load_yaml
 
     with pytest.raises(yaml.YAMLError, match="key 'weight' is given twice"):
         load_yaml("models:\n  - {model: a, parameters: {weight: 1, weight: 2}}\n")

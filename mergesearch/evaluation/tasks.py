@@ -26,7 +26,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mergesearch.recipe import load_yaml
+from mergesearch.configs import load_yaml
 
 from .base import EvaluationError
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from mergesearch.recipe import format_validation_error, read_yaml_mapping
+from mergesearch.configs import format_validation_error, read_yaml_mapping
 from mergesearch.spaces.base import Models, Space, SpaceError
 
 

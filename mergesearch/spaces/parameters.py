@@ -45,16 +45,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mergesearch.configs import format_validation_error, read_yaml_mapping
 from mergesearch.merging import get_method
 from mergesearch.merging.layers import gradient_position
-from mergesearch.recipe import (
-    Conditional,
-    Recipe,
-    RecipeError,
-    Setting,
-    format_validation_error,
-    read_yaml_mapping,
-)
+from mergesearch.recipe import Conditional, Recipe, RecipeError, Setting
 from mergesearch.spaces import register_space
 from mergesearch.spaces.base import Models, SpaceError, genome_array, source_index
 from mergesearch.strategies.base import Dimension
