@@ -40,7 +40,9 @@ In the resident merger
     ``generate``); :meth:`state_dict` names the path's tensors as a plain model
     of the path's depth would, and :func:`mergesearch.export.save_checkpoint`
     works on it as on any model: its ``save_pretrained`` writes the path as a
-    plain checkpoint.
+    plain checkpoint.  ``ResidentMerger.stream`` yields :meth:`to_state_dict`'s
+    tensors (no copies), which is how :func:`mergesearch.export.save_merged`
+    writes a path.
 
 Supported: Llama-style HF causal LMs (``model.model.layers``, ``.embed_tokens``,
 ``.norm``, ``.rotary_emb``, ``lm_head``: Llama, Qwen2, Mistral and kin) whose
@@ -262,8 +264,11 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
         """
         names = _checkpoint_names(self.sources[0])
         layer0 = [n for n in names if layer_index(n) == 0]
-        out = [n for n in names if layer_index(n) is None]
-        out += [with_layer(n, k) for k in range(len(self._path)) for n in layer0]
+        first = next(i for i, n in enumerate(names) if layer_index(n) is not None)
+        before = [n for n in names[:first] if layer_index(n) is None]
+        after = [n for n in names[first:] if layer_index(n) is None]
+        out = [*before, *(with_layer(n, k) for k in range(len(self._path)) for n in layer0),
+               *after]  # in a plain model's order: embeddings, layers, norm, head
         plan = assemble_path(out, [(m, layer) for m, layer, _ in self._path])
         tensors = {name: _checkpoint_tensors(self.sources[i]) for name, i in self._names.items()}
         return {n: tensors[src.model][src.name] for n, src in plan.items()}

@@ -100,7 +100,8 @@ class SafetensorsSink:
         self.peak_bytes = 0  # most bytes buffered at once (at most a shard, or one tensor)
 
     def accept(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().to(device="cpu", dtype=self.dtype or tensor.dtype).contiguous()
+        t = tensor.detach() if tensor.requires_grad else tensor
+        t = t.to(device="cpu", dtype=self.dtype or t.dtype).contiguous()
         size = t.numel() * t.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_size:
             self._flush()
