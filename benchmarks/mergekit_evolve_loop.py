@@ -126,10 +126,10 @@ class Ours:
     """mergesearch's worker, built exactly as the controller builds it for an experiment."""
 
     def __init__(self, tmp: Path, name: str, overrides: list[str]):
-        from mergesearch.controller import Search
+        from mergesearch.controller import BoundExperiment
 
         self.exp = experiment(tmp, name, overrides)
-        self.search = Search(self.exp, progress=False)
+        self.search = BoundExperiment(self.exp, progress=False)
         self.worker = self.search.make_executor().worker
         self.next_id = 0
 

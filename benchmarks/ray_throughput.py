@@ -33,10 +33,10 @@ def experiment(out: Path, limit: int, evaluations: int, **execution):
 def measure(out: Path, limit: int, evaluations: int, **execution) -> dict:
     import psutil
 
-    from mergesearch.controller import Search, _Loop
+    from mergesearch.controller import BoundExperiment, SearchLoop
 
     exp = experiment(out, limit, evaluations, **execution)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     t0 = time.perf_counter()
     executor = search.make_executor()
     started = time.perf_counter() - t0
@@ -50,7 +50,7 @@ def measure(out: Path, limit: int, evaluations: int, **execution) -> dict:
         busy.append(result.timings.get("merge", 0) + result.timings.get("evaluate", 0))
 
     store = search.open_store(resume=None, overwrite=True)
-    loop = _Loop(search, store, executor, False, on_result)
+    loop = SearchLoop(search, store, executor, False, on_result)
     mem1: dict = {}
     close = executor.close
 

@@ -66,7 +66,7 @@ class FullScorer:
     def __init__(self, out: Path):
         exp = Experiment.load(ROOT / "experiments" / "zoo" / "random.yaml",
                               [f"output={out / 'full'}", "evaluator.limit=null"])
-        search = controller.Search(exp, progress=False)
+        search = controller.BoundExperiment(exp, progress=False)
         self.worker = search.make_executor().worker
         self.x0 = search.space.decode(search.space.x0)
         self.n = 0

@@ -107,7 +107,7 @@ def experiment(strategy: str, out: Path, name: str, overrides: list[str]) -> Exp
 def timed_run(exp: Experiment) -> dict:
     """One search through the real controller, with the loop's parts timed."""
     loop_wall = {}
-    orig_run = controller._Loop.run
+    orig_run = controller.SearchLoop.run
 
     with Timers() as timers:
         def loop_run(self):
@@ -119,13 +119,13 @@ def timed_run(exp: Experiment) -> dict:
                 loop_wall["s"] = time.perf_counter() - start
                 timers.active = False
 
-        controller._Loop.run = loop_run
+        controller.SearchLoop.run = loop_run
         try:
             start = time.perf_counter()
             summary = controller.run(exp, progress=False)
             total = time.perf_counter() - start
         finally:
-            controller._Loop.run = orig_run
+            controller.SearchLoop.run = orig_run
     store = TrialStore.open(exp.storage_url, exp.name)
     records = store.trials()
     merge = [r.timings["merge"] for r in records if r.timings]
@@ -212,10 +212,10 @@ class InstantExecutor:
 
 def scale_run(strategy: str, out: Path, n: int, items: int) -> dict:
     exp = experiment(strategy, out, f"scale-{strategy}", [f"budget.evaluations={n}"])
-    search = controller.Search(exp, progress=False)
+    search = controller.BoundExperiment(exp, progress=False)
     store = search.open_store(resume=None, overwrite=True)
     stamps = []
-    orig_take = controller._Loop._take
+    orig_take = controller.SearchLoop._take
 
     tenth = max(1, n // 10)
 
@@ -227,18 +227,19 @@ def scale_run(strategy: str, out: Path, n: int, items: int) -> dict:
 
     with Timers() as timers:
         timers.bucket = "first"
-        controller._Loop._take = take
+        controller.SearchLoop._take = take
         timers.active = True
         try:
             start = time.perf_counter()
-            controller._Loop(search, store, InstantExecutor(items), False, None).run()
+            controller.SearchLoop(search, store, InstantExecutor(items), False, None).run()
         finally:
-            controller._Loop._take = orig_take
+            controller.SearchLoop._take = orig_take
             timers.active = False
     per_trial = np.diff([start, *stamps])
     state_bytes = len(json.dumps(store.load_state()))
     resume_start = time.perf_counter()
-    replay = controller.Search(exp, progress=False).strategy  # a fresh strategy, then replay
+    # a fresh strategy, then replay
+    replay = controller.BoundExperiment(exp, progress=False).strategy
     replay.load_state_dict(store.load_state())
     resume = time.perf_counter() - resume_start
     return {"n": n, "first": float(np.mean(per_trial[:tenth])),

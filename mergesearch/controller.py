@@ -101,7 +101,7 @@ def resolve_model(ref: str, exp: Experiment, *, progress: bool = False) -> str:
     return ref  # a hub id: fetched (or found in the hub cache) when opened
 
 
-class Search:
+class BoundExperiment:
     """An experiment made concrete: models found, space bound, problem and worker spec built.
 
     Nothing is written to disk here; every check a user can fail runs first.
@@ -319,7 +319,7 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     if exp.stages:
         return run_stages(exp, study=study, resume=resume, overwrite=overwrite,
                           progress=progress, on_result=on_result)[-1]
-    search = Search(exp, study=study, progress=progress)
+    search = BoundExperiment(exp, study=study, progress=progress)
     search.check_not_held()  # before minutes of model loading
     executor = search.make_executor()  # loads models: fails here, before anything is written
     try:
@@ -327,7 +327,7 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     except BaseException:
         executor.close()
         raise
-    return _Loop(search, store, executor, progress, on_result).run()
+    return SearchLoop(search, store, executor, progress, on_result).run()
 
 
 def stage_study(exp: Experiment, stage: str, study: str | None = None) -> str:
@@ -404,8 +404,11 @@ class _Scored:
                       correct=self.correct, items=self.items)
 
 
-class _Loop:
-    def __init__(self, search: Search, store: TrialStore, executor, progress: bool,
+class SearchLoop:
+    """The search itself: keeps the executor busy, records and tells every result, and
+    checkpoints the strategy, until the budget (see the module docstring for the order)."""
+
+    def __init__(self, search: BoundExperiment, store: TrialStore, executor, progress: bool,
                  on_result: Callable[[Result], None] | None):
         self.search = search
         self.space = search.space

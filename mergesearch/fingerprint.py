@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mergesearch.controller import Search
+    from mergesearch.controller import BoundExperiment
 
 _SAMPLES = 16
 _SAMPLE_BYTES = 4096
@@ -88,7 +88,7 @@ def model_identity(path: str | Path) -> str:
     return _digest(parts)
 
 
-def of_search(search: Search) -> dict[str, Any]:
+def of_search(search: BoundExperiment) -> dict[str, Any]:
     """The fingerprint of a bound search (see the module docstring)."""
     from mergesearch.models.checkpoint import resolve_model_dir
 

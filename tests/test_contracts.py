@@ -20,7 +20,7 @@ import yaml
 from contract_strategies import ArchiveCrossover, Prober
 from helpers import completed_count, zoo_experiment
 
-from mergesearch.controller import Search, run
+from mergesearch.controller import BoundExperiment, run
 from mergesearch.experiment import Experiment
 from mergesearch.storage import TrialStore
 from mergesearch.trial import pack_bits, pack_ids
@@ -39,7 +39,7 @@ def experiment(tmp_path: Path, strategy: str, name: str = "t", **changes) -> Exp
 def replayed(exp: Experiment, study: str = "t"):
     """The strategy as rebuilt from the study's saved state, and the study's records."""
     store = TrialStore.open(exp.storage_url, study)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     search.strategy.load_state_dict(store.load_state())
     return search.strategy, store.trials(), store.probes()
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from helpers import zoo_experiment
 
-from mergesearch.controller import Search, _Loop, run
+from mergesearch.controller import BoundExperiment, SearchLoop, run
 from mergesearch.experiment import Experiment
 from mergesearch.storage import TrialStore
 from mergesearch.strategies import Strategy
@@ -169,10 +169,10 @@ class Repeat(Strategy):
 
 def test_identical_candidates_are_served_from_the_cache(zoo, tmp_path):
     exp = experiment(tmp_path)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     search.strategy = Repeat(search.problem)
     store = search.open_store(resume=None, overwrite=False)
-    summary = _Loop(search, store, search.make_executor(), False, None).run()
+    summary = SearchLoop(search, store, search.make_executor(), False, None).run()
     assert (summary.finished, summary.cached, summary.evaluated_now) == (6, 4, 2)
     trials = store.trials()
     by_number = {t.number: t for t in trials}
@@ -187,7 +187,7 @@ def test_a_freed_worker_gets_its_next_candidate_before_the_last_result_is_writte
         zoo, tmp_path, monkeypatch):
     """The loop's order: tell, ask + dispatch, then write + checkpoint (while workers run)."""
     exp = experiment(tmp_path)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     events = []
     executor = search.make_executor()
     submit = executor.submit
@@ -205,7 +205,7 @@ def test_a_freed_worker_gets_its_next_candidate_before_the_last_result_is_writte
 
     monkeypatch.setattr(TrialStore, "add", recording_add)
     store = search.open_store(resume=None, overwrite=False)
-    summary = _Loop(search, store, executor, False, None).run()
+    summary = SearchLoop(search, store, executor, False, None).run()
     assert summary.finished == 6
     for k in range(1, 6):
         assert events.index(("submit", k)) < events.index(("add", k - 1))

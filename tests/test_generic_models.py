@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from mergesearch.cli import main
-from mergesearch.controller import Search
+from mergesearch.controller import BoundExperiment
 from mergesearch.evaluation import EvaluationError, EvaluatorConfig, make_evaluator
 from mergesearch.experiment import Experiment, ExperimentError
 from mergesearch.models.checkpoint import ModelLoadError
@@ -292,19 +292,19 @@ def test_a_digits_search_runs_and_resumes_through_the_cli(tmp_path, capsys):
 
 def test_a_generic_search_is_checked_before_it_starts(tmp_path):
     exp = Experiment.load(write_experiment(tmp_path))
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     assert search.worker_spec.tokenizer is None and search.worker_spec.loader == LOADER
     assert search.space.num_layers == 2 and len(search.space.dims) == 4  # 2 layers x 2 sources
     fp = search.fingerprint()
     other = Experiment.load(write_experiment(tmp_path, models={
         "loader": LOADER, "base": "base", "sources": {"low": "high", "high": "low"}}))
-    changed = Search(other, progress=False).fingerprint()
+    changed = BoundExperiment(other, progress=False).fingerprint()
     assert fp["models.sources.low"] != changed["models.sources.low"]
     assert fp["evaluator.suite"] is None
     bad = write_experiment(tmp_path, evaluator={"backend": "python", "objectives": ACCURACY,
                                                 "function": "mergesearch.zoo.digits:nope"})
     with pytest.raises(ExperimentError, match="evaluator.function"):
-        Search(Experiment.load(bad), progress=False)
+        BoundExperiment(Experiment.load(bad), progress=False)
 
 
 def test_a_recipe_defined_source_over_loader_models_merges_from_its_recipe(tmp_path):

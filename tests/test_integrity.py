@@ -20,7 +20,7 @@ import yaml
 from helpers import completed_count, zoo_experiment
 
 from mergesearch import fingerprint
-from mergesearch.controller import Search, _Loop, run
+from mergesearch.controller import BoundExperiment, SearchLoop, run
 from mergesearch.execution.local import LocalExecutor
 from mergesearch.experiment import Experiment
 from mergesearch.storage import StorageError, TrialStore
@@ -205,13 +205,13 @@ def test_ctrl_c_while_two_results_are_in_hand_loses_neither(zoo, tmp_path, monke
                 pass
 
     monkeypatch.setattr(RandomSearch, "_tell", interrupted_tell)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     from mergesearch.execution import make_worker
 
     executor = _TwoAtOnce(make_worker(search.worker_spec))
     store = search.open_store(resume=None, overwrite=False)
     with pytest.raises(KeyboardInterrupt):
-        _Loop(search, store, executor, False, None).run()
+        SearchLoop(search, store, executor, False, None).run()
     assert sent
     assert ids(exp) == [0, 1]  # both results of that wait were written
     monkeypatch.setattr(RandomSearch, "_tell", original)
@@ -252,12 +252,12 @@ def test_a_genome_just_outside_its_bounds_is_refused_at_ask_before_any_evaluatio
     monkeypatch.setattr(Worker, "evaluate",
                         lambda self, c: evaluated.append(c.id) or original(self, c))
     exp = zoo_experiment(tmp_path)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     search.strategy = _OutOfBounds(search.problem)
     store = search.open_store(resume=None, overwrite=False)
     with pytest.raises(StrategyError, match=r"proposed weight\[rev\] = 1.000000001 for "
                        r"candidate 2, outside \[0.0, 1.0\] \(a strategy bug"):
-        _Loop(search, store, search.make_executor(), False, None).run()
+        SearchLoop(search, store, search.make_executor(), False, None).run()
     assert evaluated == [0, 1] and ids(exp) == [0, 1]  # what was evaluated is recorded
 
 
@@ -321,10 +321,10 @@ class _Repeat(Strategy):
 
 def test_a_front_holds_distinct_recipes(zoo, tmp_path):
     exp = zoo_experiment(tmp_path)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     search.strategy = _Repeat(search.problem)
     store = search.open_store(resume=None, overwrite=False)
-    summary = _Loop(search, store, search.make_executor(), False, None).run()
+    summary = SearchLoop(search, store, search.make_executor(), False, None).run()
     assert summary.cached == 4
     recipes = [str(t.recipe) for t in summary.front]
     assert summary.front and len(recipes) == len(set(recipes))
@@ -364,7 +364,7 @@ def test_an_unknown_or_missing_device_is_refused_before_models_load(tmp_path, de
                         lambda ref, exp, progress=False: loaded.append(ref) or ref)
     exp = zoo_experiment(tmp_path, execution={"device": device})
     with pytest.raises(ExperimentError, match=message):
-        Search(exp, progress=False)
+        BoundExperiment(exp, progress=False)
     assert loaded == []
 
 

@@ -72,7 +72,7 @@ from mergesearch.trial import Candidate, Result
 if TYPE_CHECKING:
     from ray.tune import ResultGrid
 
-    from mergesearch.controller import Search
+    from mergesearch.controller import BoundExperiment
     from mergesearch.experiment import Experiment
 
 log = logging.getLogger(__name__)
@@ -200,8 +200,8 @@ class MergeSearcher(Searcher):
         self._trials: dict[str, int] = {}  # Tune trial id -> candidate id, while in flight
 
     @classmethod
-    def from_search(cls, search: Search | Experiment, **kwargs: Any) -> MergeSearcher:
-        """Wrap the strategy a :class:`~mergesearch.controller.Search` (or an experiment,
+    def from_search(cls, search: BoundExperiment | Experiment, **kwargs: Any) -> MergeSearcher:
+        """Wrap the strategy a :class:`~mergesearch.controller.BoundExperiment` (or an experiment,
         made into one; this builds the zoo if it names ``zoo:`` models) has built."""
         return cls(_as_search(search).strategy, **kwargs)
 
@@ -368,12 +368,12 @@ class MergeTrainable(tune.Trainable):
         pass  # a trial is one step: nothing to resume
 
 
-def merge_trainable(spec: Search | WorkerSpec, space: Space | None = None, *,
+def merge_trainable(spec: BoundExperiment | WorkerSpec, space: Space | None = None, *,
                     raise_on_failure: bool = True,
                     resources: dict[str, float] | None = None) -> type[tune.Trainable]:
     """:class:`MergeTrainable` bound to a worker spec and a space, ready for ``Tuner``.
 
-    ``spec`` is a :class:`~mergesearch.controller.Search` (its worker spec and space) or a
+    ``spec`` is a :class:`~mergesearch.controller.BoundExperiment` (its worker spec and space) or a
     :class:`WorkerSpec` with ``space``.  Each trial asks for ``resources`` (default one
     CPU, plus one GPU when the worker's device is CUDA).
     """
@@ -395,7 +395,7 @@ def merge_trainable(spec: Search | WorkerSpec, space: Space | None = None, *,
 # -- the one call ----------------------------------------------------------------------------
 
 
-def tune_search(experiment: Experiment | Search, *, num_samples: int | None = None,
+def tune_search(experiment: Experiment | BoundExperiment, *, num_samples: int | None = None,
                 raise_on_failure: bool = True, **tuner_kwargs: Any) -> ResultGrid:
     """Run an experiment's search with Ray Tune; returns Tune's ``ResultGrid``.
 
@@ -405,7 +405,7 @@ def tune_search(experiment: Experiment | Search, *, num_samples: int | None = No
     empty; ``reuse_actors`` is forced on, metric/mode default to the searcher's); the
     default ``run_config`` writes Tune's files under ``<run dir>/tune``.  Nothing is
     written to the mergesearch study: Tune's experiment folder is the record.
-    Pass a :class:`~mergesearch.controller.Search` to keep a handle on its strategy.
+    Pass a :class:`~mergesearch.controller.BoundExperiment` to keep a handle on its strategy.
     """
     search = _as_search(experiment)
     exp = search.exp
@@ -430,7 +430,9 @@ def tune_search(experiment: Experiment | Search, *, num_samples: int | None = No
     return tuner.fit()
 
 
-def _as_search(search: Search | Experiment) -> Search:
-    from mergesearch.controller import Search
+def _as_search(search: BoundExperiment | Experiment) -> BoundExperiment:
+    from mergesearch.controller import BoundExperiment
 
-    return search if isinstance(search, Search) else Search(search, progress=False)
+    if isinstance(search, BoundExperiment):
+        return search
+    return BoundExperiment(search, progress=False)

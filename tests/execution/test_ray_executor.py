@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import completed_count
 
-from mergesearch.controller import Search, _Loop, run
+from mergesearch.controller import BoundExperiment, SearchLoop, run
 from mergesearch.execution.ray_executor import ExecutionError, RayExecutor
 from mergesearch.execution.worker import WorkerSpec
 from mergesearch.experiment import Experiment
@@ -59,7 +59,7 @@ def test_two_workers_record_every_trial_and_match_the_local_executor(zoo, ray_cl
 
 def test_a_killed_worker_is_replaced_and_its_candidate_retried(zoo, ray_cluster, tmp_path):
     exp = experiment(tmp_path, limit=64, evaluations=8)
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     executor = search.make_executor()
     store = search.open_store(resume=None, overwrite=False)
     killed: list[int] = []
@@ -72,7 +72,7 @@ def test_a_killed_worker_is_replaced_and_its_candidate_retried(zoo, ray_cluster,
             killed.append(busy[0].pid)
             os.kill(busy[0].pid, signal.SIGKILL)
 
-    summary = _Loop(search, store, executor, False, kill_a_busy_worker).run()
+    summary = SearchLoop(search, store, executor, False, kill_a_busy_worker).run()
     assert killed and executor.replaced >= 1
     assert (summary.finished, summary.ok, summary.failed) == (8, 8, 0)
     done = trials(exp)

@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray")
 
 from ray import tune  # noqa: E402
 
-from mergesearch.controller import Search  # noqa: E402
+from mergesearch.controller import BoundExperiment  # noqa: E402
 from mergesearch.execution.worker import Worker  # noqa: E402
 from mergesearch.experiment import Experiment  # noqa: E402
 from mergesearch.integrations.ray_tune import (  # noqa: E402
@@ -68,7 +68,7 @@ def told(strategy) -> dict[int, dict]:
     return {r["id"]: r for r in records}
 
 
-def check_against_worker(search: Search, results) -> None:
+def check_against_worker(search: BoundExperiment, results) -> None:
     """Each reported trial scores what an in-process worker scores for its decoded recipe."""
     worker = Worker(search.worker_spec)
     for r in results:
@@ -94,7 +94,7 @@ def test_tune_drives_cmaes_and_every_result_is_the_workers(zoo, ray_cluster, tmp
     None-suggestion path, reused actors, a failing candidate, Tune's searcher checkpoint."""
     exp = experiment(tmp_path, strategy={"name": "cmaes", "options": {"popsize": 3}},
                      budget={"evaluations": 6})
-    search = Search(exp, progress=False)
+    search = BoundExperiment(exp, progress=False)
     search.strategy = strategy = FailingCMAES(search.problem, {"popsize": 3}, seed=0)
     grid = tune_search(search, tune_config=tune.TuneConfig(max_concurrent_trials=2),
                        run_config=tune.RunConfig(name="b", storage_path=str(tmp_path / "tune"),
@@ -133,7 +133,7 @@ def test_tune_drives_cmaes_and_every_result_is_the_workers(zoo, ray_cluster, tmp
 def test_trainable_reports_or_raises_a_failed_candidate(zoo, tmp_path):
     """The trainable's step, run in process: a good candidate, then a failing one either
     raised (Tune marks the trial ERROR) or reported (status failed, objectives NaN)."""
-    search = Search(experiment(tmp_path), progress=False)
+    search = BoundExperiment(experiment(tmp_path), progress=False)
     problem = search.problem
     trainable = object.__new__(MergeTrainable)  # no Tune actor: call setup/step directly
     trainable.setup({}, worker_spec=dataclasses.asdict(search.worker_spec),
@@ -160,7 +160,7 @@ def test_trainable_reports_or_raises_a_failed_candidate(zoo, tmp_path):
 
 
 def test_searcher_state_round_trips_as_json_and_by_pickle(zoo, tmp_path):
-    search = Search(experiment(tmp_path), progress=False)
+    search = BoundExperiment(experiment(tmp_path), progress=False)
     problem = search.problem
     searcher = MergeSearcher("cmaes", problem, options={"popsize": 4}, seed=1)
     configs = {f"t{i}": searcher.suggest(f"t{i}") for i in range(4)}
