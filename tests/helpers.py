@@ -100,10 +100,13 @@ def live_tensor_bytes() -> int:
     storage, e.g. the fake tensors torch.compile leaves behind, are skipped)."""
     import gc
 
+    from torch._subclasses.fake_tensor import FakeTensor
+
     gc.collect()
     storages = {}
     for obj in gc.get_objects():
-        if issubclass(type(obj), torch.Tensor) and not obj.is_meta:
+        if issubclass(type(obj), torch.Tensor) and not obj.is_meta \
+                and not isinstance(obj, FakeTensor):
             try:
                 s = obj.untyped_storage()
                 storages[s.data_ptr()] = s.nbytes()
