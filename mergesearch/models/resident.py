@@ -10,7 +10,9 @@ streams into the one ``transformers`` model it owns, overwriting its parameters
 in place (no reallocation and no disk I/O per candidate), optionally teed to
 more sinks (weight-objective reducers); the export streams into safetensors
 shards.  Methods that ask for them get cached per-source statistics
-(:class:`~mergesearch.merging.context.MergeContext`, one per merger).  A layer-path recipe runs as a
+(:class:`~mergesearch.merging.context.MergeContext`, one per merger).
+
+A layer-path recipe runs as a
 :class:`~mergesearch.models.path_model.LayerPathModel` over the source models
 held once (no weights copied, whatever the path's depth); only where that
 cannot work (``vocab: base`` over different vocabulary sizes, an architecture
