@@ -125,6 +125,7 @@ class Ctx:
             raise OSError(code, f"simulated {errno.errorcode[code]}")
 
         self.monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", refuse)
+        self.monkeypatch.setattr("mergesearch.models.sinks.save_file", refuse)  # streamed export
 
 
 def truncated(ctx: Ctx) -> Path:
