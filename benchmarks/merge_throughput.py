@@ -23,7 +23,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mergesearch.export import save_checkpoint, to_mergekit
+from mergesearch.export import save_checkpoint
+from mergesearch.mergekit_config import to_mergekit
 from mergesearch.models.resident import ResidentMerger
 from mergesearch.recipe import uniform_recipe
 

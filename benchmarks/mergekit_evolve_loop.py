@@ -212,7 +212,7 @@ class Naive:
         from mergekit.options import MergeOptions
         from transformers import AutoModelForCausalLM
 
-        from mergesearch.export import to_mergekit as recipe_to_mergekit
+        from mergesearch.mergekit_config import to_mergekit as recipe_to_mergekit
 
         out = self.tmp / f"naive-{self.k}"
         self.k += 1

@@ -22,7 +22,8 @@ class UsageError(MergesearchError, ValueError):
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from mergesearch.export import load_config, save_merged
+    from mergesearch.export import save_merged
+    from mergesearch.mergekit_config import load_config
 
     recipe = load_config(args.config)
     out = save_merged(
@@ -34,7 +35,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from mergesearch.export import load_config, to_mergekit_yaml
+    from mergesearch.mergekit_config import load_config, to_mergekit_yaml
 
     recipe = load_config(args.config)
     text = to_mergekit_yaml(recipe) if args.to == "mergekit" else recipe.to_yaml()

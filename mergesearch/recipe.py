@@ -12,7 +12,7 @@ method's parameters.  A parameter value (a *setting*) may be
   tensor), and its ``value`` is itself a scalar or a gradient.
 
 These are the rules mergekit applies to its YAML, so recipes convert to and
-from mergekit configurations (see :mod:`mergesearch.export`).  A data-flow
+from mergekit configurations (see :mod:`mergesearch.mergekit_config`).  A data-flow
 merge instead lists a ``layer_path``: which layer of which model runs at each
 hop, with a scale applied to that layer's input.
 """
@@ -36,12 +36,7 @@ from pydantic import (
     model_validator,
 )
 
-from mergesearch.configs import (  # noqa: F401 (yaml_problem: re-exported for export.py)
-    format_validation_error,
-    load_json,
-    load_yaml,
-    yaml_problem,
-)
+from mergesearch.configs import format_validation_error, load_json, load_yaml, yaml_problem
 from mergesearch.errors import MergesearchError
 
 Number = bool | float

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from mergesearch.cli import main
-from mergesearch.export import from_mergekit
+from mergesearch.mergekit_config import from_mergekit
 from mergesearch.recipe import Recipe
 
 

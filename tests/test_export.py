@@ -8,13 +8,8 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mergesearch.cli import main
-from mergesearch.export import (
-    NotExpressible,
-    from_mergekit,
-    load_config,
-    save_checkpoint,
-    to_mergekit,
-)
+from mergesearch.export import save_checkpoint
+from mergesearch.mergekit_config import NotExpressible, from_mergekit, load_config, to_mergekit
 from mergesearch.models.resident import merge
 from mergesearch.recipe import Recipe, RecipeError
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from mergesearch.export import to_mergekit
+from mergesearch.mergekit_config import to_mergekit
 from mergesearch.models.resident import ResidentMerger
 from mergesearch.recipe import Recipe
 

@@ -310,7 +310,7 @@ class LayerPathModel(PreTrainedModel, GenerationMixin):
         scaled = [f"layer_path[{i}] ({m} layer {layer}): {s:g}"
                   for i, (m, layer, s) in enumerate(self._path) if s != 1.0]
         if scaled:
-            from mergesearch.export import NotExpressible
+            from mergesearch.mergekit_config import NotExpressible
 
             raise NotExpressible(
                 "layer-path input scales other than 1 run in memory but have no place in a "

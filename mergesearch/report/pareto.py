@@ -102,7 +102,7 @@ def export_trial(trial: TrialRecord, out: str | Path, *, checkpoint: bool = Fals
 
 def write_trial(trial: TrialRecord, out: Path, recipe: Recipe | None = None) -> None:
     """The recipe files of one trial, into an existing directory ``out``."""
-    from mergesearch.export import NotExpressible, to_mergekit_yaml
+    from mergesearch.mergekit_config import NotExpressible, to_mergekit_yaml
 
     recipe = recipe or Recipe.from_dict(trial.recipe)
     (out / "recipe.json").write_text(recipe.to_json() + "\n")

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from mergesearch.evaluation.scorers import greedy_generate, pad_left, score_rows
-from mergesearch.export import NotExpressible
+from mergesearch.mergekit_config import NotExpressible
 from mergesearch.models.path_model import LayerPathModel, source_model
 from mergesearch.models.resident import ModelPool, ResidentMerger
 from mergesearch.recipe import Recipe, RecipeError

@@ -24,7 +24,8 @@ from transformers import (
 
 from mergesearch.evaluation import EvaluatorConfig, HFEvaluator, ObjectiveConfig
 from mergesearch.evaluation.scorers import greedy_generate, pad_left
-from mergesearch.export import NotExpressible, save_merged
+from mergesearch.export import save_merged
+from mergesearch.mergekit_config import NotExpressible
 from mergesearch.models import resident
 from mergesearch.models.path_model import LayerPathModel
 from mergesearch.models.resident import ResidentMerger
