@@ -128,6 +128,13 @@ class Ctx:
         self.monkeypatch.setattr("mergesearch.models.sinks.save_file", refuse)  # streamed export
 
 
+def more_layers_than_tensors(ctx: Ctx) -> Path:
+    model = ctx.copy_model("deeper-config", "base")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 4}))
+    return model
+
+
 def truncated(ctx: Ctx) -> Path:
     model = ctx.copy_model("truncated")
     f = model / "model.safetensors"
@@ -228,6 +235,22 @@ CASES: dict[str, tuple[Case, str]] = {
     "run: pickle refused by the safe loader": (
         lambda c: ["run", c.with_models(a=evil_pickle(c), allow_pickle=True)],
         "bad_models/evil/pytorch_model.bin: refused by the safe pickle loader"),
+    "infinite bounds": (
+        lambda c: ["run", c.exp(space={"method": "task_arithmetic", "parameters": {
+            "weight": {"bounds": [0.0, float("inf")]}}})],
+        "space.parameters.weight.bounds: [0.0, inf] must be finite"),
+    "unknown device": (lambda c: ["run", c.exp(execution={"device": "cude"})],
+                       "execution.device: 'cude' is not a device"),
+    "absent device": (lambda c: ["run", c.exp(execution={"device": "cuda:7"})],
+                      "execution.device: 'cuda:7'"),
+    "missing relative model path": (
+        lambda c: (c.monkeypatch.chdir(c.tmp), (c.tmp / "models").mkdir(),
+                   ["run", c.exp(models={"base": str(c.models["base"]),
+                                         "sources": {"a": "models/math"}})])[-1],
+        "models: 'models/math' not found"),
+    "base claims more layers than its tensors": (
+        lambda c: ["run", c.with_models(base=more_layers_than_tensors(c))],
+        "config says 4 layers, tensors have 3"),
     # --- recipes and mergekit configs (`convert`, `merge`)
     "density .nan": (lambda c: ["convert", c.recipe(TIES % ".nan")],
                      "models.0.parameters.density: nan is not a usable value"),
