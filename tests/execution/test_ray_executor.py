@@ -206,11 +206,13 @@ def test_a_lost_worker_with_no_room_for_a_replacement_is_a_bounded_wait(zoo, ray
         assert time.monotonic() - start < 120
     assert sorted(r.candidate_id for r in results) == [0, 1, 2, 3]
     assert all(r.ok for r in results), [r.reason for r in results if not r.ok]
-    assert len(executor._slots) == 1 and executor._slots[0].pid != doomed
+    # one worker did it all; the replacement is still waiting for room, or given up
+    live = [s for s in executor._slots if not s.starting]
+    assert len(live) == 1 and live[0].pid != doomed and len(executor._slots) <= 2
     # now the last worker goes too: what it finished comes back, then a clear error
     for cand in _candidates(zoo, 2):
         executor.submit(cand)
-    os.kill(executor._slots[0].pid, signal.SIGKILL)
+    os.kill(live[0].pid, signal.SIGKILL)
     start = time.monotonic()
     with pytest.raises(ExecutionError, match=r"no Ray worker left to run .* could not start "
                        r"within 3 s"):
