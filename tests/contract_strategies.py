@@ -1,9 +1,10 @@
-"""Two strategies that use the second-round contracts, for tests (named by import path,
-``contract_strategies:ArchiveCrossover``, so they never join the registry).
+"""Strategies for tests, named by import path (``contract_strategies:ArchiveCrossover``),
+so they never join the registry.  Two use the second-round contracts (recipe proposals,
+probes); ``Repeat`` proposes repeats, for the result cache.
 
-Each keeps ``seen``: everything it was told, by candidate id.  Rebuilt from a saved state,
-``seen`` is what the strategy saw before the kill, so comparing it with what storage
-recorded shows that nothing a strategy consumes is lost or changed by a resume.
+The contract strategies keep ``seen``: everything they were told, by candidate id.  Rebuilt
+from a saved state, ``seen`` is what the strategy saw before the kill, so comparing it with
+what storage recorded shows that nothing a strategy consumes is lost or changed by a resume.
 """
 
 from __future__ import annotations
@@ -99,3 +100,24 @@ class Prober(Strategy):
     def _tell(self, told) -> None:
         for cand, result in told:
             self.seen[cand.id] = _told(result)
+
+
+class Repeat(Strategy):
+    """Proposes the start point, then alternates two points: everything repeats."""
+
+    name = "repeat-for-test"
+    description = "test only"
+    multi_objective = True
+
+    def _setup(self):
+        self._i = 0
+
+    def _ask(self, n):
+        out = []
+        for _ in range(n):
+            out.append((self.problem.x0 * (0.5 if self._i % 2 else 1.0), 1.0))
+            self._i += 1
+        return out
+
+    def _tell(self, told):
+        pass

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from contract_strategies import Repeat
 from helpers import zoo_experiment
 
 from mergesearch.controller import BoundExperiment, SearchLoop, run
@@ -144,27 +145,6 @@ def test_failing_and_nan_candidates_are_recorded_and_the_search_goes_on(zoo, tmp
     failed = {t.candidate_id: t.reason for t in store.trials() if t.state == "failed"}
     assert failed[1] == "RuntimeError: out of memory (simulated)"
     assert failed[3] == "non-finite objective values: rev"
-
-
-class Repeat(Strategy):
-    """Proposes the start point, then alternates two points: everything repeats."""
-
-    name = "repeat-for-test"
-    description = "test only"
-    multi_objective = True
-
-    def _setup(self):
-        self._i = 0
-
-    def _ask(self, n):
-        out = []
-        for _ in range(n):
-            out.append((self.problem.x0 * (0.5 if self._i % 2 else 1.0), 1.0))
-            self._i += 1
-        return out
-
-    def _tell(self, told):
-        pass
 
 
 def test_identical_candidates_are_served_from_the_cache(zoo, tmp_path):

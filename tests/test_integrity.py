@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from contract_strategies import Repeat
 from helpers import completed_count, zoo_experiment
 
 from mergesearch import fingerprint
@@ -298,31 +299,10 @@ def test_a_failed_checkpoint_write_leaves_no_gap(tmp_path, monkeypatch):
 
 # -- fronts, logging ----------------------------------------------------------------------
 
-class _Repeat(Strategy):
-    """The start point, then alternately half of it and it again: most are repeats."""
-
-    name = "repeat-for-integrity-test"
-    description = "test only"
-    multi_objective = True
-
-    def _setup(self):
-        self._i = 0
-
-    def _ask(self, n):
-        out = []
-        for _ in range(n):
-            out.append((self.problem.x0 * (0.5 if self._i % 2 else 1.0), 1.0))
-            self._i += 1
-        return out
-
-    def _tell(self, told):
-        pass
-
-
 def test_a_front_holds_distinct_recipes(zoo, tmp_path):
     exp = zoo_experiment(tmp_path)
     search = BoundExperiment(exp, progress=False)
-    search.strategy = _Repeat(search.problem)
+    search.strategy = Repeat(search.problem)
     store = search.open_store(resume=None, overwrite=False)
     summary = SearchLoop(search, store, search.make_executor(), False, None).run()
     assert summary.cached == 4

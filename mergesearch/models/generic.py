@@ -65,7 +65,33 @@ class LoadedConfig:
                 "layout": self.layout}
 
 
-class LoadedCheckpoint:
+class TensorDict:
+    """The read side of a ``Checkpoint`` over tensors held in memory (``self._tensors``,
+    ``self.ref``): what loader models and recipe-defined models share."""
+
+    ref: str
+    _tensors: dict[str, torch.Tensor]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor (do not modify it in place)."""
+        try:
+            return self._tensors[name]
+        except KeyError:
+            raise ModelLoadError(f"model {self.ref[:80]!r} has no tensor {name!r}") from None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+
+class LoadedCheckpoint(TensorDict):
     """A model from a loader entry point, read like a ``Checkpoint`` (CPU tensors).
 
     ``merge_shapes`` are the tensors a merge writes: the module's parameters (tied
@@ -107,24 +133,6 @@ class LoadedCheckpoint:
             raise ModelLoadError(f"models.loader {loader!r} must return (module, state_dict) "
                                  f"for {ref!r}, not {type(out).__name__}")
         return cls(ref, loader, *out)
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def tensor(self, name: str) -> torch.Tensor:
-        """One tensor of the state dict (do not modify it in place)."""
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise ModelLoadError(f"model {self.ref!r} has no tensor {name!r}") from None
-
-    @cached_property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     @cached_property
     def num_layers(self) -> int:

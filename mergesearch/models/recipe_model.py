@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import torch
-
 from mergesearch.models.checkpoint import ModelLoadError
+from mergesearch.models.generic import TensorDict
 
 PREFIX = "recipe:"
 
@@ -37,7 +36,7 @@ def ref_recipe(ref: str) -> dict[str, Any]:
         raise ModelLoadError(f"model reference {ref[:60]!r}...: not a recipe ({err})") from None
 
 
-class RecipeModel:
+class RecipeModel(TensorDict):
     """The tensors of a merged recipe, merged once when opened."""
 
     path = None  # no folder: tokenizers and configs come from the recipe's own models
@@ -57,23 +56,6 @@ class RecipeModel:
         if getattr(self.config, "tie_word_embeddings", False):  # stored once, as checkpoints do
             state.pop("lm_head.weight", None)
         self._tensors = {k: v.detach().contiguous() for k, v in state.items()}
-
-    @property
-    def names(self) -> list[str]:
-        return list(self._tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._tensors
-
-    def tensor(self, name: str) -> torch.Tensor:
-        try:
-            return self._tensors[name]
-        except KeyError:
-            raise ModelLoadError(f"{self!r} has no tensor {name!r}") from None
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     @property
     def num_layers(self) -> int:
