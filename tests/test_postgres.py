@@ -365,6 +365,7 @@ def test_searches_opening_an_empty_database_at_once_all_start(postgres_url):
     assert all(TrialStore.exists(url, n) for n in ("p0", "p1", "p2", "t0", "t1", "t2"))
 
 
+@pytest.mark.slow
 def test_a_second_writer_on_a_postgres_study_is_refused(zoo, postgres_url, tmp_path):
     """Two `mergesearch run` processes on one study: the one that holds the lease runs to its
     budget, the other stops with one line naming the holder; readers are never blocked."""
