@@ -67,10 +67,12 @@ def yaml_problem(err: yaml.YAMLError) -> str:
 
 
 def read_yaml_mapping(path: str | Path, error: type[Exception], what: str = "file") -> dict:
-    """The mapping at the top of a YAML file, or ``error`` with one line saying what is wrong."""
+    """The mapping at the top of a YAML file (JSON for a ``.json`` file), or ``error`` with
+    one line saying what is wrong."""
     path = Path(path)
     try:
-        data = load_yaml(path.read_text())
+        text = path.read_text()
+        data = load_json(text) if path.suffix == ".json" else load_yaml(text)
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except IsADirectoryError:
@@ -81,6 +83,8 @@ def read_yaml_mapping(path: str | Path, error: type[Exception], what: str = "fil
         raise error(f"{what} {path}: not a text file") from None
     except yaml.YAMLError as err:
         raise error(f"{path}: not valid YAML: {yaml_problem(err)}") from None
+    except ValueError as err:  # JSON
+        raise error(f"{path}: not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise error(f"{path}: expected a mapping at the top level")
     return data

@@ -213,9 +213,7 @@ class BoundExperiment:
         store = TrialStore.open(url, name)
         holder = store.lease_holder()
         if holder is not None and lease.stale(holder) is None:
-            raise StorageError(f"{store.where} is being written by another search: "
-                               f"{lease.describe(holder)}; wait for it to finish or stop it, "
-                               "or pass --study NAME to run a separate search")
+            raise lease.held(store.where, holder)
 
     def open_store(self, *, resume: bool | None, overwrite: bool,
                    new_epoch: bool = False) -> TrialStore:

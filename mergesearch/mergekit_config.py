@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
-from mergesearch.configs import format_validation_error, load_json, load_yaml, yaml_problem
+from mergesearch.configs import format_validation_error, read_yaml_mapping
 from mergesearch.merging import get_method
 from mergesearch.recipe import Hop, Recipe, RecipeError, SourceModel
 
@@ -235,19 +235,7 @@ def load_config(path: str | Path) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{path}: no such file")
-    try:
-        text = path.read_text()
-        data = load_json(text) if path.suffix == ".json" else load_yaml(text)
-    except OSError as err:
-        raise RecipeError(f"{path}: cannot read it ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise RecipeError(f"{path}: not a text file") from None
-    except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
-    except ValueError as err:
-        raise RecipeError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, RecipeError, "recipe file")
     try:
         return from_mergekit(data) if "merge_method" in data else Recipe.from_dict(data)
     except RecipeError as err:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-import time
 import types
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,6 @@ from helpers import state, zoo_experiment
 
 from mergesearch import objectives
 from mergesearch.evaluation import ObjectiveConfig
-from mergesearch.execution.worker import Worker
 from mergesearch.models.resident import ResidentMerger, merge
 from mergesearch.objectives import (
     ObjectiveError,
@@ -27,7 +25,7 @@ from mergesearch.objectives import (
     recipe_values,
 )
 from mergesearch.recipe import Recipe
-from mergesearch.trial import Candidate, Result
+from mergesearch.trial import Candidate
 
 WEIGHTS = [ObjectiveConfig(name=m, source="weights", metric=m)
            for m in ("delta_sparsity", "delta_l1", "delta_l2")]
@@ -162,51 +160,6 @@ def test_weight_objectives_need_a_base_and_matching_shapes(tiny) -> None:
 
 # ---------------------------------------------------------- a search on the zoo
 
-def _init(self, spec) -> None:
-    """``Worker.__init__`` with the proposed line: the experiment's non-evaluator objectives."""
-    _original_init(self, spec)
-    from mergesearch.evaluation import EvaluatorConfig
-
-    self.extra_objectives = [o for o in EvaluatorConfig.model_validate(spec.evaluator).objectives
-                             if o.source != "evaluator"]
-
-
-def _evaluate(self, candidate: Candidate) -> Result:
-    """``Worker.evaluate`` with the proposed change: recipe and weight objectives computed
-    right after the merge, merged into the result's values."""
-    import logging
-
-    from mergesearch.execution import probes
-
-    t0 = time.perf_counter()
-    merged = t0
-    try:
-        if candidate.recipe is None:
-            raise ValueError("candidate has no recipe")
-        model = self.merger.apply(candidate.recipe)
-        merged = time.perf_counter()
-        if candidate.is_probe:
-            payload, cost = probes.answer(self, model, candidate)
-            done = time.perf_counter()
-            return Result(candidate_id=candidate.id, payload=payload, cost=cost,
-                          timings={"merge": merged - t0, "probe": done - merged})
-        extra = extra_objective_values(self, candidate, model)  # NEW
-        ev = self.evaluator.evaluate(model, fidelity=candidate.fidelity, seed=0)
-    except Exception as err:
-        logging.getLogger(__name__).debug("candidate %d failed", candidate.id, exc_info=True)
-        now = time.perf_counter()
-        return Result.failed(candidate.id, f"{type(err).__name__}: {err}",
-                             merge=merged - t0, evaluate=now - merged)
-    done = time.perf_counter()
-    return Result(candidate_id=candidate.id, values=dict(ev.values) | extra,  # NEW: | extra
-                  scores=ev.scores, correct=ev.correct, items=dict(ev.indices),
-                  cost=float(sum(len(v) for v in ev.correct.values())),
-                  timings={"merge": merged - t0, "evaluate": done - merged}).check_finite()
-
-
-_original_init = Worker.__init__
-
-
 @pytest.mark.slow
 def test_search_on_weight_and_recipe_objectives_records_true_values(zoo, tmp_path,
                                                                     monkeypatch) -> None:
@@ -214,8 +167,6 @@ def test_search_on_weight_and_recipe_objectives_records_true_values(zoo, tmp_pat
     from mergesearch.models.checkpoint import resolve_model_dir
     from mergesearch.storage import TrialStore
 
-    monkeypatch.setattr(Worker, "__init__", _init)
-    monkeypatch.setattr(Worker, "evaluate", _evaluate)
     space = str(Path(__file__).resolve().parents[1] / "search_spaces/dare_ties_layer_groups.yaml")
     exp = zoo_experiment(
         tmp_path, space=space, strategy={"name": "nsga2"}, budget={"evaluations": 6},

@@ -68,6 +68,20 @@ class Models:
         return self.layer_counts.get(name, self.num_layers)
 
 
+class GenomeDims:
+    """What every space derives from its ``dims`` alike: the start point and the names."""
+
+    dims: list[Dimension]
+
+    @property
+    def x0(self) -> np.ndarray:
+        return np.array([d.init for d in self.dims])
+
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.dims]
+
+
 def genome_array(genome: Sequence[float], dims: Sequence[Dimension]) -> np.ndarray:
     """``genome`` as a float vector, refused when its length is not the space's."""
     genome = np.asarray(genome, dtype=float)

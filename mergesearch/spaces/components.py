@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mergesearch.recipe import Conditional, Recipe, RecipeError
 from mergesearch.spaces import register_space
-from mergesearch.spaces.base import Models, SpaceError, genome_array, source_index
+from mergesearch.spaces.base import GenomeDims, Models, SpaceError, genome_array, source_index
 from mergesearch.strategies.base import Dimension
 
 MERGED = "merged"
@@ -75,7 +75,7 @@ class ComponentsConfig(BaseModel):
         default_factory=dict, description="other recipe fields, e.g. dtype, vocab")
 
 
-class ComponentSpace:
+class ComponentSpace(GenomeDims):
     """One categorical per (layer, block) <-> a ``linear`` recipe selecting modules."""
 
     def __init__(self, config: ComponentsConfig, models: Models):
@@ -159,14 +159,6 @@ class ComponentSpace:
                                  f"(modules of a layer: {', '.join(found) or 'none'})")
 
     # -- genome <-> recipe --------------------------------------------------------------
-
-    @property
-    def x0(self) -> np.ndarray:
-        return np.array([d.init for d in self.dims])
-
-    @property
-    def names(self) -> list[str]:
-        return [d.name for d in self.dims]
 
     def choice_of(self, genome: Sequence[float]) -> dict[str, str]:
         """Dimension name -> the option a genome picks (indices rounded)."""

@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from mergesearch.recipe import Recipe, RecipeError
 from mergesearch.spaces import register_space
-from mergesearch.spaces.base import Models, SpaceError, genome_array
+from mergesearch.spaces.base import GenomeDims, Models, SpaceError, genome_array
 from mergesearch.strategies.base import Dimension
 
 RECIPE_PREFIX = "recipe:"
@@ -146,7 +146,7 @@ class Slot:
     layer: int
 
 
-class LayerPathSpace:
+class LayerPathSpace(GenomeDims):
     """Indicators (and input scales) per layer slot <-> a ``passthrough`` recipe."""
 
     def __init__(self, config: LayerPathConfig, models: Models):
@@ -213,14 +213,6 @@ class LayerPathSpace:
         return self.models.depth(by_ref[first]) if first in by_ref else self.models.num_layers
 
     # -- genome <-> recipe --------------------------------------------------------------
-
-    @property
-    def x0(self) -> np.ndarray:
-        return np.array([d.init for d in self.dims])
-
-    @property
-    def names(self) -> list[str]:
-        return [d.name for d in self.dims]
 
     def decode(self, genome: Sequence[float]) -> Recipe:
         """The passthrough recipe of the slots a genome turns on."""

@@ -50,7 +50,7 @@ from mergesearch.merging import get_method
 from mergesearch.merging.layers import gradient_position
 from mergesearch.recipe import Conditional, Recipe, RecipeError, Setting
 from mergesearch.spaces import register_space
-from mergesearch.spaces.base import Models, SpaceError, genome_array, source_index
+from mergesearch.spaces.base import GenomeDims, Models, SpaceError, genome_array, source_index
 from mergesearch.strategies.base import Dimension
 
 TRANSFORMS = ("abs", "clamp", "normalize", "softmax")
@@ -157,7 +157,7 @@ class _Slot:
     groups: tuple[tuple[tuple[str, ...], tuple[int, ...]], ...] = ()
 
 
-class SearchSpace:
+class SearchSpace(GenomeDims):
     """A genome <-> Recipe mapping for one set of models.
 
     ``sources`` maps short names (used in dimension names) to model references.
@@ -316,14 +316,6 @@ class SearchSpace:
         return _Slot(tuple(filters), tuple(probes), tuple(fallbacks))
 
     # -- genome <-> recipe --------------------------------------------------------------
-
-    @property
-    def x0(self) -> np.ndarray:
-        return np.array([d.init for d in self.dims])
-
-    @property
-    def names(self) -> list[str]:
-        return [d.name for d in self.dims]
 
     def decode(self, genome: Sequence[float]) -> Recipe:
         """The recipe a genome stands for."""

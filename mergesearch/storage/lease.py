@@ -56,6 +56,14 @@ def describe(holder: dict[str, Any], now: float | None = None) -> str:
             f"(heartbeat {max(0.0, now - float(holder.get('heartbeat', 0))):.0f} s ago)")
 
 
+def held(where: str, holder: dict[str, Any]) -> StorageError:
+    """The refusal a search meets on a study another live search writes."""
+    return StorageError(
+        f"{where} is being written by another search: {describe(holder)}. Wait for it to "
+        f"finish or stop it (a killed search's lease expires {float(holder.get('ttl', TTL)):g} "
+        "s after its last heartbeat), or pass --study NAME to run a separate search")
+
+
 def stale(holder: dict[str, Any], now: float | None = None) -> str | None:
     """Why a lease no longer protects anybody (None while its holder is alive)."""
     now = time.time() if now is None else now
@@ -123,11 +131,7 @@ class Lease:
             holder = json.loads(row)
             why = stale(holder)
             if why is None:
-                raise StorageError(
-                    f"{self._where} is being written by another search: {describe(holder)}. "
-                    "Wait for it to finish or stop it (a killed search's lease expires "
-                    f"{float(holder.get('ttl', TTL)):g} s after its last heartbeat), or pass "
-                    "--study NAME to run a separate search")
+                raise held(self._where, holder)
             if conn.execute(_SWAP, args | {"v": mine, "old": row}).rowcount != 1:
                 return False
             log.warning("%s: took over the lease of %s: %s", self._where, describe(holder), why)
