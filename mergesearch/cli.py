@@ -221,6 +221,28 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from mergesearch.atomic import atomic_write_text
+    from mergesearch.report.compare import (
+        format_comparison,
+        load_curves,
+        parse_budgets,
+        parse_targets,
+    )
+
+    budgets = parse_budgets(args.budgets) if args.budgets is not None else None
+    targets = parse_targets(args.target) if args.target is not None else None
+    comparison = load_curves(args.studies, budgets, targets)
+    print(format_comparison(comparison))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(comparison.to_json(), indent=2) + "\n")
+    if args.csv:
+        comparison.to_csv(args.csv)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from mergesearch.report import choose, export_trial
 
@@ -345,6 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(p)
     p.add_argument("--recipes", action="store_true", help="print each point's full recipe")
     p.set_defaults(func=_cmd_pareto)
+
+    p = sub.add_parser("compare", help="compare searches (strategies x seeds) at fixed budgets",
+                       description="Best value of each objective, hypervolume (one reference "
+                       "point for all the studies) and trials to reach a target, after the "
+                       "first B trials of each study; mean ± std over the studies of each "
+                       "strategy. Reads only: a study being written can be compared.")
+    p.add_argument("studies", nargs="+", metavar="STUDY",
+                   help="an experiment file (its study), a storage URL (every study in it), "
+                   "URL#study or FILE#study, or a SQLite .db file")
+    p.add_argument("--budgets", metavar="B,B,...",
+                   help="trial counts to compare at (default: 25,50,100 below the largest "
+                   "trial count, and that count)")
+    p.add_argument("--target", metavar="X|NAME=X,...",
+                   help="report the trials needed to reach X (the first objective) or each "
+                   "NAME=X")
+    p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
+    p.add_argument("--csv", metavar="PATH", help="also write it as CSV (a row per study "
+                   "and budget, then per strategy and budget)")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("export", help="write a trial's recipe, mergekit YAML and checkpoint",
                        description="Export one trial: by number (--trial), or the Pareto point "
