@@ -8,6 +8,11 @@ pretrained from one shared initialisation (the base), one on the digits 0-4
 in the M2N2 paper (shared/ALGORITHMS.md).  Each expert knows half the classes,
 so each alone is right on under half the test set, and merging them helps.
 
+The from-scratch setting (M2N2's other experiment) starts from untrained MLPs instead:
+``scratch:<k>`` is the ``k``-th, torch's default initialisation seeded by ``k``.  Search
+on ``split: train`` (M2N2 scores fitness on the training images) and report on ``test``:
+``experiments/digits/pretrained.yaml`` and ``scratch.yaml`` do.
+
 It plugs into an experiment through the two generic entry points::
 
     models:
@@ -47,6 +52,7 @@ DIGITS_VERSION = 1
 MANIFEST = "manifest.json"
 MODELS = {"base": None, "low": (0, 1, 2, 3, 4), "high": (5, 6, 7, 8, 9)}
 TASK = "digits"
+SCRATCH_SEED = 10_000  # scratch:<k> is initialised with seed SCRATCH_SEED + k
 
 
 @dataclass(frozen=True)
@@ -153,17 +159,34 @@ def _accuracy(state: dict[str, torch.Tensor], config: DigitsConfig) -> float:
         return round(float((model(x).argmax(-1) == y).float().mean()), 6)
 
 
+def scratch(k: int, config: DigitsConfig | None = None) -> MLP:
+    """The ``k``-th untrained MLP of the from-scratch setting: torch's default init, seeded
+    by ``k`` (never the pretrained halves' shared initialisation, which is seed
+    ``init_seed``)."""
+    config = config or DigitsConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SCRATCH_SEED + k)
+        return MLP(config.hidden)
+
+
 def load(ref: str) -> tuple[MLP, dict[str, torch.Tensor]]:
-    """The loader entry point: ``base``, ``low``, ``high`` (built on first use), or a path
-    to a ``.safetensors`` state dict of this MLP."""
+    """The loader entry point: ``base``, ``low``, ``high`` (built on first use),
+    ``scratch:<k>`` (the ``k``-th untrained MLP of the from-scratch setting, k >= 0), or a
+    path to a ``.safetensors`` state dict of this MLP."""
     config = DigitsConfig()
+    if ref.startswith("scratch:"):
+        k = ref.removeprefix("scratch:")
+        if not k.isdigit():
+            raise ValueError(f"digits model {ref!r}: scratch:<k> takes a number k >= 0")
+        model = scratch(int(k), config)
+        return model, {n: t.detach().clone() for n, t in model.state_dict().items()}
     if ref in MODELS:
         path = build_digits(config=config) / f"{ref}.safetensors"
     else:
         path = Path(ref).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"digits model {ref!r}: use base, low, high or the path "
-                                    "of a .safetensors state dict")
+            raise FileNotFoundError(f"digits model {ref!r}: use base, low, high, scratch:<k> "
+                                    "or the path of a .safetensors state dict")
     state = load_file(path)
     model = MLP(config.hidden)
     model.load_state_dict(state)
