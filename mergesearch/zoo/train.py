@@ -55,12 +55,17 @@ def train(
     weight_decay: float = 0.0,
     warmup: float = 0.1,
     on_step: Callable[[int, float], None] | None = None,
+    trainable: Callable[[str], bool] | None = None,
 ) -> None:
     """AdamW with linear warm-up and cosine decay; loss on answer tokens + eos only.
 
-    ``sample(rng)`` draws one training item; ``on_step(step, loss)`` reports progress.
+    ``sample(rng)`` draws one training item; ``on_step(step, loss)`` reports progress;
+    ``trainable(name)`` picks the parameters that learn (default: all), the others stay
+    exactly as they are.
     """
-    params = list(model.parameters())
+    params = [p for n, p in model.named_parameters() if trainable is None or trainable(n)]
+    if not params:
+        raise ValueError("train: no parameter is trainable")
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=weight_decay)
     n_warm = max(1, int(warmup * steps))
 
