@@ -64,13 +64,16 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo_build(args: argparse.Namespace) -> int:
-    from mergesearch.zoo import build_zoo
+    if args.hard:
+        from mergesearch.zoo.hard import build_hard_zoo as build
+    else:
+        from mergesearch.zoo import build_zoo as build
 
-    zoo = build_zoo(args.out, seed=args.seed, force=args.force)
-    print(f"zoo ready at {zoo.root}")
-    print(f"  base    {zoo.base}")
-    for skill, path in zoo.experts.items():
-        print(f"  {skill:7} {path}")
+    zoo = build(args.out, seed=args.seed, force=args.force)
+    prefix = "zoo:hard/" if args.hard else "zoo:"
+    print(f"{'hard zoo' if args.hard else 'zoo'} ready at {zoo.root}")
+    for name, path in {"base": zoo.base, **zoo.experts}.items():
+        print(f"  {prefix + name:16} {path}")
     return 0
 
 
@@ -409,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     zoo = sub.add_parser("zoo", help="the built-in tiny model zoo")
     zsub = zoo.add_subparsers(dest="zoo_command", required=True)
     p = zsub.add_parser("build", help="build (or reuse) the tiny model zoo")
+    p.add_argument("--hard", action="store_true",
+                   help="the hard zoo (zoo:hard/...): experts in different layers, a "
+                        "hand-over pair, harmful sources")
     p.add_argument("--out", help="where to build it (default: $MERGESEARCH_ZOO or the cache)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="rebuild even if a build exists")

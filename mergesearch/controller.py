@@ -82,11 +82,17 @@ def resolve_model(ref: str, exp: Experiment, *, progress: bool = False) -> str:
         found = exp.find(ref) if ref.startswith((".", "~")) or "/" in ref else None
         return str(found) if found is not None else ref
     if ref.startswith("zoo:"):
-        from mergesearch.zoo import build_zoo
+        name = ref.removeprefix("zoo:")
+        if name.startswith("hard/"):
+            from mergesearch.zoo.hard import build_hard_zoo
 
-        zoo = build_zoo(progress=progress)
+            zoo, name = build_hard_zoo(progress=progress), name.removeprefix("hard/")
+        else:
+            from mergesearch.zoo import build_zoo
+
+            zoo = build_zoo(progress=progress)
         try:
-            return str(zoo.model_path(ref.removeprefix("zoo:")))
+            return str(zoo.model_path(name))
         except KeyError as err:
             raise ExperimentError(f"models: {err.args[0]}") from None
     found = exp.find(ref)

@@ -16,17 +16,21 @@ from .build import (
     score_all,
     uniform_merge,
 )
+from .hard import HARD_SKILLS, HardZooConfig, build_hard_zoo
 from .scoring import generate_answers, score_skill
 from .skills import SKILLS, Item, eval_items, is_heldout, load_eval_items, write_eval_files
 from .tokenizer import build_tokenizer
 
 __all__ = [
+    "HARD_SKILLS",
     "METRICS",
     "SKILLS",
     "ZOO_VERSION",
     "Item",
+    "HardZooConfig",
     "Zoo",
     "ZooConfig",
+    "build_hard_zoo",
     "build_tokenizer",
     "build_zoo",
     "default_zoo_dir",
