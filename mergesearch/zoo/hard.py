@@ -16,8 +16,9 @@ pull the best recipe away from uniform, in a different way:
   of ``flow_a``, then layers 2-3 of ``flow_b``" is that fine-tune exactly. They hand
   over through the intermediate representation that fine-tune learnt;
 * two **harmful** sources: ``anti``, trained to answer every skill by copying the
-  prompt's word (the copy trap, learnt), and ``noisy``, the base plus Gaussian noise.
-  Their best weight is zero or below.
+  prompt's word (the copy trap, learnt), and ``noisy``, the base plus Gaussian noise of
+  twice each tensor's spread (a gentler noise, 0.6, left random search within reach of
+  the best recipes: measured in benchmarks/RESULTS.md). Their best weight is zero.
 
 No skill has a copy trap: every answer character differs from the prompt character
 at the same position (a shift, or letters turned to digits), so copying the prompt
@@ -144,7 +145,7 @@ class HardZooConfig:
     replay: float = 0.3  # share of each fine-tuning batch drawn from the base's mixture
     keep: float = 0.3  # share of other skills' prompts answered as the base answers them
     keep_pool: int = 256  # such prompts per skill (greedy answers of the base, made once)
-    noise: float = 0.6  # the noisy copy: base + noise * std(tensor) * N(0, 1), per tensor
+    noise: float = 2.0  # the noisy copy: base + noise * std(tensor) * N(0, 1), per tensor
     flow_steps: int = 300  # the hand-over fine-tune split into flow_a and flow_b
     flow_lr: float = 3e-3
     flow_alone: float = 4.0  # loss weight of "flow_a alone answers rvp as the base does"
