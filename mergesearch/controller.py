@@ -430,6 +430,8 @@ class SearchLoop:
         self.ready: list[tuple[Result, _Scored | None]] = []
         # told, not yet written: (candidate, result, cache entry served from, own new entry)
         self.unwritten: list[tuple[Candidate, Result, _Scored | None, _Scored | None]] = []
+        # candidate id -> [when dispatched, when its result came] (seconds since the epoch)
+        self.clock: dict[int, list[float]] = {}
         self.asked = False  # since the last checkpoint
         self._critical = 0  # > 0 while a Ctrl-C must wait (see _uninterrupted)
         self._interrupted = False
@@ -587,6 +589,7 @@ class SearchLoop:
     def _route(self, cand: Candidate) -> None:
         """Decode a candidate and send it to a worker, or straight to ``ready`` when its
         recipe was scored before or it does not decode."""
+        self.clock[cand.id] = [time.time()]
         if cand.genome is not None:  # a recipe the strategy built goes as it is
             try:
                 cand.recipe = self.space.decode(cand.genome)
@@ -618,6 +621,7 @@ class SearchLoop:
         checkpoint, before any state that knows the tell)."""
         with self._uninterrupted():
             cand, key = self.in_flight.pop(result.candidate_id)
+            self.clock.setdefault(cand.id, []).append(time.time())
             entry = None
             self.spent += result.cost
             if cand.is_probe:
@@ -661,11 +665,16 @@ class SearchLoop:
                     if source.number is None:
                         source.number = self.store.trial_number(source.trial_id)
                     cached_from = source.number
+                clock = self.clock.get(cand.id, [])
+                started, finished = (clock[0], clock[-1]) if len(clock) == 2 else (None, None)
                 if cand.is_probe:
-                    trial_id = self.store.add_probe(cand, result)
+                    trial_id = self.store.add_probe(cand, result, started=started,
+                                                    finished=finished)
                 else:
-                    trial_id = self.store.add(cand, result, cached_from=cached_from)
+                    trial_id = self.store.add(cand, result, cached_from=cached_from,
+                                              started=started, finished=finished)
                 self.unwritten.pop(0)
+                self.clock.pop(cand.id, None)
                 if entry is not None:
                     entry.trial_id = trial_id
             self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))

@@ -12,6 +12,7 @@ across machines.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import warnings
@@ -266,9 +267,14 @@ class TrialStore:
 
     # -- trials -------------------------------------------------------------------------
 
-    def add(self, candidate: Candidate, result: Result, *,
-            cached_from: int | None = None) -> int:
+    def add(self, candidate: Candidate, result: Result, *, cached_from: int | None = None,
+            started: float | None = None, finished: float | None = None) -> int:
         """Write a finished candidate as one trial, in one transaction; returns its id.
+
+        ``started`` and ``finished`` (seconds since the epoch) are when the candidate was
+        dispatched and its result arrived: the trial's ``datetime_start`` and
+        ``datetime_complete``.  Without them it finished now, and started the sum of its
+        result's timings earlier.
 
         If Optuna refuses the trial (a param outside its distribution: a strategy bug the
         ask-time checks should have caught), the result is still kept, as a failed trial
@@ -321,6 +327,11 @@ class TrialStore:
             attrs |= {GENOME: list(candidate.genome), "values": dict(result.values),
                       REASON: f"storage refused the trial: {err}"}
             template = create_trial(state=TrialState.FAIL, user_attrs=attrs)
+        end = template.datetime_complete if finished is None \
+            else datetime.datetime.fromtimestamp(finished)
+        start = end - datetime.timedelta(seconds=sum(result.timings.values())) \
+            if started is None else datetime.datetime.fromtimestamp(min(started, end.timestamp()))
+        template.datetime_start, template.datetime_complete = start, end
         if self._direct:
             return insert.insert_trial(self._storage.engine, self._study_id, template)
         return self._storage.create_new_trial(self._study_id, template_trial=template)
@@ -349,9 +360,11 @@ class TrialStore:
         self._probes._epoch = self.epoch
         return self._probes
 
-    def add_probe(self, candidate: Candidate, result: Result) -> int:
+    def add_probe(self, candidate: Candidate, result: Result, *,
+                  started: float | None = None, finished: float | None = None) -> int:
         """Record a probe's answer (its payload, cost, recipe and metadata)."""
-        return self._probe_store(create=True).add(candidate, result)
+        return self._probe_store(create=True).add(candidate, result, started=started,
+                                                  finished=finished)
 
     def probes(self) -> list[TrialRecord]:
         store = self._probe_store(create=False)
