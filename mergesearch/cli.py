@@ -114,6 +114,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from mergesearch.controller import run
     from mergesearch.report import format_front, write_trial
 
+    same = _same_study_args(args)  # for the commands it suggests at the end
     if args.ray_address:
         args.set = [*(args.set or ()), "execution.backend=ray",
                     f"execution.address={args.ray_address}"]
@@ -142,17 +143,35 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"\n{kind} ({len(summary.front)} point(s)):")
     print(format_front(summary.front, summary.objectives, limit=10, params=3))
     if len(summary.front) > 10:
-        print(f"(all of it: mergesearch pareto {args.experiment})")
-    front_dir = summary.run_dir / "front"
+        print(f"(all of it: mergesearch pareto {args.experiment}{same})")
+    front_dir = front_path(summary.run_dir, args.study, exp.name)
     with atomic_dir(front_dir, overwrite=True) as tmp:  # this run's front replaces the last
         for trial in summary.front:
             (tmp / f"trial-{trial.number}").mkdir()
             write_trial(trial, tmp / f"trial-{trial.number}")
     print(f"\nrecipes of the front: {front_dir}/trial-N/ (recipe.json, mergekit.yml)")
     print(f"study: {summary.storage} (study {summary.study!r})")
-    print(f"merged checkpoint: mergesearch export {args.experiment} --out DIR --checkpoint "
-          "[--trial N]")
+    print(f"merged checkpoint: mergesearch export {args.experiment}{same} --out DIR "
+          "--checkpoint [--trial N]")
     return 0
+
+
+def front_path(run_dir, study: str | None, name: str):
+    """Where `run` writes a study's front: ``<run>/front`` for the experiment's own study,
+    ``<run>/<study>/front`` for one named with --study (so studies of one experiment keep
+    their fronts apart)."""
+    return run_dir / "front" if study in (None, name) else run_dir / study / "front"
+
+
+def _same_study_args(args: argparse.Namespace) -> str:
+    """The options that point another command at the study this one used (its --study and
+    --set overrides, shell-quoted), each with a leading space; empty if none."""
+    import shlex
+
+    parts = [] if args.study is None else ["--study", args.study]
+    for item in args.set or ():
+        parts += ["--set", item]
+    return "".join(" " + shlex.quote(p) for p in parts)
 
 
 def _last_failure(summary) -> str:
@@ -194,32 +213,71 @@ def _cmd_status(args: argparse.Namespace) -> int:
     trials = store.trials()
     count = {s: sum(t.state == s for t in trials) for s in ("ok", "failed")}
     count["running"] = len(store.in_flight(trials))  # as of the last checkpoint
-    budget = exp.budget.evaluations
+    budget = (_ran_with(store).get("budget") or {}).get("evaluations", exp.budget.evaluations)
     best = best_values(trials, store.objectives)
+    failed = [t for t in trials if t.state == "failed"]
+    if args.format == "json":
+        import json
+
+        print(json.dumps({
+            "study": store.study.study_name, "storage": exp.storage_url, "trials": count,
+            "budget": {"evaluations": budget},
+            "best": {o.name: best[o.name] for o in store.objectives if o.name in best},
+            "failed": [{"trial": t.number, "reason": t.reason} for t in failed],
+        }, indent=2))
+        return 0
     print(f"study {store.study.study_name!r} in {exp.storage_url}")
     print(f"  trials: {count['ok']} ok, {count['failed']} failed, {count['running']} in flight"
           + (f" (budget {budget})" if budget else ""))
     for o in store.objectives:
         if o.name in best:
             print(f"  best {o.name} ({o.direction}): {best[o.name]:.4f}")
-    reasons = [t for t in trials if t.state == "failed"]
-    for t in reasons[-3:]:
+    for t in failed[-3:]:
         print(f"  trial {t.number} failed: {t.reason}")
     return 0
 
 
-def _cmd_pareto(args: argparse.Namespace) -> int:
-    from mergesearch.report import format_front
+def _ran_with(store) -> dict:
+    """The experiment (with its overrides) the study was last run with; {} if unrecorded."""
+    try:
+        return store.experiment or {}
+    except KeyError:  # a study another tool made
+        return {}
 
+
+def _cmd_pareto(args: argparse.Namespace) -> int:
     _, store = _store(args)
     front = store.pareto_front()
-    if args.recipes:
+    if args.recipes and args.format != "table":
+        raise UsageError("--recipes is for --format table (json includes each recipe)")
+    if args.format == "json":
+        import json
+
+        print(json.dumps({
+            "study": store.study.study_name,
+            "objectives": [vars(o) for o in store.objectives],
+            "front": [{"trial": t.number, "values": t.values, "params": t.params,
+                       "recipe": t.recipe} for t in front],
+        }, indent=2))
+    elif args.format == "csv":
+        import csv
+
+        names = [o.name for o in store.objectives]
+        params = list(dict.fromkeys(k for t in front for k in t.params))
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["trial", *names, *params])
+        for t in front:
+            writer.writerow([t.number, *(t.values.get(n, "") for n in names),
+                             *(t.params.get(k, "") for k in params)])
+    elif args.recipes:
         from mergesearch.recipe import Recipe
 
         for t in front:
             print(f"# trial {t.number}: " + ", ".join(f"{k}={v:.4f}" for k, v in t.values.items()))
             print(Recipe.from_dict(t.recipe).to_yaml())
     else:
+        from mergesearch.report import format_front
+
         print(format_front(front, store.objectives))
     return 0
 
@@ -255,12 +313,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if not matches or matches[0].state != "ok":
             raise UsageError(f"trial {args.trial} does not exist or did not complete")
         trial = matches[0]
+        why = "as asked (--trial)"
     else:
         weights = _weights(args.weights) if args.weights else None
+        front = store.pareto_front()
         try:
-            trial = choose(store.pareto_front(), store.objectives, weights)
+            trial = choose(front, store.objectives, weights)
         except ValueError as err:
             raise UsageError(str(err)) from None
+        used = weights or {o.name: o.weight for o in store.objectives}
+        why = (f"the best of the {len(front)} front point(s) by the weighted sum of "
+               "objectives rescaled over the front, weights "
+               + ",".join(f"{k}={v:g}" for k, v in used.items())
+               + ("" if args.weights else " (the experiment's; choose with --weights or "
+                  "--trial N)"))
+    print(f"chose trial {trial.number}: {why}")
     out = export_trial(trial, args.out, checkpoint=args.checkpoint, overwrite=args.overwrite,
                        device=args.device, progress=sys.stderr.isatty())
     values = ", ".join(f"{k}={v:.4f}" for k, v in trial.values.items())
@@ -364,11 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="trials done, failed and in flight; best so far")
     _study_args(p)
+    p.add_argument("--format", choices=["text", "json"], default="text",
+                   help="text (default) or json")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("pareto", help="the Pareto front (or best trial) of a study")
     _study_args(p)
     p.add_argument("--recipes", action="store_true", help="print each point's full recipe")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table (default); json: each point's trial number, objective values, "
+                   "params and recipe; csv: a row per point, trial, objectives and params")
     p.set_defaults(func=_cmd_pareto)
 
     p = sub.add_parser("compare", help="compare searches (strategies x seeds) at fixed budgets",
