@@ -22,7 +22,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,15 @@ def build_zoo(
         raise ValueError(f"unknown zoo skills {unknown}; available: {SKILLS}")
     key = config.key(seed)
     root = Path(out).expanduser() if out is not None else default_zoo_dir(config, seed)
+    return build_cached(root, key, force, lambda tmp: _build_into(tmp, config, seed, key,
+                                                                   progress))
+
+
+def build_cached(root: Path, key: str, force: bool, build: Callable[[Path], None]) -> Zoo:
+    """The zoo at ``root`` if its manifest has ``key`` (and not ``force``), else one
+    built by ``build(tmp)`` in a temporary folder renamed into place (an interrupted
+    build never leaves a folder that looks complete). Refuses to replace a zoo with
+    another key, or a folder that is not a zoo, unless ``force``."""
     if (root / MANIFEST).exists() and not force:
         zoo = Zoo.load(root)
         if zoo.manifest.get("key") == key:
@@ -206,7 +215,7 @@ def build_zoo(
     hf_logging.disable_progress_bar()  # one bar of our own, not one per save
     try:
         with atomic_dir(root, overwrite=True) as tmp:
-            _build_into(tmp, config, seed, key, progress)
+            build(tmp)
     finally:
         if hf_bars:
             hf_logging.enable_progress_bar()

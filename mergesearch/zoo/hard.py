@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import math
 import os
 import random
@@ -50,17 +49,12 @@ from pathlib import Path
 import torch
 import transformers
 from tqdm.auto import tqdm
-from transformers.utils import logging as hf_logging
 
-from mergesearch.atomic import atomic_dir
-
-from .build import MANIFEST, METRICS, Zoo, _save
+from .build import MANIFEST, METRICS, Zoo, _save, build_cached
 from .scoring import encode_items, score_skill
 from .skills import Item, Skill, is_heldout
 from .tokenizer import build_tokenizer
 from .train import make_model, train
-
-logger = logging.getLogger(__name__)
 
 #: Bump when a code change alters the built weights: it is part of the cache key.
 HARD_ZOO_VERSION = 1
@@ -222,22 +216,8 @@ def build_hard_zoo(out: str | Path | None = None, *, seed: int = 0, force: bool 
     config = config or HardZooConfig()
     key = config.key(seed)
     root = Path(out).expanduser() if out is not None else default_dir(config, seed)
-    if (root / MANIFEST).exists() and not force:
-        zoo = Zoo.load(root)
-        if zoo.manifest.get("key") == key:
-            return zoo
-        raise FileExistsError(f"{root} holds a zoo built with another config or seed; pass "
-                              "force=True to rebuild it or choose another directory")
-    hf_bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        with atomic_dir(root, overwrite=True) as tmp:
-            _build_into(tmp, config, seed, key, progress)
-    finally:
-        if hf_bars:
-            hf_logging.enable_progress_bar()
-    logger.info("built the hard zoo at %s", root)
-    return Zoo.load(root)
+    return build_cached(root, key, force, lambda tmp: _build_into(tmp, config, seed, key,
+                                                                   progress))
 
 
 def score_hard(model, tokenizer, limit: int | None = None) -> dict[str, dict[str, float]]:
