@@ -214,6 +214,7 @@ def test_search_on_postgres_reads_back_the_same_from_another_process(zoo, postgr
                                Recipe.from_dict(t.recipe).to_yaml().strip()) for t in front}
 
 
+@pytest.mark.slow  # subprocesses on a PostgreSQL server: ~10 s
 def test_two_studies_in_one_database_keep_their_own_trials(zoo, postgres_url, tmp_path):
     """Study b runs in another process while study a is mid-search: a waits after its
     first trial until b has written, so the two write to one database interleaved."""
@@ -265,6 +266,7 @@ def test_two_studies_in_one_database_keep_their_own_trials(zoo, postgres_url, tm
     assert as_rows(mine.front) == as_rows(TrialStore.open(postgres_url, "a").pareto_front())
 
 
+@pytest.mark.slow  # subprocesses on a PostgreSQL server: ~10 s
 def test_resume_from_another_process_with_a_larger_budget(zoo, postgres_url, tmp_path,
                                                          capsys):
     path = write_experiment(tmp_path, postgres_url, "pg_resume", budget={"evaluations": 3})
@@ -331,6 +333,7 @@ TrialStore.create(url, name, [Objective("score", "maximize")],
 """
 
 
+@pytest.mark.slow  # subprocesses on a PostgreSQL server: ~10 s
 def test_searches_opening_an_empty_database_at_once_all_start(postgres_url):
     """The first open of a database creates Optuna's tables: machines (processes) and a
     sweep's searches (threads) starting together must not trip over each other."""
