@@ -335,6 +335,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mergesearch.evaluation.rescore import rescore
+
+    args.study = None
+    done = rescore(args.input, _experiment(args))
+    if args.format == "json":
+        import json
+
+        print(json.dumps({"input": args.input, "kind": done.kind, "values": done.values,
+                          "scores": done.scores, "unavailable": done.unavailable,
+                          "recipe": done.recipe}, indent=2))
+        return 0
+    print(f"{done.kind} {args.input}")
+    for name, value in done.values.items():
+        print(f"  {name:24} {value:.4f}")
+    for name, why in done.unavailable.items():
+        print(f"  {name:24} not available ({why})")
+    for task, metrics in done.scores.items():
+        print(f"  task {task:19} " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
 def _weights(text: str) -> dict[str, float]:
     out = {}
     for part in text.split(","):
@@ -474,6 +496,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where to merge for --checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("eval", help="score a merged checkpoint or a recipe with an "
+                       "experiment's evaluator",
+                       description="Score a Hugging Face model folder (e.g. from `mergesearch "
+                       "export --checkpoint`) or a recipe file (recipe.json/.yaml or a "
+                       "mergekit YAML) as a trial of EXPERIMENT would be scored.")
+    p.add_argument("input", help="model folder or recipe file")
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an experiment field, e.g. --set evaluator.limit=null "
+                   "(repeatable; values are read as YAML)")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("strategies", help="list the search strategies")
     p.set_defaults(func=_cmd_strategies)
