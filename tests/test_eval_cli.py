@@ -45,6 +45,7 @@ def zoo_yaml(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # subprocesses: a search, an export and evaluations
 def test_export_round_trip_reproduces_the_trial(zoo, tmp_path):
     exp = str(zoo_yaml(tmp_path))
     cli("run", exp, "--quiet")
@@ -63,6 +64,7 @@ def test_export_round_trip_reproduces_the_trial(zoo, tmp_path):
     assert "rev" in table and "task zoo_rev" in table
 
 
+@pytest.mark.slow  # subprocesses: a search, an export and evaluations
 def test_checkpoint_without_its_recipe_has_no_recipe_objectives(zoo, tmp_path):
     exp = str(zoo_yaml(tmp_path))
     got = json.loads(cli("eval", str(Path(zoo.experts["rev"])), exp, "--format",
