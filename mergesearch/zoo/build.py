@@ -133,11 +133,16 @@ class Zoo:
         return load_eval_items(skill, limit)
 
 
+def cache_root(env: str, name: str) -> Path:
+    """Where a built-in testbed is cached: ``$<env>`` or ``~/.cache/mergesearch/<name>``."""
+    parent = os.environ.get(env)
+    root = Path(parent) if parent else Path.home() / ".cache" / "mergesearch" / name
+    return root.expanduser()
+
+
 def default_zoo_dir(config: ZooConfig, seed: int) -> Path:
     """``$MERGESEARCH_ZOO/<key>`` or ``~/.cache/mergesearch/zoo/<key>``."""
-    parent = os.environ.get("MERGESEARCH_ZOO")
-    root = Path(parent) if parent else Path.home() / ".cache" / "mergesearch" / "zoo"
-    return root.expanduser() / config.key(seed)
+    return cache_root("MERGESEARCH_ZOO", "zoo") / config.key(seed)
 
 
 def uniform_merge(

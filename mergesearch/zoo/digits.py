@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -116,9 +115,9 @@ def pretrain(model: MLP, digits: tuple[int, ...], config: DigitsConfig) -> MLP:
 
 def default_dir(config: DigitsConfig) -> Path:
     """``$MERGESEARCH_DIGITS/<key>`` or ``~/.cache/mergesearch/digits/<key>``."""
-    parent = os.environ.get("MERGESEARCH_DIGITS")
-    root = Path(parent) if parent else Path.home() / ".cache" / "mergesearch" / "digits"
-    return root.expanduser() / config.key()
+    from .build import cache_root
+
+    return cache_root("MERGESEARCH_DIGITS", "digits") / config.key()
 
 
 def build_digits(root: str | Path | None = None, *,

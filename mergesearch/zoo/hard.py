@@ -37,7 +37,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import string
@@ -50,7 +49,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from .build import MANIFEST, METRICS, Zoo, _save, build_cached
+from .build import MANIFEST, METRICS, Zoo, _save, build_cached, cache_root
 from .scoring import encode_items, score_skill
 from .skills import Item, Skill, is_heldout
 from .tokenizer import build_tokenizer
@@ -200,9 +199,7 @@ def eval_split(skill: str) -> tuple[list[Item], list[Item]]:
 
 def default_dir(config: HardZooConfig, seed: int) -> Path:
     """``$MERGESEARCH_ZOO/hard-<key>`` or ``~/.cache/mergesearch/zoo/hard-<key>``."""
-    parent = os.environ.get("MERGESEARCH_ZOO")
-    root = Path(parent) if parent else Path.home() / ".cache" / "mergesearch" / "zoo"
-    return root.expanduser() / f"hard-{config.key(seed)}"
+    return cache_root("MERGESEARCH_ZOO", "zoo") / f"hard-{config.key(seed)}"
 
 
 def build_hard_zoo(out: str | Path | None = None, *, seed: int = 0, force: bool = False,
