@@ -17,7 +17,10 @@ New statistics are registered with :func:`register_statistic`; a statistic is
 ``fn(tensor) -> value`` (a float, a tensor: anything), the tensor in the
 compute dtype (float32, float64 for float64 sources) where the pool holds it.
 Nothing here knows about checkpoints: the context is given a ``fetch(source,
-tensor)`` function (the resident merger passes its pool's).
+tensor)`` function (the resident merger passes its pool's), and optionally a
+``factors(source, tensor)`` function answering a LoRA source's two factors
+(:class:`LoraFactors`) instead of the full tensor they make, for methods that
+merge adapters factor-wise (``TensorContext.factors``).
 """
 
 from __future__ import annotations
@@ -61,17 +64,54 @@ def mean(x: torch.Tensor) -> float:
     return float(x.mean())
 
 
+@dataclass(frozen=True)
+class LoraFactors:
+    """A LoRA source's update to one tensor as its factors: ``scaling * B @ A``, transposed
+    when ``transpose`` (embeddings, ``fan_in_fan_out``).  ``a`` is ``(r, in)``, ``b``
+    ``(out, r)``; both None (rank 0) when the adapter leaves the tensor alone."""
+
+    a: torch.Tensor | None
+    b: torch.Tensor | None
+    scaling: float = 1.0
+    transpose: bool = False
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else int(self.a.shape[0])
+
+
+FactorsFn = Callable[[str, str], "LoraFactors | None"]
+
+
 class MergeContext:
     """Statistics of source tensors, each computed on first request and then cached.
 
     ``fetch(source, tensor)`` returns a source's stored tensor (read-only).  One
     context lives as long as its sources do (a worker's merger keeps one), so the
-    cache is never stale: sources do not change under a worker.
+    cache is never stale: sources do not change under a worker.  ``factors(source,
+    tensor)`` (optional) answers a source's :class:`LoraFactors` for a tensor, or None
+    when the source is not a LoRA adapter there; answers are cached too.
     """
 
-    def __init__(self, fetch: Callable[[str, str], torch.Tensor]):
+    def __init__(self, fetch: Callable[[str, str], torch.Tensor],
+                 factors: FactorsFn | None = None):
         self._fetch = fetch
+        self._factors_fn = factors
         self._cache: dict[tuple[str, str, str], Any] = {}
+        self._factors: dict[tuple[str, str], LoraFactors | None] = {}
+
+    def factors(self, source: str, tensor: str) -> LoraFactors | None:
+        """The LoRA factors of ``source``'s update to ``tensor`` (None: not a LoRA update,
+        or no ``factors`` function was given)."""
+        key = (source, tensor)
+        if key not in self._factors:
+            found = None if self._factors_fn is None else self._factors_fn(source, tensor)
+            if found is not None and found.a is not None:  # in the merge's compute dtype
+                dtype = compute_dtype(found.a.dtype)
+                found = LoraFactors(found.a.to(dtype), found.b.to(dtype), found.scaling,
+                                    found.transpose)
+            self._factors[key] = found
+        return self._factors[key]
 
     def stat(self, statistic: str, source: str, tensor: str) -> Any:
         """Statistic ``statistic`` of tensor ``tensor`` of model ``source``."""
@@ -113,3 +153,7 @@ class TensorContext:
                 raise ValueError(f"{self.name!r} is merged without a base")
             return self.context.stat(statistic, *self.base)
         return self.context.stat(statistic, *self.models[which])
+
+    def factors(self, which: int) -> LoraFactors | None:
+        """The ``which``-th model's LoRA factors for this tensor (None: not a LoRA update)."""
+        return self.context.factors(*self.models[which])

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from transformers import PretrainedConfig
 
+from mergesearch.merging.context import LoraFactors
 from mergesearch.models.checkpoint import Checkpoint, ModelLoadError, resolve_model_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -234,6 +235,20 @@ class LoraCheckpoint:
             self._check_shape(name, delta, w, "delta")
             out = out.float() + delta
         return out.to(w.dtype)
+
+    def factors(self, name: str) -> LoraFactors | None:
+        """The update to ``name`` as its two LoRA factors (as stored, on CPU), for merges
+        that work on factors; rank 0 where the adapter leaves the tensor alone, None where
+        its change is not ``scaling * B @ A`` alone (a replaced tensor, a bias update)."""
+        if name not in self.base:
+            raise ModelLoadError(f"model {self.ref!r} has no tensor {name!r}")
+        update = self._updates.get(name)
+        if update is None:
+            return LoraFactors(None, None)
+        if update.delta != "lora" or update.replace:
+            return None
+        a, b = (self._adapter.get(key) for key in update.keys)
+        return LoraFactors(a, b, update.scaling, update.transpose)
 
     def _delta(self, update: _Update) -> torch.Tensor:
         """What a LoRA update adds, in float32 (peft's order: (B @ A), transposed, scaled)."""

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from mergesearch.merging import compute_dtype, get_method
-from mergesearch.merging.context import MergeContext, TensorContext
+from mergesearch.merging.context import LoraFactors, MergeContext, TensorContext
 from mergesearch.merging.layers import (
     Source,
     assemble_path,
@@ -254,7 +254,17 @@ class ResidentMerger:
         self._path_refusals: dict[frozenset[str], str | None] = {}
         self._zero_copy_paths = True  # False: copy every layer path (tests compare the two)
         # per-source statistics for methods that ask (MergeMethod.context), cached
-        self.context = MergeContext(self.pool.fetch)
+        self.context = MergeContext(self.pool.fetch, self._factors)
+
+    def _factors(self, ref: str, name: str) -> LoraFactors | None:
+        """A LoRA source's factors for one tensor, on the pool's device (None: the source
+        is not a LoRA adapter, or its change to the tensor is not ``B @ A`` alone)."""
+        lookup = getattr(self.pool.checkpoint(ref), "factors", None)
+        found = None if lookup is None else lookup(name)
+        if found is None or found.a is None:
+            return found
+        return LoraFactors(found.a.to(self.device), found.b.to(self.device), found.scaling,
+                           found.transpose)
 
     # ------------------------------------------------------------- planning
     def plan(self, recipe: Recipe) -> _Plan:
