@@ -2,7 +2,8 @@
 
 ``{name: pymoo, options: {algorithm: nsga2, options: {pop_size: 20}}}`` runs pymoo's NSGA-II;
 every key under ``options`` is a keyword of the pymoo algorithm's constructor, checked against
-its signature before anything runs.  Algorithms by name (pymoo class in brackets):
+its signature before anything runs.  Algorithms by name, what each one minimises and the
+variable kinds it searches:
 
 ============  ================  =====================================================
 name          sees              variable kinds
@@ -49,8 +50,8 @@ Our choices:
   start point (for CMA-ES: the start point is pymoo's ``x0``, the mean's start).
 - Generation-based: ``ask(n)`` hands out members of the current pymoo population not yet
   issued, returns ``[]`` until every member is told, then evaluates the population with the
-  told losses through pymoo's ``Evaluator`` and calls ``algorithm.tell``.  MOEA/D and G3PCX
-  ask for one or two individuals at a time, so they keep only that many candidates in flight.
+  told losses through pymoo's ``Evaluator`` and calls ``algorithm.tell``.  pymoo's MOEA/D
+  asks for one individual at a time, so it keeps only one candidate in flight.
 - A failed candidate's losses are, per objective, ``worst + (worst - best) + 1`` over every
   successful loss told so far, so it ranks below every success of its generation.
 - No termination by default (the controller's budget decides); ``termination: [n_gen, 50]``
@@ -88,12 +89,13 @@ class _Algorithm:
     ref_dirs: bool = False  # takes reference directions
     needs: tuple[str, ...] = ()  # options pymoo requires
     requires: str | None = None  # an extra package pymoo imports for it
+    also: tuple[str, ...] = ()  # classes (module:Class) the constructor hands keywords to
 
 
 _SOO, _MOO = "pymoo.algorithms.soo.nonconvex", "pymoo.algorithms.moo"
 ALGORITHMS: dict[str, _Algorithm] = {
     "ga": _Algorithm(f"{_SOO}.ga:GA", False, mixed=True),
-    "de": _Algorithm(f"{_SOO}.de:DE", False),
+    "de": _Algorithm(f"{_SOO}.de:DE", False, also=(f"{_SOO}.de:Variant",)),  # F, CR, ...
     "pso": _Algorithm(f"{_SOO}.pso:PSO", False),
     "es": _Algorithm(f"{_SOO}.es:ES", False),
     "cmaes": _Algorithm(f"{_SOO}.cmaes:CMAES", False),
@@ -122,9 +124,9 @@ DEFAULT_POP_SIZE = 20
 _OWN_POP_SIZE = ("cmaes", "moead")
 
 
-def _algorithm_class(name: str) -> type:
+def _algorithm_class(name: str, path: str | None = None) -> type:
     spec = ALGORITHMS[name]
-    module, _, attr = spec.path.partition(":")
+    module, _, attr = (path or spec.path).partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
     except ImportError as err:
@@ -182,6 +184,8 @@ class PymooOptions(StrategyOptions):
     def _known_keywords(self) -> PymooOptions:
         cls = _algorithm_class(self.algorithm)
         known = _keywords(cls) - _MANAGED
+        for path in ALGORITHMS[self.algorithm].also:
+            known |= _keywords(_algorithm_class(self.algorithm, path)) - _MANAGED
         if self.algorithm == "cmaes":  # pymoo passes further keywords on to pycma
             import cma
 

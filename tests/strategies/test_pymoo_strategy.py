@@ -174,6 +174,8 @@ def test_pass_through_options_reach_pymoo() -> None:
     assert len(first) == 7
     s.tell(result(c, sphere) for c in first)
     assert len(s.ask(100)) <= 3
+    de = make("de", SPHERE, options={"variant": "DE/rand/1/bin", "CR": 0.9, "F": 0.6})
+    assert (de.algorithm.mating.CR.value, de.algorithm.mating.F.value) == (0.9, 0.6)
     with pytest.raises(StrategyError, match="a pymoo class"):
         make("ga", SPHERE, options={"crossover": {"class": "os.system"}})
 
@@ -331,7 +333,6 @@ def test_integer_dimensions_stay_whole() -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path):
-    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import completed_count
     from test_run_cli import write_experiment
 
