@@ -15,13 +15,18 @@ from .base import (
 )
 from .cmaes import CMAES
 from .optuna_samplers import NSGA2, TPE
+from .pymoo_strategy import Pymoo
 from .random_search import RandomSearch
+from .sakana import SakanaDFS, SakanaPS
 
 __all__ = [
     "CMAES",
     "NSGA2",
     "TPE",
+    "Pymoo",
     "RandomSearch",
+    "SakanaDFS",
+    "SakanaPS",
     "Dimension",
     "Objective",
     "Problem",

@@ -86,8 +86,8 @@ class CMAES(Strategy):
     def _setup(self) -> None:
         import cma
 
-        p = self.problem
-        self._low, self._span = p.low, p.high - p.low
+        low, high, x0 = self._search_box()
+        self._low, self._span = low, high - low
         rng = np.random.default_rng(self.seed)
         opts: dict[str, Any] = {"maxiter": math.inf, "maxfevals": math.inf,
                                 **self.options.cma_options,
@@ -98,10 +98,18 @@ class CMAES(Strategy):
         if self.options.popsize is not None:
             opts["popsize"] = self.options.popsize
         with _pycma_warnings_to_log():
-            self._es = cma.CMAEvolutionStrategy((p.x0 - self._low) / self._span,
+            self._es = cma.CMAEvolutionStrategy((x0 - self._low) / self._span,
                                                 self.options.sigma0, opts)
         self._stop: dict[str, Any] = {}
+        self._start_pending = bool(getattr(self.options, "include_init", False))
+        self._start_id: int | None = None  # the start point's candidate, once asked
         self._sample()
+
+    def _search_box(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(low, high, x0)`` of the box pycma's unit cube stands for (subclasses that
+        search a relaxation of the genome override this and :meth:`_to_genome`)."""
+        p = self.problem
+        return p.low, p.high, p.x0
 
     def _sample(self) -> None:
         with _pycma_warnings_to_log():
@@ -137,17 +145,23 @@ class CMAES(Strategy):
         return self.problem.clip(self._low + self._span * np.asarray(unit, dtype=float))
 
     def _ask(self, n: int) -> list[tuple[Sequence[float], float]]:
+        out: list[tuple[Sequence[float], float]] = []
+        if self._start_pending:  # the start point, scored once before generation 1
+            self._start_pending = False
+            self._start_id = self._next_id
+            out.append((list(self.problem.x0), 1.0))
         start = self._issued
-        stop = min(len(self._generation), start + n)
-        out = []
-        for k, index in enumerate(range(start, stop)):
-            self._slot[self._next_id + k] = index  # the id the base class will give it
+        stop = min(len(self._generation), start + n - len(out))
+        for index in range(start, stop):
+            self._slot[self._next_id + len(out)] = index  # the id the base class will give it
             out.append((self._to_genome(self._generation[index]), 1.0))
         self._issued = stop
         return out
 
     def _tell(self, told: list[tuple[Candidate, Result]]) -> None:
         for cand, result in told:
+            if cand.id == self._start_id:  # the start point: no generation's member
+                continue
             index = self._slot.pop(cand.id)
             self._losses[index] = self.problem.scalar_loss(result.values) if result.ok else None
         if len(self._losses) == len(self._generation):

@@ -429,8 +429,13 @@ def typed(x: np.ndarray) -> dict[str, float]:
 def test_every_variable_type_is_searched_or_refused_by_name(name: str) -> None:
     cls = strategies()[name]
     if not {"int", "categorical", "binary"} <= cls.kinds:
-        with pytest.raises(StrategyError, match=r"searches real variables only.*use .*random"):
+        with pytest.raises(StrategyError, match=r"searches [a-z, ]+ variables only.*use .*random"):
             cls(TYPED, seed=0)
+        if "binary" in cls.kinds:  # the kinds it does take are searched, both values seen
+            mixed = Problem((TYPED.dims[0], TYPED.dims[3]), TYPED.objectives)
+            history = drive(cls(mixed, seed=4), lambda x: typed(np.array([x[0], 5, 2, x[1]])),
+                            40, batches=(3, 5))
+            assert {c.genome[1] for c, _ in history} == {0.0, 1.0}
         return
     s = cls(TYPED, seed=4)
     history = drive(s, typed, 60, batches=(3, 5))
