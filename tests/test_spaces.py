@@ -188,6 +188,45 @@ def test_layer_path_options_are_checked():
     assert len(sp.dims) == 5 and all(d.kind == "binary" for d in sp.dims)
 
 
+def test_matrix_scales_scale_a_hop_by_the_layer_before_it():
+    sp = path_space(repeats=2, scales="matrix")  # pool a, b: 3 layers each, M = 6
+    n = 11  # slots: 2 * 6, minus the opening a@L0
+    assert len(sp.dims) == n + 36 and sp.names[n] == "W[a@L0->a@L0]"
+    g = sp.x0.copy()
+    np.testing.assert_array_equal(g[n:], 1.0)
+    assert hops(sp.decode(g)) == [("/m/a", 0, 1.0), ("/m/a", 1, 1.0), ("/m/a", 2, 1.0)]
+    # path a0 -> b1 -> a1(r1) -> b1(r1) -> a2: the scale of each hop is W[previous, its layer]
+    g[:n] = 0
+    for name in ("path[r0]/b@L1", "path[r1]/a@L1", "path[r1]/b@L1"):
+        g[sp.names.index(name)] = 1
+    w = {"W[a@L0->b@L1]": 1.5, "W[b@L1->a@L1]": 0.6, "W[a@L1->b@L1]": 1.9,
+         "W[b@L1->a@L2]": 0.7}  # the last: the closing hop, which runs at scale 1
+    for name, value in w.items():
+        g[sp.names.index(name)] = value
+    assert hops(sp.decode(g)) == [("/m/a", 0, 1.0), ("/m/b", 1, 1.5), ("/m/a", 1, 0.6),
+                                  ("/m/b", 1, 1.9), ("/m/a", 2, 1.0)]
+    again = sp.encode(sp.decode(g))
+    assert sp.decode(again) == sp.decode(g)
+    assert "matrix W" in sp.describe()
+
+
+def test_matrix_scales_refuse_a_path_one_matrix_cannot_give():
+    sp = path_space(repeats=2, scales="matrix", fix_ends=False)
+
+    def path(*hs):
+        return Recipe.from_dict({"method": "passthrough", "layer_path": [
+            {"model": f"/m/{m}", "layer": layer, "scale": s} for m, layer, s in hs]})
+
+    # a1 follows a0 twice, at two scales
+    with pytest.raises(SpaceError, match=r"layer_path\[3\]\.scale 1\.2 differs from "
+                                         r"layer_path\[1\]\.scale 1\.5"):
+        sp.encode(path(("a", 0, 1.0), ("a", 1, 1.5), ("a", 0, 1.0), ("a", 1, 1.2)))
+    with pytest.raises(SpaceError, match="the first hop has no previous layer"):
+        sp.encode(path(("a", 0, 1.3)))
+    same = path(("a", 0, 1.0), ("a", 1, 1.5), ("a", 0, 0.8), ("a", 1, 1.5))
+    assert hops(sp.decode(sp.encode(same))) == hops(same)
+
+
 def test_a_decoded_path_merges_to_its_layer_copies(tiny):
     """The merge engine's model of a decoded path equals an HF model built here from
     the hops' layers, with the scales applied by hooks of our own."""

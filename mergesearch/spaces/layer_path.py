@@ -25,6 +25,11 @@ Options:
   at scale 1 (our choice).  Without ``fix_ends`` the first and last hops'
   models give the embeddings and the head (as the merge engine does), and a
   genome that turns every slot off is refused with a :class:`SpaceError`.
+* ``scales``: ``hop`` (default) gives each slot its own input scale; ``matrix`` is
+  the paper's W, one scale per (previous layer, layer) pair of the pool (M x M
+  dimensions): a hop's input is scaled by W[the layer before it, its layer], so a
+  layer that follows the same layer twice gets the same scale.  The opening hop
+  (no previous layer) and, under ``fix_ends``, the closing hop run at scale 1.
 * ``repeats`` (default 1); ``scale_bounds`` (default [0.5, 2.0]: our choice,
   the paper gives none); ``recipe``: other recipe fields (``dtype`` ...).
 
@@ -34,8 +39,8 @@ init).  ``encode`` places a path's hops on the earliest slots that fit in
 order and refuses a path the layout cannot express (a hop out of layout order,
 a scale outside the bounds, other ends under ``fix_ends``).
 
-Paper: Akiba et al. 2024, T = 192 (M = 64, r = 3); a scale per hop follows a
-deployed port's ``input_scales`` rather than the paper's matrix W.
+Paper: Akiba et al. 2024, T = 192 (M = 64, r = 3), scales by the matrix W; the default
+scale per hop follows a deployed port's ``input_scales`` (T dimensions rather than M^2).
 """
 
 from __future__ import annotations
@@ -110,6 +115,9 @@ class LayerPathConfig(BaseModel):
     repeats: int = Field(1, ge=1)
     scale_bounds: tuple[float, float] = (0.5, 2.0)
     search_scales: bool = True
+    scales: Literal["hop", "matrix"] = Field(
+        "hop", description="hop: one input scale per slot; matrix: the paper's W, one per "
+                           "(previous layer, layer) pair of the pool")
     fix_ends: bool = True
     recipe: dict[str, Any] = Field(
         default_factory=dict, description="other recipe fields, e.g. dtype, vocab")
@@ -168,10 +176,18 @@ class LayerPathSpace(GenomeDims):
                 config.fix_ends and s.layer == first.depth - 1)
             self.dims.append(Dimension.binary(f"path[r{s.repeat}]/{s.member.name}@L{s.layer}",
                                               int(on)))
+        # the pool's layers, in layout order: the rows and columns of the matrix W
+        self.layers = [(m, layer) for m in self.pool for layer in range(m.depth)]
+        self._index = {(m.ref, layer): i for i, (m, layer) in enumerate(self.layers)}
+        self.n_slots = len(self.slots)
         if config.search_scales:
             low, high = config.scale_bounds
-            self.dims += [Dimension(f"scale[r{s.repeat}]/{s.member.name}@L{s.layer}", low, high,
-                                    1.0) for s in self.slots]
+            if config.scales == "hop":
+                self.dims += [Dimension(f"scale[r{s.repeat}]/{s.member.name}@L{s.layer}", low,
+                                        high, 1.0) for s in self.slots]
+            else:
+                self.dims += [Dimension(f"W[{a.name}@L{i}->{b.name}@L{j}]", low, high, 1.0)
+                              for a, i in self.layers for b, j in self.layers]
         self.start: Recipe = self.decode(self.x0)
 
     # -- building -----------------------------------------------------------------------
@@ -217,15 +233,22 @@ class LayerPathSpace(GenomeDims):
     def decode(self, genome: Sequence[float]) -> Recipe:
         """The passthrough recipe of the slots a genome turns on."""
         genome = genome_array(genome, self.dims)
-        n = len(self.slots)
-        scales = genome[n:] if self.config.search_scales else np.ones(n)
+        n = self.n_slots
+        matrix = self.config.search_scales and self.config.scales == "matrix"
+        scales = genome[n:] if self.config.search_scales and not matrix else np.ones(n)
         hops = [{"model": s.member.ref, "layer": s.layer, "scale": float(scale)}
                 for s, on, scale in zip(self.slots, genome[:n], scales, strict=True)
                 if on >= 0.5]
         if self._ends is not None:
             (a, first), (_, last) = self._ends
-            hops = [{"model": a.ref, "layer": first, "scale": 1.0}, *hops,
-                    {"model": a.ref, "layer": last, "scale": 1.0}]
+            hops = [{"model": a.ref, "layer": first, "scale": 1.0}, *hops]
+        if matrix:  # a hop's input scale is W[previous layer, this layer]
+            w = genome[n:].reshape(len(self.layers), len(self.layers))
+            for prev, hop in zip(hops, hops[1:], strict=False):
+                hop["scale"] = float(w[self._index[prev["model"], prev["layer"]],
+                                       self._index[hop["model"], hop["layer"]]])
+        if self._ends is not None:
+            hops.append({"model": a.ref, "layer": last, "scale": 1.0})
         if not hops:
             raise SpaceError("the genome turns every layer slot off: a layer path needs at "
                              "least one layer")
@@ -250,18 +273,13 @@ class LayerPathSpace(GenomeDims):
                 raise SpaceError(f"with fix_ends the path must open with {a.name}@L{first} and "
                                  f"close with {a.name}@L{last}, both at scale 1")
             hops = hops[1:-1]
-        n = len(self.slots)
+        n = self.n_slots
         genome = np.zeros(len(self.dims))
         genome[n:] = 1.0
         low, high = self.config.scale_bounds
-        at = 0
-        for k, hop in hops:
-            j = next((j for j in range(at, n) if self.slots[j].member.ref == hop.model
-                      and self.slots[j].layer == hop.layer), None)
-            if j is None:
-                raise SpaceError(f"layer_path[{k}] (layer {hop.layer} of {_short(hop.model)}) "
-                                 "has no slot left after the previous hop's: the space cannot "
-                                 "express this path")
+        if self.config.search_scales and self.config.scales == "matrix":
+            return self._encode_matrix(recipe, hops, genome)
+        for j, (k, hop) in zip(self._slots_of(hops), hops, strict=True):
             if self.config.search_scales and not low <= hop.scale <= high:
                 raise SpaceError(f"layer_path[{k}].scale {hop.scale} is outside the "
                                  f"scale_bounds {list(self.config.scale_bounds)}")
@@ -271,7 +289,48 @@ class LayerPathSpace(GenomeDims):
             genome[j] = 1.0
             if self.config.search_scales:
                 genome[n + j] = hop.scale
+        return genome
+
+    def _slots_of(self, hops) -> list[int]:
+        """The slot of each hop: the earliest after the previous hop's that runs its layer."""
+        out, at = [], 0
+        for k, hop in hops:
+            j = next((j for j in range(at, self.n_slots) if self.slots[j].member.ref == hop.model
+                      and self.slots[j].layer == hop.layer), None)
+            if j is None:
+                raise SpaceError(f"layer_path[{k}] (layer {hop.layer} of {_short(hop.model)}) "
+                                 "has no slot left after the previous hop's: the space cannot "
+                                 "express this path")
+            out.append(j)
             at = j + 1
+        return out
+
+    def _encode_matrix(self, recipe: Recipe, hops, genome: np.ndarray) -> np.ndarray:
+        """Indicators as in the per-hop case; each hop's scale sets W[previous, this], which
+        must then be the same wherever that pair of layers meets again."""
+        n, width = self.n_slots, len(self.layers)
+        low, high = self.config.scale_bounds
+        path = recipe.layer_path
+        if self._ends is None and hops and hops[0][1].scale != 1.0:
+            raise SpaceError("layer_path[0].scale: the first hop has no previous layer, so "
+                             "this space runs it at scale 1")
+        set_at: dict[int, tuple[int, float]] = {}
+        for j, (k, hop) in zip(self._slots_of(hops), hops, strict=True):
+            genome[j] = 1.0
+            if k == 0:
+                continue
+            prev = path[k - 1]
+            cell = n + self._index[prev.model, prev.layer] * width + self._index[hop.model,
+                                                                                  hop.layer]
+            if not low <= hop.scale <= high:
+                raise SpaceError(f"layer_path[{k}].scale {hop.scale} is outside the "
+                                 f"scale_bounds {list(self.config.scale_bounds)}")
+            if cell in set_at and set_at[cell][1] != hop.scale:
+                raise SpaceError(f"layer_path[{k}].scale {hop.scale} differs from "
+                                 f"layer_path[{set_at[cell][0]}].scale {set_at[cell][1]}, "
+                                 "which follows the same layer: one matrix W cannot give both")
+            set_at[cell] = (k, hop.scale)
+            genome[cell] = hop.scale
         return genome
 
     def describe(self) -> str:
@@ -283,7 +342,11 @@ class LayerPathSpace(GenomeDims):
                  f"path: {n} binary dims (one per layer slot)"
                  + (f"; opens with {self.pool[0].name}@L0 and closes with "
                     f"{self.pool[0].name}@L{self.pool[0].depth - 1}" if cfg.fix_ends else "")]
-        if cfg.search_scales:
+        if cfg.search_scales and cfg.scales == "matrix":
+            m = len(self.layers)
+            lines.append(f"scale: {m * m} dims (matrix W: the input scale of a layer after "
+                         f"each layer of the pool, {m} x {m}, bounds {list(cfg.scale_bounds)})")
+        elif cfg.search_scales:
             lines.append(f"scale: {n} dims (input scale per slot, bounds "
                          f"{list(cfg.scale_bounds)})")
         return "\n".join(lines)
