@@ -41,6 +41,7 @@ from mergesearch.models.lora import open_checkpoint
 from mergesearch.space import SpaceError, load_space
 from mergesearch.spaces import read_space
 from mergesearch.storage import StorageError, StudyExists, TrialRecord, TrialStore, lease
+from mergesearch.storage.trials import REPORT
 from mergesearch.strategies import Objective, Problem, Strategy, create_strategy
 from mergesearch.trial import Candidate, Result
 
@@ -69,6 +70,7 @@ class RunSummary:
     front: list[TrialRecord] = field(default_factory=list)
     probes: int = 0  # probes answered, all runs together (not trials)
     cost: float = 0.0  # items scored by every trial and probe, all runs together
+    report: dict[str, Any] | None = None  # the chosen trial on the report items (score_report)
 
 
 def resolve_model(ref: str, exp: Experiment, *, progress: bool = False) -> str:
@@ -331,7 +333,49 @@ def run(exp: Experiment, *, study: str | None = None, resume: bool | None = None
     except BaseException:
         executor.close()
         raise
-    return SearchLoop(search, store, executor, progress, on_result).run()
+    summary = SearchLoop(search, store, executor, progress, on_result).run()
+    summary.report = score_report(exp, summary)
+    return summary
+
+
+def score_report(exp: Experiment, summary: RunSummary) -> dict[str, Any] | None:
+    """Score the trial a run chose (``mergesearch export``'s default: the best weighted
+    sum over the front) on the experiment's ``report`` items, once: the values are kept
+    with the study and reused while the chosen trial and the report evaluator stay the
+    same.  Returns ``{"trial", "values", "search", "evaluator"}``, or None without
+    ``report`` or a completed trial.  It builds its own worker (models loaded once more)."""
+    from mergesearch.execution import make_worker
+    from mergesearch.recipe import Recipe
+    from mergesearch.report import choose
+
+    report = exp.report_experiment()
+    if report is None or not summary.front:
+        return None
+    chosen = choose(summary.front, summary.objectives)
+    evaluator = report.evaluator.model_dump(mode="json")
+    store = TrialStore.open(exp.storage_url, summary.study)
+    kept = store.study.user_attrs.get(REPORT)
+    if kept and kept.get("trial") == chosen.number and kept.get("evaluator") == evaluator:
+        return kept
+    log.info("scoring trial %d on the report items", chosen.number)
+    bound = BoundExperiment(report, study=summary.study, progress=False)
+    worker = make_worker(bound.worker_spec)  # in this process, whatever the backend
+    try:
+        result = worker.evaluate(Candidate(id=0, genome=[],
+                                           recipe=Recipe.from_dict(chosen.recipe)))
+    finally:
+        close = getattr(worker, "close", None)
+        if close is not None:
+            close()
+    if result.status != "ok":
+        log.warning("trial %d could not be scored on the report items: %s", chosen.number,
+                    result.reason)
+        return None
+    kept = {"trial": chosen.number, "values": dict(result.values),
+            "search": {o.name: chosen.values[o.name] for o in summary.objectives},
+            "evaluator": evaluator}
+    store.study.set_user_attr(REPORT, kept)
+    return kept
 
 
 def stage_study(exp: Experiment, stage: str, study: str | None = None) -> str:

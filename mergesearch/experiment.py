@@ -187,6 +187,9 @@ class Experiment(_Strict):
         None, description="a search_spaces/ file or an inline space")
     strategy: StrategyConfig | None = None
     evaluator: EvaluatorConfig
+    report: dict[str, Any] | None = Field(
+        None, description="evaluator fields that score the chosen trial once more, on "
+        "report items the search never sees (e.g. {suite: evaluators/hard/report})")
     budget: BudgetConfig
     stages: list[StageConfig] | None = Field(
         None, min_length=1, description="searches run in order, each its own study "
@@ -196,6 +199,36 @@ class Experiment(_Strict):
         None, description="SQLAlchemy URL; default: sqlite file study.db in the run folder")
     output: str | None = Field(None, min_length=1, description="run folder; default runs/<name>")
     seed: StrictInt = 0
+
+    @model_validator(mode="after")
+    def _report_is_an_evaluator(self) -> Experiment:
+        if self.report is not None:
+            if not self.report:
+                raise ValueError("report: give the evaluator fields that differ on the report "
+                                 "items (e.g. suite: ...), or leave report out")
+            self.report_evaluator()  # raises on fields an evaluator does not take
+        return self
+
+    def report_evaluator(self) -> EvaluatorConfig | None:
+        """The evaluator of the report items: the search's with ``report``'s fields."""
+        if self.report is None:
+            return None
+        data = self.evaluator.model_dump(mode="json", exclude_none=True) | self.report
+        try:
+            return EvaluatorConfig.model_validate(data)
+        except ValidationError as err:
+            raise ValueError(format_validation_error(err, "report").removeprefix("report: ")
+                             ) from None
+
+    def report_experiment(self) -> Experiment | None:
+        """This experiment scoring on the report items (None without ``report``)."""
+        if self.report is None:
+            return None
+        data = self.model_dump(mode="json", exclude={"report"})
+        data["evaluator"] = self.report_evaluator().model_dump(mode="json")
+        exp = Experiment.from_dict(data, where="report")
+        exp._file = self._file
+        return exp
 
     @model_validator(mode="after")
     def _space_and_strategy(self) -> Experiment:
@@ -234,7 +267,7 @@ class Experiment(_Strict):
 
     # Fields that may change when a study is resumed (everything else must match).
     RESUMABLE_CHANGES: ClassVar[tuple[str, ...]] = ("budget", "execution", "storage", "output",
-                                          "description")
+                                          "description", "report")
 
     @classmethod
     def from_dict(cls, data: Any, *, where: str = "experiment") -> Experiment:

@@ -60,6 +60,14 @@ def zoo():
 
 
 @pytest.fixture(scope="session")
+def hard_zoo():
+    """The hard zoo (built once and cached; ~4 minutes on first use)."""
+    from mergesearch.zoo.hard import build_hard_zoo
+
+    return build_hard_zoo(progress=False)
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One private local Ray cluster for the whole session (start-up costs seconds).
 

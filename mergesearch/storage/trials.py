@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 # study user attrs
 EXPERIMENT = "mergesearch.experiment"
+REPORT = "mergesearch.report"  # the chosen trial on the report items (controller.score_report)
 OBJECTIVES = "mergesearch.objectives"
 FINGERPRINT = "mergesearch.fingerprint"  # what the search's results depend on, by content
 SEARCH_EPOCH = "mergesearch.search_epoch"  # > 0 once continued with another fingerprint

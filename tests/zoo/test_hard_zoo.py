@@ -84,11 +84,6 @@ def test_no_skill_rewards_copying_the_prompt() -> None:
 
 # --- the real hard zoo (built once into the user cache, ~3-5 min on 2 cores) -------------
 
-@pytest.fixture(scope="session")
-def hard_zoo():
-    return build_hard_zoo(progress=False)
-
-
 def _state(zoo, name: str) -> dict[str, torch.Tensor]:
     return load_file(zoo.model_path(name) / "model.safetensors")
 
