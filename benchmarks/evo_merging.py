@@ -12,6 +12,8 @@ report items (``evaluators/hard/report``, 200 other items per skill).
    copy the prompt: a harmful source).  Task-vector rule (breadcrumbs, gamma 0, no
    normalisation: ``search_spaces/evo_merging_task_vectors.yaml``), beta in [-1.5, 1.5]
    against the same search with beta in [0, 1.5] (the paper's "without sign flip").
+   ``flip``: the same with ``inc`` replaced by ``neg_inc = base - tau_inc`` (written under
+   ``--work``), a source only a negative beta can use.
 2. **LoRA: prune A only vs A and B.**  Each of the four sources becomes a PEFT LoRA
    adapter over the hard zoo's base: per linear layer of the blocks, the rank-``--rank``
    truncated SVD of its task vector, split evenly (``B = U sqrt(S)``, ``A = sqrt(S) V^T``,
@@ -23,7 +25,7 @@ Output: progress on stderr; on stdout a markdown table per measurement (mean ± 
 seeds, std with n - 1) and the reference rows (each source alone, the start point).
 
     python benchmarks/evo_merging.py [--seeds 3] [--evaluations 120] [--limit 25]
-        [--rank 8] [--sigma0 0.05] [--only sign|lora] [--work /tmp/evo_merging_bench]
+        [--rank 8] [--sigma0 0.05] [--only sign|flip|lora] [--work /tmp/evo_merging_bench]
         [--json PATH]
 """
 
@@ -177,6 +179,27 @@ def make_lora_adapters(work: Path, rank: int) -> tuple[str, dict[str, str], dict
     return str(base_dir), out, errors
 
 
+def negated_expert(work: Path, name: str) -> str:
+    """A checkpoint ``base - tau_name`` (the expert's task vector reversed), under ``work``:
+    only beta = -1 gets the expert's skill back from it."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mergesearch.zoo.hard import build_hard_zoo
+
+    zoo = build_hard_zoo(progress=False)
+    folder = work / f"neg_{name}"
+    if not (folder / "model.safetensors").is_file():
+        src = Path(zoo.model_path(name))
+        shutil.copytree(src, folder, dirs_exist_ok=True)
+        base = load_file(str(Path(zoo.model_path("base")) / "model.safetensors"))
+        expert = load_file(str(src / "model.safetensors"))
+        save_file({k: (2 * base[k] - v).contiguous() for k, v in expert.items()},
+                  str(folder / "model.safetensors"))
+    return str(folder)
+
+
 def _read_errors(folder: Path) -> dict[str, float]:
     path = folder / "error.json"
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -193,9 +216,10 @@ def pm(values: list[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(title: str, rows: dict[str, list[dict[str, Any]]], refs: dict[str, Any]) -> str:
+def table(title: str, rows: dict[str, list[dict[str, Any]]], refs: dict[str, Any],
+          watch: str = "anti") -> str:
     lines = [f"### {title}", "",
-             "| variant | best search ce | report ce | report char acc | beta[anti] | "
+             f"| variant | best search ce | report ce | report char acc | beta[{watch}] | "
              "alpha mean | evals | s/run |",
              "|---|---|---|---|---|---|---|---|"]
     for label, runs in rows.items():
@@ -204,7 +228,7 @@ def table(title: str, rows: dict[str, list[dict[str, Any]]], refs: dict[str, Any
                   for r in runs]
         lines.append(
             f"| {label} | {pm([r['best_ce'] for r in runs])} | {pm([x['ce'] for x in rep])} | "
-            f"{pm([x['acc'] for x in rep])} | {pm([r['genome']['weight[anti]'] for r in runs])}"
+            f"{pm([x['acc'] for x in rep])} | {pm([r['genome'][f'weight[{watch}]'] for r in runs])}"
             f" | {pm(alphas)} | {runs[0]['evaluations']} | "
             f"{statistics.fmean(r['wall'] for r in runs):.0f} |")
     lines += ["", "Reference points (report items): "
@@ -219,7 +243,7 @@ def references(scorer: Scorer, kind: str) -> dict[str, Any]:
 
     sp = scorer.bound.space
     out = {}
-    for i, name in enumerate(SOURCES):
+    for i, name in enumerate(scorer.bound.sources):
         recipe = sp.decode([1.0] * 4 + [1.0 if j == i else 0.0 for j in range(4)])
         out[f"{name} alone"] = scorer.score(Recipe.from_dict(recipe.to_dict()), "report")
     out["start (beta 1/4)"] = scorer.score(sp.decode([1.0] * 4 + [0.25] * 4), "report")
@@ -236,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--popsize", type=int, default=20)
     ap.add_argument("--sigma0", type=float, default=0.05)
-    ap.add_argument("--only", choices=("sign", "lora"))
+    ap.add_argument("--only", choices=("sign", "flip", "lora"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/evo_merging_bench"))
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -247,14 +271,16 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {"options": options, "limit": args.limit, "seeds": list(seeds)}
     sections = []
 
-    def run(scorer: Scorer, variants: dict[str, dict[str, Any]]) -> dict[str, list]:
+    def run(scorer: Scorer, variants: dict[str, dict[str, Any]],
+            watch: str = "anti") -> dict[str, list]:
         rows: dict[str, list] = {label: [] for label in variants}
         for seed in seeds:  # seeds outermost: a cut-short run still compares like with like
             for label, sp in variants.items():
                 rows[label].append(one_search(scorer, sp, seed, options))
                 r = rows[label][-1]
-                print(f"  {label} seed {seed}: best ce {r['best_ce']:.4f}, beta[anti] "
-                      f"{r['genome']['weight[anti]']:.3f}, {r['wall']:.0f} s", file=sys.stderr)
+                print(f"  {label} seed {seed}: best ce {r['best_ce']:.4f}, beta[{watch}] "
+                      f"{r['genome'][f'weight[{watch}]']:.3f}, {r['wall']:.0f} s",
+                      file=sys.stderr)
         return rows
 
     if args.only in (None, "sign"):
@@ -267,6 +293,17 @@ def main(argv: list[str] | None = None) -> int:
                             "beta in [0, 1.5]": space("tv", beta_low=0.0)})
         out["sign"] = {"rows": rows, "references": refs}
         sections.append(table("Sign flips: task vectors of rot, inc, pos, anti", rows, refs))
+
+    if args.only in (None, "flip"):
+        sources = {s: f"zoo:hard/{s}" for s in ("rot", "pos", "anti")}
+        sources["neg_inc"] = negated_expert(args.work, "inc")
+        scorer = Scorer(sources, "tv", args.work, args.limit)
+        refs = references(scorer, "tv")
+        rows = run(scorer, {"beta in [-1.5, 1.5]": space("tv"),
+                            "beta in [0, 1.5]": space("tv", beta_low=0.0)}, "neg_inc")
+        out["flip"] = {"rows": rows, "references": refs}
+        sections.append(table("Sign flips with a negated expert: rot, pos, anti and "
+                              "neg_inc = base - tau_inc", rows, refs, "neg_inc"))
 
     if args.only in (None, "lora"):
         base, adapters, errors = make_lora_adapters(args.work, args.rank)
