@@ -85,6 +85,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cmaes": {"popsize": 8, "sigma0": 0.2},
     "tpe": {"n_startup_trials": 10, "multivariate": True},
     "nsga2": {"population_size": 16},
+    "sakana_ps": {},  # the paper's settings: sigma0 1/6, popsize 4 + floor(3 ln n)
+    "pymoo": {"algorithm": "ga", "options": {"pop_size": 12}},
+    # weights only in these spaces: its beta stage alone, from 1/N (the paper's start)
+    "evo_merging": {"evaluations": 100},
 }
 BASELINES = ("random", "cmaes")
 
@@ -206,13 +210,17 @@ class Bench:
             cls.parse_options(options)
         except StrategyError as err:
             return str(err)
-        if self.problem.multi_objective and not cls.multi_objective:
-            return (f"single-objective only; this testbed has {len(self.objectives)} "
-                    "objectives")
         kinds = {d.kind for d in self.problem.dims} - set(cls.kinds)
         if kinds:
             return (f"searches {', '.join(sorted(cls.kinds))} variables only; this space has "
                     f"{', '.join(sorted(kinds))}")
+        try:  # the instance says (pymoo's is single-objective when its algorithm is)
+            instance = cls(self.problem, options)
+        except StrategyError as err:
+            return str(err)
+        if self.problem.multi_objective and not instance.multi_objective:
+            return (f"single-objective only; this testbed has {len(self.objectives)} "
+                    "objectives")
         return None
 
 

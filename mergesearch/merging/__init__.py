@@ -4,7 +4,7 @@ Nothing here knows about recipes, checkpoints or models; adding a method is
 one small module that calls :func:`register`.
 """
 
-from mergesearch.merging import linear, passthrough, slerp, task_arithmetic  # noqa: F401
+from mergesearch.merging import evo, linear, passthrough, slerp, task_arithmetic  # noqa: F401
 from mergesearch.merging.base import (
     MergeMethod,
     Param,

@@ -14,6 +14,7 @@ from .base import (
     strategies,
 )
 from .cmaes import CMAES
+from .evo_merging import EvoMerging
 from .optuna_samplers import NSGA2, TPE
 from .pymoo_strategy import Pymoo
 from .random_search import RandomSearch
@@ -21,6 +22,7 @@ from .sakana import SakanaDFS, SakanaPS
 
 __all__ = [
     "CMAES",
+    "EvoMerging",
     "NSGA2",
     "TPE",
     "Pymoo",

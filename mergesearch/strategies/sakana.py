@@ -3,7 +3,7 @@
 
 Both are :class:`~mergesearch.strategies.cmaes.CMAES` with the paper's settings as
 defaults; everything pycma does (updates, bounds, convergence tests) is as documented
-there.  Run PS then DFS as one experiment with two stages (``experiments/zoo/ps_dfs.yaml``):
+there.  Run PS then DFS as one experiment with two stages (``experiments/zoo/sakana_ps_dfs.yaml``):
 the PS stage's best trial joins the DFS stage's pool as a model rebuilt from its recipe.
 
 **sakana_ps** searches DARE-TIES ``weight`` and ``density`` per source per layer group
