@@ -94,13 +94,27 @@ def test_dfs_finds_a_path_through_the_hand_over_pair_that_beats_both(hard_zoo, t
     assert models == {str(hard_zoo.model_path("flow_a")), str(hard_zoo.model_path("flow_b"))}
 
 
+def _kill_when(path: Path, db: Path, completed: int, *extra: str) -> None:
+    """Run ``path`` in a subprocess and SIGKILL it once ``completed`` trials are stored."""
+    proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q",
+                             *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while completed_count(db) < completed:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
-def test_ps_then_dfs_killed_in_the_dfs_stage_resumes_there(zoo, tmp_path):
+def test_ps_then_dfs_killed_in_each_stage_resumes_where_it_was(zoo, tmp_path):
     from mergesearch.cli import main
     from mergesearch.storage import TrialStore
 
     base = zoo_experiment(tmp_path).model_dump(mode="json", exclude={"space", "strategy"})
-    data = base | {"budget": {"evaluations": 6}, "stages": [
+    data = base | {"budget": {"evaluations": 8}, "stages": [
         {"name": "ps", "space": "search_spaces/dare_ties_layer_groups.yaml",
          "strategy": {"name": "sakana_ps", "options": {"popsize": 5}}},
         {"name": "dfs", "space": {"kind": "layer_path", "models": ["ps", "rev"], "repeats": 2},
@@ -109,30 +123,24 @@ def test_ps_then_dfs_killed_in_the_dfs_stage_resumes_there(zoo, tmp_path):
     path = tmp_path / "ps_dfs.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     db = tmp_path / "run" / "study.db"
-    proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 240
-    while completed_count(db) < 6 + 3:  # all of PS and three trials of DFS
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     url = f"sqlite:///{db}"
+    _kill_when(path, db, 3)  # inside PS's first generation (the start point, then 5)
+    _kill_when(path, db, 8 + 3, "--resume")  # PS resumed and done, then inside DFS
     ps = [(t.number, t.params) for t in TrialStore.open(url, "t.ps").trials()]
+    assert len(ps) == 8
     killed = {t.candidate_id: t.params for t in TrialStore.open(url, "t.dfs").trials()}
     assert main(["run", str(path), "--resume", "-q"]) == 0
     assert [(t.number, t.params) for t in TrialStore.open(url, "t.ps").trials()] == ps
     dfs = TrialStore.open(url, "t.dfs").trials()
     assert sorted(t.candidate_id for t in dfs) == list(range(12))
     assert all(killed[t.candidate_id] == t.params for t in dfs if t.candidate_id in killed)
-    # the resumed stage proposes what one uninterrupted run proposes
-    (tmp_path / "again").mkdir()
-    data["output"] = str(tmp_path / "again" / "run")
+    # both stages propose what one uninterrupted run proposes
+    data["output"] = str(tmp_path / "again")
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     assert main(["run", str(path), "-q"]) == 0
-    whole = TrialStore.open(f"sqlite:///{tmp_path / 'again' / 'run' / 'study.db'}",
-                            "t.dfs").trials()
-    assert sorted((t.candidate_id, t.params) for t in whole) == \
-        sorted((t.candidate_id, t.params) for t in dfs)
+    again = f"sqlite:///{tmp_path / 'again' / 'study.db'}"
+    for stage, trials in (("ps", None), ("dfs", dfs)):
+        trials = trials or TrialStore.open(url, "t.ps").trials()
+        whole = TrialStore.open(again, f"t.{stage}").trials()
+        assert sorted((t.candidate_id, t.params) for t in whole) == \
+            sorted((t.candidate_id, t.params) for t in trials), stage
