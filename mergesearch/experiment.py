@@ -351,7 +351,8 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML."""
+    """Set ``a.b.c=value`` in a nested mapping; the value is parsed as YAML.  A list is
+    entered by index or by the ``name`` of one of its mappings (``stages.dfs.budget``)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ExperimentError(f"--set {item!r}: expected dotted.key=value")
@@ -360,14 +361,33 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     except yaml.YAMLError:
         value = raw
     parts = key.strip().split(".")
-    node = data
+    node: Any = data
     for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            node = _list_item(node, part, key, ".".join(parts[:i]))
+            continue
         child = node.get(part)
         if child is None:
             child = node[part] = {}
-        if not isinstance(child, dict):
-            where = ".".join(parts[: i + 1])
+        if not isinstance(child, dict | list):
             raise ExperimentError(f"--set {key}: {where} is not a mapping")
         node = child
+    if isinstance(node, list):
+        raise ExperimentError(f"--set {key}: {'.'.join(parts[:-1])} is a list: name one of "
+                              "its items (by index or name), then the field to set")
     node[parts[-1]] = value
+
+
+def _list_item(items: list, part: str, key: str, where: str) -> dict[str, Any]:
+    """The item of a list an override names: by index, or by its ``name``."""
+    named = [x for x in items if isinstance(x, dict) and x.get("name") == part]
+    if named:
+        return named[0]
+    if part.lstrip("-").isdigit() and -len(items) <= int(part) < len(items) and \
+            isinstance(items[int(part)], dict):
+        return items[int(part)]
+    names = [str(x["name"]) for x in items if isinstance(x, dict) and "name" in x]
+    raise ExperimentError(f"--set {key}: {where} has no item {part!r} (give an index below "
+                          f"{len(items)}" + (f" or a name: {', '.join(names)})" if names else ")"))
 

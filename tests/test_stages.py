@@ -108,3 +108,15 @@ def test_status_reads_the_stage_asked_for(zoo, tmp_path, capsys):
     assert main(["status", str(path)]) == 0  # the last stage that ran
     assert "study 't.more'" in capsys.readouterr().out
     assert main(["status", str(path), "--stage", "nope"]) == 2
+
+
+def test_overrides_reach_a_stage_by_name_or_index():
+    exp = Experiment.load(ROOT / "experiments/hard/sakana_ps_dfs.yaml",
+                          ["stages.dfs.budget.evaluations=3", "stages.0.strategy.options={popsize: 6}"])
+    assert exp.stages[1].budget.evaluations == 3
+    assert exp.stages[0].strategy.options == {"popsize": 6}
+    with pytest.raises(ExperimentError, match=r"stages has no item 'nope' .* a name: ps, dfs"):
+        Experiment.load(ROOT / "experiments/hard/sakana_ps_dfs.yaml",
+                        ["stages.nope.budget.evaluations=3"])
+    with pytest.raises(ExperimentError, match="stages is a list: name one of its items"):
+        Experiment.load(ROOT / "experiments/hard/sakana_ps_dfs.yaml", ["stages.x=1"])
