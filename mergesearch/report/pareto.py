@@ -24,6 +24,44 @@ def best_values(trials: Sequence[TrialRecord], objectives: Sequence[Objective]
     return best
 
 
+def parse_weights(text: str, objectives: Sequence[Objective]) -> dict[str, float]:
+    """A preference over the objectives from the command line: ``name=w,name=w`` (objectives
+    left out weigh 0) or a plain vector ``w,w`` with one weight per objective, in order.
+    Weights are finite, non-negative and not all zero."""
+    import math
+
+    names = [o.name for o in objectives]
+    parts = [p.strip() for p in text.split(",")]
+    named = ["=" in p for p in parts]
+    usage = (f"give name=weight,... (objectives: {', '.join(names)}) or {len(names)} "
+             "number(s) in that order")
+    if any(named) and not all(named):
+        raise ValueError(f"weights {text!r}: mix of name=weight and plain numbers; {usage}")
+    if not any(named) and len(parts) != len(names):
+        raise ValueError(f"weights {text!r}: {len(parts)} weight(s) for {len(names)} "
+                         f"objective(s) ({', '.join(names)}); {usage}")
+    pairs = [p.partition("=")[::2] for p in parts] if any(named) else \
+        list(zip(names, parts, strict=True))
+    out: dict[str, float] = {}
+    for name, value in pairs:
+        name = name.strip()
+        if name not in names:
+            raise ValueError(f"weights {text!r}: unknown objective {name!r}; {usage}")
+        if name in out:
+            raise ValueError(f"weights {text!r}: {name!r} is given twice")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise ValueError(f"weights {text!r}: {value.strip()!r} is not a number; "
+                             f"{usage}") from None
+        if not math.isfinite(out[name]) or out[name] < 0:
+            raise ValueError(f"weights {text!r}: {name} {value.strip()} must be a finite "
+                             "number >= 0")
+    if not any(out.values()):
+        raise ValueError(f"weights {text!r}: every weight is 0; give at least one a weight")
+    return out
+
+
 def choose(front: Sequence[TrialRecord], objectives: Sequence[Objective],
            weights: Mapping[str, float] | None = None) -> TrialRecord:
     """The front point with the best weighted sum of objectives rescaled to [0, 1] over the

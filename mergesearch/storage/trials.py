@@ -172,7 +172,7 @@ class TrialStore:
     def open(cls, url: str, name: str, dims: Sequence[Dimension] | None = None) -> TrialStore:
         storage = None if sqlite_missing(url) else open_rdb(url)  # no file created to look
         if storage is None or not has_study(storage, name):
-            raise StorageError(f"no study {name!r} in {url}")
+            raise StorageError(f"no study {name!r} in {url}; {_existing(storage)}")
         with quiet_optuna():
             study = optuna.load_study(study_name=name, storage=storage)
         if EXPERIMENT not in study.user_attrs:
@@ -430,3 +430,15 @@ class TrialStore:
                 seen.add(key)
                 front.append(record)
         return front
+
+
+def _existing(storage: optuna.storages.BaseStorage | None, shown: int = 10) -> str:
+    """The studies a storage holds (probe studies left out), for a "no such study" error."""
+    if storage is None:
+        return "the file does not exist yet (run the experiment first)"
+    names = sorted(s.study_name for s in storage.get_all_studies()
+                   if not s.study_name.endswith(PROBES))
+    if not names:
+        return "it holds no study yet (run the experiment first)"
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"the studies there: {', '.join(names[:shown])}{more}"
