@@ -113,3 +113,29 @@ def live_tensor_bytes() -> int:
             except (RuntimeError, NotImplementedError):
                 continue
     return sum(storages.values())
+
+
+def kill_mid_run(path, db, after: int, *extra: str, env: dict | None = None) -> None:
+    """Run ``mergesearch run path -q *extra`` in a subprocess and SIGKILL it as soon as
+    ``after`` trials are stored in the SQLite file ``db`` (the controller is killed
+    mid-run, nothing flushed)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(
+        [str(root / "tests"), os.environ.get("PYTHONPATH", "")])} | (env or {})
+    proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q",
+                             *extra], cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while completed_count(db) < after:
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

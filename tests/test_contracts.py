@@ -8,17 +8,12 @@ vectors with their item ids, the probes' payloads, the metadata of each proposal
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from contract_strategies import ArchiveCrossover, Prober
-from helpers import completed_count, zoo_experiment
+from helpers import completed_count, kill_mid_run, zoo_experiment
 
 from mergesearch.controller import BoundExperiment, run
 from mergesearch.experiment import Experiment
@@ -131,27 +126,12 @@ def _write(tmp_path: Path, exp: Experiment) -> Path:
     return path
 
 
-def _kill_mid_run(path: Path, db: Path, after: int, env: dict | None = None) -> None:
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(
-        [str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])} | (env or {})
-    proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    deadline = time.monotonic() + 240
-    while completed_count(db) < after:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", [CROSSOVER, PROBER])
 def test_killed_and_resumed_the_strategy_sees_what_it_saw(zoo, tmp_path, strategy):
     exp = experiment(tmp_path, strategy, budget={"evaluations": 12})
     db = Path(exp.storage_url.removeprefix("sqlite:///"))
-    _kill_mid_run(_write(tmp_path, exp), db, after=5)
+    kill_mid_run(_write(tmp_path, exp), db, after=5)
     assert 5 <= completed_count(db) < 12
     summary = run(exp, progress=False)  # resume in this process
     assert summary.finished == 12
@@ -178,7 +158,7 @@ def test_on_ray_killed_and_resumed_nothing_is_lost(zoo, ray_cluster, tmp_path, s
     exp = experiment(tmp_path, strategy, budget={"evaluations": 12},
                      execution={"backend": "ray", "workers": 2, "address": address})
     db = Path(exp.storage_url.removeprefix("sqlite:///"))
-    _kill_mid_run(_write(tmp_path, exp), db, after=5, env={"RAY_AUTH_MODE": "disabled"})
+    kill_mid_run(_write(tmp_path, exp), db, after=5, env={"RAY_AUTH_MODE": "disabled"})
     summary = run(exp, progress=False)
     assert summary.finished == 12
     strategy_after, trials, probes = replayed(exp)

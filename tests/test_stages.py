@@ -4,15 +4,11 @@ inside a later stage resumes there without redoing the earlier ones."""
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import completed_count, zoo_experiment
+from helpers import kill_mid_run, zoo_experiment
 
 from mergesearch.controller import run_stages
 from mergesearch.experiment import Experiment, ExperimentError
@@ -73,16 +69,7 @@ def test_killed_in_the_second_stage_it_resumes_there(zoo, tmp_path):
     path.write_text(yaml.safe_dump(exp.model_dump(mode="json", exclude_none=True),
                                    sort_keys=False))
     db = Path(exp.storage_url.removeprefix("sqlite:///"))
-    proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 240
-    while completed_count(db) < 5 + 3:  # all of stage 1 and three trials of stage 2
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_run(path, db, 5 + 3)  # all of stage 1 and three trials of stage 2
     first = TrialStore.open(exp.storage_url, "t.ps").trials()
     assert len(first) == 5
     from mergesearch.cli import main
@@ -112,7 +99,8 @@ def test_status_reads_the_stage_asked_for(zoo, tmp_path, capsys):
 
 def test_overrides_reach_a_stage_by_name_or_index():
     exp = Experiment.load(ROOT / "experiments/hard/sakana_ps_dfs.yaml",
-                          ["stages.dfs.budget.evaluations=3", "stages.0.strategy.options={popsize: 6}"])
+                          ["stages.dfs.budget.evaluations=3",
+                           "stages.0.strategy.options={popsize: 6}"])
     assert exp.stages[1].budget.evaluations == 3
     assert exp.stages[0].strategy.options == {"popsize": 6}
     with pytest.raises(ExperimentError, match=r"stages has no item 'nope' .* a name: ps, dfs"):

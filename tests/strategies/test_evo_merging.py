@@ -6,16 +6,12 @@ the variables' units, resume mid-stage-2, the experiment files, and a killed
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import completed_count
+from helpers import kill_mid_run
 
 from mergesearch.strategies import Dimension, Objective, Problem
 from mergesearch.strategies.evo_merging import EvoMerging
@@ -188,16 +184,7 @@ def test_killed_in_stage_two_it_resumes_there(zoo, tmp_path):
     path = _experiment(tmp_path, "killed")
     exp = Experiment.load(path)
     db = Path(exp.storage_url.removeprefix("sqlite:///"))
-    proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.monotonic() + 240
-    while completed_count(db) < 8 + 3:  # all of stage 1 and three trials of stage 2
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_run(path, db, 8 + 3)  # all of stage 1 and three trials of stage 2
     before = TrialStore.open(exp.storage_url, "killed").trials()
     assert 11 <= len(before) < 24
     assert main(["run", str(path), "--resume", "-q"]) == 0

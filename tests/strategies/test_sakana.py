@@ -4,16 +4,12 @@ data-flow search, DFS on the hard zoo's hand-over pair, and PS + DFS killed mid-
 from __future__ import annotations
 
 import math
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
-from helpers import completed_count, zoo_experiment
+from helpers import kill_mid_run, zoo_experiment
 
 from mergesearch.strategies import Dimension, Objective, Problem, StrategyError, create_strategy
 from mergesearch.trial import Result
@@ -94,20 +90,6 @@ def test_dfs_finds_a_path_through_the_hand_over_pair_that_beats_both(hard_zoo, t
     assert models == {str(hard_zoo.model_path("flow_a")), str(hard_zoo.model_path("flow_b"))}
 
 
-def _kill_when(path: Path, db: Path, completed: int, *extra: str) -> None:
-    """Run ``path`` in a subprocess and SIGKILL it once ``completed`` trials are stored."""
-    proc = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q",
-                             *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 240
-    while completed_count(db) < completed:
-        assert proc.poll() is None, proc.communicate()[1][-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
 @pytest.mark.slow
 def test_ps_then_dfs_killed_in_each_stage_resumes_where_it_was(zoo, tmp_path):
     from mergesearch.cli import main
@@ -124,8 +106,8 @@ def test_ps_then_dfs_killed_in_each_stage_resumes_where_it_was(zoo, tmp_path):
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     db = tmp_path / "run" / "study.db"
     url = f"sqlite:///{db}"
-    _kill_when(path, db, 3)  # inside PS's first generation (the start point, then 5)
-    _kill_when(path, db, 8 + 3, "--resume")  # PS resumed and done, then inside DFS
+    kill_mid_run(path, db, 3)  # inside PS's first generation (the start point, then 5)
+    kill_mid_run(path, db, 8 + 3, "--resume")  # PS resumed and done, then inside DFS
     ps = [(t.number, t.params) for t in TrialStore.open(url, "t.ps").trials()]
     assert len(ps) == 8
     killed = {t.candidate_id: t.params for t in TrialStore.open(url, "t.dfs").trials()}
