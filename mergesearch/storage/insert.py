@@ -68,3 +68,26 @@ def insert_trial(engine: sqlalchemy.engine.Engine, study_id: int, trial: FrozenT
                 {"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
                 for key, value in trial.user_attrs.items()])
     return trial_id
+
+
+_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__table__
+
+
+def set_trial_attrs(engine: sqlalchemy.engine.Engine, user_attrs: dict[int, dict],
+                    system_attrs: dict[int, dict]) -> None:
+    """Set user and system attrs (by trial id) of trials, finished ones too, in one
+    transaction: Optuna refuses to change a finished trial, but its recipe files and
+    per-task scores are attached after the fact (see :mod:`mergesearch.dashboard`).
+    An attr already there is replaced."""
+    with engine.begin() as conn:
+        for table, by_trial in ((_USER_ATTRS, user_attrs), (_SYSTEM_ATTRS, system_attrs)):
+            rows = []
+            for trial_id, attrs in by_trial.items():
+                if not attrs:
+                    continue
+                conn.execute(table.delete().where(table.c.trial_id == trial_id,
+                                                  table.c.key.in_(list(attrs))))
+                rows += [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)}
+                         for key, value in attrs.items()]
+            if rows:
+                conn.execute(table.insert(), rows)
