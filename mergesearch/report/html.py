@@ -54,32 +54,6 @@ class ReportError(MergesearchError, ValueError):
 # -- which studies -----------------------------------------------------------------------
 
 
-def study_names(url: str) -> list[str]:
-    """The mergesearch studies in a storage (probe studies left out), by name; [] when the
-    storage does not exist (nothing is created to look)."""
-    from mergesearch.storage.rdb import open_rdb, quiet_optuna, sqlite_missing
-    from mergesearch.storage.trials import EXPERIMENT, PROBES
-
-    if sqlite_missing(url):
-        return []
-    with quiet_optuna():
-        return sorted(s.study_name for s in open_rdb(url).get_all_studies()
-                      if not s.study_name.endswith(PROBES) and EXPERIMENT in s.user_attrs)
-
-
-def open_study(url: str, name: str) -> TrialStore:
-    """The study ``name``, or one line naming the studies the storage holds."""
-    try:
-        return TrialStore.open(url, name)
-    except StorageError:
-        have = study_names(url)
-        if not have:
-            raise ReportError(f"no study {name!r} in {url}: it holds no mergesearch study "
-                              "yet; run the experiment first (mergesearch run EXP)") from None
-        raise ReportError(f"no study {name!r} in {url}; the studies there: "
-                          f"{', '.join(have)} (choose one with --study)") from None
-
-
 def report_studies(exp: Any, studies: Sequence[str] | None = None,
                    stage: str | None = None) -> list[TrialStore]:
     """The studies a report covers: each named study (default: the experiment's own); for
@@ -91,23 +65,23 @@ def report_studies(exp: Any, studies: Sequence[str] | None = None,
     if not exp.stages:
         if stage is not None:
             raise ReportError("--stage: this experiment has no stages")
-        return [open_study(url, s or exp.name) for s in names]
+        return [TrialStore.open(url, s or exp.name) for s in names]
     stages = [st.name for st in exp.stages]
     if stage is not None and stage not in stages:
         raise ReportError(f"--stage {stage!r}: the stages are {', '.join(stages)}")
     stores = []
     for s in names:
         if stage is not None:
-            stores.append(open_study(url, stage_study(exp, stage, s)))
+            stores.append(TrialStore.open(url, stage_study(exp, stage, s)))
             continue
         ran = [stage_study(exp, st, s) for st in stages
                if TrialStore.exists(url, stage_study(exp, st, s))]
         if not ran:
-            have = study_names(url)
-            raise ReportError(
-                f"no stage of study {s or exp.name!r} has run yet in {url}"
-                + (f"; the studies there: {', '.join(have)}" if have else "")
-                + " (run the experiment first, or choose --study)")
+            try:  # its error names the studies there
+                TrialStore.open(url, stage_study(exp, stages[0], s))
+            except StorageError as err:
+                raise ReportError(f"no stage of study {s or exp.name!r} has run yet: "
+                                  f"{err}") from None
         stores += [TrialStore.open(url, n) for n in ran]
     return stores
 
