@@ -7,6 +7,7 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -110,20 +111,109 @@ def _store(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from mergesearch.atomic import atomic_dir
-    from mergesearch.controller import run
-    from mergesearch.report import format_front, write_trial
-
     same = _same_study_args(args)  # for the commands it suggests at the end
     if args.ray_address:
         args.set = [*(args.set or ()), "execution.backend=ray",
                     f"execution.address={args.ray_address}"]
     exp = _experiment(args)
+    with _study_log(exp.run_dir / f"{args.study or exp.name}.log") as log:
+        logging.getLogger("mergesearch.run").info(
+            "mergesearch run %s%s: study %r in %s", args.experiment, same,
+            args.study or exp.name, exp.storage_url)
+        return _run(args, exp, same, log.start)
+
+
+class _StudyLog(logging.Handler):
+    """A run's log beside its study: appended to, one line per event.  Events wait in
+    memory until the search has a result (or ends, or is interrupted): a run refused
+    before it starts leaves no file."""
+
+    def __init__(self, path) -> None:
+        super().__init__(logging.INFO)
+        self.path = path
+        self.file = None
+        self.waiting: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def start(self, *_) -> None:
+        """Open the file (and the run folder) and write the events so far."""
+        if self.file is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")  # closed in close()
+            self._write(self.waiting)
+        except OSError as err:
+            self._failed(err)
+        self.waiting = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record).replace("\n", " | ")
+        if self.file is None:
+            self.waiting.append(line)
+        else:
+            self._write([line])
+
+    def _write(self, lines: list[str]) -> None:
+        if self.file is None or not lines:
+            return
+        try:
+            self.file.write("".join(line + "\n" for line in lines))
+            self.file.flush()
+        except OSError as err:
+            self._failed(err)
+
+    def _failed(self, err: OSError) -> None:  # a full disk: say it once, the run goes on
+        if self.file is not None:
+            self.file.close()
+        self.file = False  # never again
+        print(f"warning: cannot write the log {self.path} ({err.strerror or err}); "
+              "the run goes on", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        super().close()
+
+
+@contextlib.contextmanager
+def _study_log(path):
+    """While a run runs: INFO and above of the ``mergesearch`` logger also to ``path``
+    (the terminal still shows WARNING and above, INFO with -v)."""
+    handler = _StudyLog(path)
+    pkg = logging.getLogger("mergesearch")
+    level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield handler
+    except KeyboardInterrupt:
+        handler.start()
+        pkg.warning("interrupted; finished trials are saved")
+        raise
+    except Exception as err:
+        if handler.file is not None or not isinstance(err, MergesearchError):
+            handler.start()  # the search had started (or crashed): keep why it ended
+            pkg.error("the run stopped: %s: %s", type(err).__name__, err)
+        raise
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(level)
+        handler.close()
+
+
+def _run(args: argparse.Namespace, exp, same: str, started) -> int:
+    from mergesearch.atomic import atomic_dir
+    from mergesearch.controller import run
+    from mergesearch.report import format_front, write_trial
+
     if exp.stages:
         from mergesearch.controller import run_stages
 
         summaries = run_stages(exp, study=args.study, resume=True if args.resume else None,
-                               overwrite=args.overwrite, progress=not args.quiet)
+                               overwrite=args.overwrite, progress=not args.quiet,
+                               on_result=started)
         for st in summaries[:-1]:
             print(f"\n{st.study}: {st.finished} trials ({st.ok} ok); {st.evaluated_now} "
                   f"evaluated in this run; stopped: {st.stopped}")
@@ -131,10 +221,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         summary = run(exp, study=args.study, resume=True if args.resume else None,
                       overwrite=args.overwrite, progress=not args.quiet,
-                      new_epoch=args.new_epoch)
-    print(f"\n{summary.study}: {summary.finished} trials ({summary.ok} ok, {summary.failed} "
-          f"failed, {summary.cached} from cache); {summary.evaluated_now} evaluated in this run "
-          f"in {summary.elapsed:.0f} s; stopped: {summary.stopped}")
+                      new_epoch=args.new_epoch, on_result=started)
+    line = (f"{summary.study}: {summary.finished} trials ({summary.ok} ok, {summary.failed} "
+            f"failed, {summary.cached} from cache); {summary.evaluated_now} evaluated in this "
+            f"run in {summary.elapsed:.0f} s; stopped: {summary.stopped}")
+    started()
+    logging.getLogger("mergesearch.run").info(line)
+    print(f"\n{line}")
     if not summary.front and summary.failed:
         print(f"error: every trial failed ({summary.failed}); the last: {_last_failure(summary)}"
               " (see `mergesearch status`; fix the cause and run again)", file=sys.stderr)
@@ -230,6 +323,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "report": store.study.user_attrs.get(REPORT),
         }, indent=2))
         return 0
+    if args.format == "csv":
+        import csv
+
+        names = [o.name for o in store.objectives]
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["study", "storage", "ok", "failed", "running", "budget",
+                         *(f"best_{n}" for n in names)])
+        writer.writerow([store.study.study_name, exp.storage_url, count["ok"], count["failed"],
+                         count["running"], "" if budget is None else budget,
+                         *(best.get(n, "") for n in names)])
+        return 0
     print(f"study {store.study.study_name!r} in {exp.storage_url}")
     print(f"  trials: {count['ok']} ok, {count['failed']} failed, {count['running']} in flight"
           + (f" (budget {budget})" if budget else ""))
@@ -311,11 +415,30 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     budgets = parse_budgets(args.budgets) if args.budgets is not None else None
     targets = parse_targets(args.target) if args.target is not None else None
     comparison = load_curves(args.studies, budgets, targets)
-    print(format_comparison(comparison))
+    if args.format == "json":
+        print(json.dumps(comparison.to_json(), indent=2))
+    elif args.format == "csv":
+        sys.stdout.write(comparison.csv_text())
+    else:
+        print(format_comparison(comparison))
     if args.json:
         atomic_write_text(args.json, json.dumps(comparison.to_json(), indent=2) + "\n")
     if args.csv:
         comparison.to_csv(args.csv)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mergesearch.experiment import check_name
+    from mergesearch.report.html import write_report
+
+    for name in args.studies or ():
+        try:
+            check_name(name)
+        except ValueError as err:
+            raise UsageError(f"--study {err}") from None
+    out = write_report(_experiment(args), args.out, studies=args.studies, stage=args.stage)
+    print(f"report written to {out}")
     return 0
 
 
@@ -330,7 +453,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         trial = matches[0]
         why = "as asked (--trial)"
     else:
-        weights = _weights(args.weights) if args.weights else None
+        weights = _weights(args.weights, store.objectives) if args.weights else None
         front = store.pareto_front()
         try:
             trial = choose(front, store.objectives, weights)
@@ -372,17 +495,46 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _weights(text: str) -> dict[str, float]:
-    out = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
+def _weights(text: str, objectives) -> dict[str, float]:
+    from mergesearch.report.pareto import parse_weights
+
+    try:
+        return parse_weights(text, objectives)
+    except ValueError as err:
+        raise UsageError(f"--{err}") from None
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from mergesearch.dashboard import Dashboard, is_loopback, resolve
+
+    if args.study is not None:
+        from mergesearch.experiment import check_name
+
         try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--weights {text!r}: expected name=number,name=number") from None
-        if not sep:
-            raise UsageError(f"--weights {text!r}: expected name=number,name=number")
-    return out
+            check_name(args.study)
+        except ValueError as err:
+            raise UsageError(f"--study {err}") from None
+    if args.refresh < 0:
+        raise UsageError(f"--refresh {args.refresh:g}: give seconds >= 0 (0: only at start)")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: give a port number from 1 to 65535")
+    target = resolve(args.target, args.study, args.set or (), args.artifacts)
+    if not is_loopback(args.host):
+        print(f"warning: serving on {args.host}: anyone who can reach this machine can read "
+              "and change these studies (the dashboard has no login)", file=sys.stderr)
+    board = Dashboard(target, host=args.host, port=args.port, interval=args.refresh)
+    print("attaching recipe files, scores and plots to "
+          f"{', '.join(target.studies or ['every study'])} ...", file=sys.stderr)
+    first = board.start()
+    print(f"{first.trials} trial(s) given their recipe files and scores, {first.plots} plot(s); "
+          f"artifacts in {target.artifacts}", file=sys.stderr)
+    every = f", refreshed every {args.refresh:g} s" if args.refresh else ""
+    print(f"dashboard: {board.url}  (storage {target.url}{every}; Ctrl-C to stop)", flush=True)
+    try:
+        board.serve_forever()
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+    return 0
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
@@ -403,6 +555,15 @@ def _study_args(p: argparse.ArgumentParser, *, stage: bool = True) -> None:
     if stage:
         p.add_argument("--stage", help="for an experiment with stages: which stage's study "
                        "(default: the last one that has run)")
+
+
+FORMATS = ("table", "json", "csv")
+
+
+def _format_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--format table|json|csv`` (``text``, the old name of ``table``, still works)."""
+    p.add_argument("--format", choices=FORMATS, default="table", help=help,
+                   type=lambda v: "table" if v == "text" else v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -468,16 +629,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="trials done, failed and in flight; best so far")
     _study_args(p)
-    p.add_argument("--format", choices=["text", "json"], default="text",
-                   help="text (default) or json")
+    _format_arg(p, "table (default); json: counts, budget, best values, failures and the "
+                "report items' scores; csv: one row of counts and best values")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("pareto", help="the Pareto front (or best trial) of a study")
     _study_args(p)
     p.add_argument("--recipes", action="store_true", help="print each point's full recipe")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
-                   help="table (default); json: each point's trial number, objective values, "
-                   "params and recipe; csv: a row per point, trial, objectives and params")
+    _format_arg(p, "table (default); json: each point's trial number, objective values, "
+                "params and recipe; csv: a row per point, trial, objectives and params")
     p.set_defaults(func=_cmd_pareto)
 
     p = sub.add_parser("compare", help="compare searches (strategies x seeds) at fixed budgets",
@@ -494,10 +654,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", metavar="X|NAME=X,...",
                    help="report the trials needed to reach X (the first objective) or each "
                    "NAME=X")
-    p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON")
-    p.add_argument("--csv", metavar="PATH", help="also write it as CSV (a row per study "
-                   "and budget, then per strategy and budget)")
+    _format_arg(p, "table (default); json: every study's and strategy's figures per "
+                "budget; csv: a row per study and budget, then per strategy and budget")
+    p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON to PATH")
+    p.add_argument("--csv", metavar="PATH", help="also write it as CSV to PATH")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of a run",
+                       description="One HTML file (plotly, opens with no network): the "
+                       "Pareto front, best so far / hypervolume per evaluation, per-layer "
+                       "heatmaps and layer-path diagrams of the front's recipes, a table of "
+                       "them with their scores, the run's settings; with several studies "
+                       "(--study repeated, or an experiment's stages) the compare charts.")
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("--study", action="append", dest="studies", metavar="STUDY",
+                   help="study name (default: the experiment's name); repeat to compare")
+    p.add_argument("--stage", help="for an experiment with stages: only this stage's study "
+                   "(default: every stage that has run)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an experiment field (as given to `run`; repeatable)")
+    p.add_argument("--out", help="the HTML file (default: <run folder>/report.html, or "
+                   "<run folder>/<study>/report.html for one --study)")
+    p.set_defaults(func=_cmd_report, study=None)
 
     p = sub.add_parser("export", help="write a trial's recipe, mergekit YAML and checkpoint",
                        description="Export one trial: by number (--trial), or the Pareto point "
@@ -506,7 +684,8 @@ def build_parser() -> argparse.ArgumentParser:
     _study_args(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--trial", type=int, help="trial number (see `mergesearch pareto`)")
-    p.add_argument("--weights", help="preference weights, e.g. rev=1,srt=2")
+    p.add_argument("--weights", help="preference weights, e.g. rev=1,srt=2, or one number "
+                   "per objective in order, e.g. 1,2")
     p.add_argument("--checkpoint", action="store_true", help="also write the merged model")
     p.add_argument("--device", default="cpu", help="where to merge for --checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
@@ -524,6 +703,30 @@ def build_parser() -> argparse.ArgumentParser:
                    "(repeatable; values are read as YAML)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("dashboard", help="serve optuna-dashboard over a search's studies",
+                       description="Serve optuna-dashboard over the storage of an experiment (or a "
+                       "storage URL), with "
+                       "each trial's recipe.json and mergekit.yml as downloadable artifacts, "
+                       "per-task scores as user attrs (score.<task>.<metric>) and "
+                       "mergesearch's plots (hypervolume history, per-layer heatmaps of the "
+                       "front, layer paths); refreshed while a search runs.")
+    p.add_argument("target", metavar="EXPERIMENT|URL",
+                   help="experiment YAML file, storage URL or SQLite study.db")
+    p.add_argument("--study", help="study name (default: the experiment's, or with a URL "
+                   "every study in it)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an experiment field, as for run (repeatable)")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; another host serves the "
+                   "studies to the network, with no login)")
+    p.add_argument("--refresh", type=float, default=10.0, metavar="SECONDS",
+                   help="attach new trials' files and redraw the plots this often (default "
+                   "10; 0: only at start)")
+    p.add_argument("--artifacts", metavar="DIR", help="artifact folder (default: "
+                   "artifacts/ beside study.db; required for non-SQLite storage URLs)")
+    p.set_defaults(func=_cmd_dashboard)
 
     p = sub.add_parser("strategies", help="list the search strategies")
     p.set_defaults(func=_cmd_strategies)
@@ -546,7 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    level = logging.INFO if args.verbose else logging.WARNING
+    terminal = logging.StreamHandler()
+    terminal.setLevel(level)  # a run's log file may take more (see _study_log)
+    logging.basicConfig(level=level, handlers=[terminal],
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

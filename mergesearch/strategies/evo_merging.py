@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator
 
-from mergesearch.merging import evo  # noqa: F401  (registers evo_lora, the paper's merge rule)
 from mergesearch.strategies.base import (
     Dimension,
     Objective,
