@@ -108,6 +108,25 @@ def test_exported_checkpoint_reloads_with_same_logits(tiny, tmp_path):
         save_checkpoint(model, out, recipe=recipe)
 
 
+def test_a_layer_path_exports_a_model_of_its_own_depth(tiny, tmp_path):
+    """A data-flow recipe (5 hops over a 3-layer and a 5-layer model) streams into a
+    checkpoint whose config says 5 layers and which reloads with the path model's logits."""
+    from mergesearch.export import save_merged
+
+    recipe = Recipe(method="passthrough", dtype="float32", layer_path=[
+        {"model": tiny.base, "layer": 0}, {"model": tiny.deep, "layer": 3},
+        {"model": tiny.deep, "layer": 1}, {"model": tiny.base, "layer": 1},
+        {"model": tiny.base, "layer": 2}])
+    out = save_merged(recipe, tmp_path / "path")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.config.num_hidden_layers == 5 and len(reloaded.model.layers) == 5
+    ids = torch.tensor([[2, 3, 4, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, merge(recipe)(input_ids=ids).logits,
+                                   rtol=1e-6, atol=1e-6)
+    assert load_config(out / "mergesearch_recipe.json") == recipe
+
+
 def test_merge_command_accepts_recipe_and_mergekit_yaml(tiny, tmp_path, capsys):
     recipe = rich_recipe(tiny).model_copy(update={"dtype": "float32"})
     ours = tmp_path / "recipe.yaml"
