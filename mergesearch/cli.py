@@ -452,6 +452,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
             raise UsageError(f"trial {args.trial} does not exist or did not complete")
         trial = matches[0]
         why = "as asked (--trial)"
+    elif args.best is not None:
+        objective = next((o for o in store.objectives if o.name == args.best), None)
+        if objective is None:
+            raise UsageError(f"--best {args.best!r}: the objectives are "
+                             + ", ".join(o.name for o in store.objectives))
+        done = [t for t in store.trials() if t.state == "ok"]
+        if not done:
+            raise UsageError("the study has no completed trial yet")
+        trial = min(done, key=lambda t: (objective.sign * t.values[objective.name], t.number))
+        why = f"the best {objective.name} ({objective.direction}) of {len(done)} trial(s)"
     else:
         weights = _weights(args.weights, store.objectives) if args.weights else None
         front = store.pareto_front()
@@ -683,12 +693,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "(--weights, default: the experiment's objective weights).")
     _study_args(p)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--trial", type=int, help="trial number (see `mergesearch pareto`)")
-    p.add_argument("--weights", help="preference weights, e.g. rev=1,srt=2, or one number "
-                   "per objective in order, e.g. 1,2")
+    pick = p.add_mutually_exclusive_group()
+    pick.add_argument("--trial", type=int, help="trial number (see `mergesearch pareto`)")
+    pick.add_argument("--best", metavar="OBJECTIVE", help="the trial with the best value of "
+                      "this objective (the earliest on ties)")
+    pick.add_argument("--weights", help="preference weights, e.g. rev=1,srt=2, or one number "
+                      "per objective in order, e.g. 1,2")
     p.add_argument("--checkpoint", action="store_true", help="also write the merged model")
     p.add_argument("--device", default="cpu", help="where to merge for --checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    p.add_argument("--overwrite", "--force", action="store_true",
+                   help="replace an existing output")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("eval", help="score a merged checkpoint or a recipe with an "

@@ -128,6 +128,30 @@ def test_export_by_default_takes_the_chosen_front_point_and_says_why(tmp_path, c
     assert capsys.readouterr().out.startswith("chose trial 0: as asked (--trial)")
 
 
+def test_export_the_best_of_one_objective_and_force_to_replace(tmp_path, capsys):
+    exp = digits(tmp_path, evaluations=8)
+    data = yaml.safe_load(exp.read_text())
+    data["evaluator"]["objectives"] = [
+        {"name": "accuracy", "metric": "accuracy"},
+        {"name": "l2", "source": "weights", "metric": "delta_l2", "direction": "minimize"}]
+    exp.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert main(["run", str(exp), "-q"]) == 0
+    trials = TrialStore.open(url(tmp_path), "digits-pretrained").trials()
+    smallest = min(trials, key=lambda t: (t.values["l2"], t.number))
+    most = min(trials, key=lambda t: (-t.values["accuracy"], t.number))
+    capsys.readouterr()
+    out = tmp_path / "best"
+    assert main(["export", str(exp), "--best", "l2", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(
+        f"chose trial {smallest.number}: the best l2 (minimize) of 8 trial(s)")
+    assert main(["export", str(exp), "--best", "accuracy", "--out", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["export", str(exp), "--best", "accuracy", "--out", str(out), "--force"]) == 0
+    assert json.loads((out / "scores.json").read_text())["trial"] == most.number
+    assert main(["export", str(exp), "--best", "size", "--out", str(out)]) == 2
+    assert "--best 'size': the objectives are accuracy, l2" in capsys.readouterr().err
+
+
 def test_pareto_formats(tmp_path, capsys):
     exp = digits(tmp_path, evaluations=6)
     assert main(["run", str(exp), "-q"]) == 0
