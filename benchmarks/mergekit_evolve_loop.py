@@ -419,7 +419,13 @@ def main() -> None:
               f"{total:.1f} s (start-up included)", flush=True)
         e2e = None
         if e2e_n:
-            e2e = mergekit_end_to_end(zoo, SPACE, e2e_n, tmp)
+            logs = ROOT / "outcmaes"  # pycma's fmin2 (inside mergekit-evolve) logs there
+            had_logs = logs.exists()
+            try:
+                e2e = mergekit_end_to_end(zoo, SPACE, e2e_n, tmp)
+            finally:
+                if not had_logs:
+                    shutil.rmtree(logs, ignore_errors=True)
             print(f"mergekit-evolve end to end: {e2e}", flush=True)
         extra = []
         if args.batch1:
