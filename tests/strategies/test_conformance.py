@@ -451,7 +451,7 @@ def test_every_variable_type_is_searched_or_refused_by_name(name: str) -> None:
 def test_typed_state_round_trips(name: str) -> None:
     cls = strategies()[name]
     if "categorical" not in cls.kinds:
-        pytest.skip(f"{name} searches real variables only")
+        pytest.skip(f"{name} searches {', '.join(sorted(cls.kinds))} variables only")
     s = cls(TYPED, seed=5)
     drive(s, typed, 12, batches=(4,))
     s.ask(2)
