@@ -429,6 +429,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from mergesearch.errors import require_extra
+
+    require_extra(("plotly",), "dashboard", "mergesearch report")
     from mergesearch.experiment import check_name
     from mergesearch.report.html import write_report
 
@@ -515,6 +518,9 @@ def _weights(text: str, objectives) -> dict[str, float]:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from mergesearch.errors import require_extra
+
+    require_extra(("optuna_dashboard", "plotly"), "dashboard", "mergesearch dashboard")
     from mergesearch.dashboard import Dashboard, is_loopback, resolve
 
     if args.study is not None:

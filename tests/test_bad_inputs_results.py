@@ -126,3 +126,19 @@ def test_a_format_that_does_not_exist_is_refused_with_the_choices(command, capsy
     err = capsys.readouterr().err
     assert "argument --format: invalid choice: 'xml' (choose from " in err
     assert all(repr(c) in err for c in choices)
+
+
+@pytest.mark.parametrize(("command", "missing"), [("report", "plotly"),
+                                                  ("dashboard", "optuna_dashboard")])
+def test_a_missing_extra_is_named_with_the_pip_line(command, missing, monkeypatch, capsys):
+    import importlib.util
+
+    from mergesearch.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == missing else real(name, *a))
+    assert main([command, "experiments/toy.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: mergesearch {command} needs {missing}: pip install "
+                   "'mergesearch[dashboard]'"]
