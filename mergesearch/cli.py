@@ -562,12 +562,16 @@ def _cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_arg(p: argparse.ArgumentParser,
+             help: str = "override an experiment field, e.g. --set budget.evaluations=20 "
+                         "(repeatable; values are read as YAML)") -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=help)
+
+
 def _study_args(p: argparse.ArgumentParser, *, stage: bool = True) -> None:
     p.add_argument("experiment", help="experiment YAML file")
     p.add_argument("--study", help="study name (default: the experiment's name)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override an experiment field, e.g. --set budget.evaluations=20 "
-                   "(repeatable; values are read as YAML)")
+    _set_arg(p)
     if stage:
         p.add_argument("--stage", help="for an experiment with stages: which stage's study "
                        "(default: the last one that has run)")
@@ -635,8 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "or sweep files (an experiment plus a grid of overrides: every "
                        "combination is one search).")
     p.add_argument("files", nargs="+", metavar="FILE", help="experiment or sweep files")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a field of every experiment (repeatable)")
+    _set_arg(p, "override a field of every experiment (repeatable)")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="local (default), auto, or ray://host:port")
     p.add_argument("--workers", type=int, help="worker actors shared by the searches")
@@ -687,8 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="study name (default: the experiment's name); repeat to compare")
     p.add_argument("--stage", help="for an experiment with stages: only this stage's study "
                    "(default: every stage that has run)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override an experiment field (as given to `run`; repeatable)")
+    _set_arg(p, "override an experiment field (as given to `run`; repeatable)")
     p.add_argument("--out", help="the HTML file (default: <run folder>/report.html, or "
                    "<run folder>/<study>/report.html for one --study)")
     p.set_defaults(func=_cmd_report, study=None)
@@ -718,8 +720,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "mergekit YAML) as a trial of EXPERIMENT would be scored.")
     p.add_argument("input", help="model folder or recipe file")
     p.add_argument("experiment", help="experiment YAML file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override an experiment field, e.g. --set evaluator.limit=null "
+    _set_arg(p, "override an experiment field, e.g. --set evaluator.limit=null "
                    "(repeatable; values are read as YAML)")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.set_defaults(func=_cmd_eval)
@@ -735,8 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experiment YAML file, storage URL or SQLite study.db")
     p.add_argument("--study", help="study name (default: the experiment's, or with a URL "
                    "every study in it)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override an experiment field, as for run (repeatable)")
+    _set_arg(p, "override an experiment field, as for run (repeatable)")
     p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; another host serves the "

@@ -188,6 +188,19 @@ class BoundExperiment:
         self.device_type = "cuda" if exp.execution.gpus_per_worker > 0 else device.type
         self.suite = suite
 
+    def evaluate(self, recipe) -> Result:
+        """Score one recipe as a trial would be scored, on a worker built for it in this
+        process (whatever the execution backend; models loaded once more)."""
+        from mergesearch.execution import make_worker
+
+        worker = make_worker(self.worker_spec)
+        try:
+            return worker.evaluate(Candidate(id=0, genome=[], recipe=recipe))
+        finally:
+            close = getattr(worker, "close", None)
+            if close is not None:
+                close()
+
     def fingerprint(self) -> dict[str, Any]:
         """What this search's results depend on, by content: a resumed study must match it
         (see :mod:`mergesearch.fingerprint`)."""
@@ -344,7 +357,6 @@ def score_report(exp: Experiment, summary: RunSummary) -> dict[str, Any] | None:
     with the study and reused while the chosen trial and the report evaluator stay the
     same.  Returns ``{"trial", "values", "search", "evaluator"}``, or None without
     ``report`` or a completed trial.  It builds its own worker (models loaded once more)."""
-    from mergesearch.execution import make_worker
     from mergesearch.recipe import Recipe
     from mergesearch.report import choose
 
@@ -359,14 +371,7 @@ def score_report(exp: Experiment, summary: RunSummary) -> dict[str, Any] | None:
         return kept
     log.info("scoring trial %d on the report items", chosen.number)
     bound = BoundExperiment(report, study=summary.study, progress=False)
-    worker = make_worker(bound.worker_spec)  # in this process, whatever the backend
-    try:
-        result = worker.evaluate(Candidate(id=0, genome=[],
-                                           recipe=Recipe.from_dict(chosen.recipe)))
-    finally:
-        close = getattr(worker, "close", None)
-        if close is not None:
-            close()
+    result = bound.evaluate(Recipe.from_dict(chosen.recipe))
     if result.status != "ok":
         log.warning("trial %d could not be scored on the report items: %s", chosen.number,
                     result.reason)

@@ -295,9 +295,9 @@ def custom_figures(store: TrialStore, trials: list[Any]) -> dict[str, Any]:
 
     objectives = store.objectives
     figures: dict[str, Any] = {PLOTS[0]: plots.history_figure(trials, objectives)}
-    if len(objectives) > 2:
-        figures[PLOTS[1]] = plots.front_figure(trials, objectives)
     front = store.pareto_front()
+    if len(objectives) > 2:
+        figures[PLOTS[1]] = plots.front_figure(trials, objectives, front)
     if front:
         chosen = choose(front, objectives)  # first, as in the static report
         ordered = [chosen] + [t for t in front if t.number != chosen.number]

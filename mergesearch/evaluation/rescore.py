@@ -54,17 +54,14 @@ def rescore(path: str | Path, exp) -> Rescored:
     """Score the recipe file or checkpoint folder ``path`` with ``exp`` (an
     :class:`~mergesearch.experiment.Experiment`), on the worker a trial would use."""
     from mergesearch.controller import BoundExperiment
-    from mergesearch.execution import make_worker
     from mergesearch.objectives import recipe_values
-    from mergesearch.trial import Candidate
 
     p = Path(path).expanduser()
     if not (p.is_file() or (p / "config.json").is_file()):  # before any model is loaded
         input_recipe(p, None)
     bound = BoundExperiment(exp, progress=False)
     recipe, kind, exported = input_recipe(path, bound.base)
-    worker = make_worker(bound.worker_spec)  # in this process, whatever the backend
-    result = worker.evaluate(Candidate(id=0, genome=[], recipe=recipe))
+    result = bound.evaluate(recipe)
     if result.status != "ok":
         raise RescoreError(f"{path}: scoring failed: {result.reason}")
     values = dict(result.values)

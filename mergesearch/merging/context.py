@@ -79,6 +79,13 @@ class LoraFactors:
     def rank(self) -> int:
         return 0 if self.a is None else int(self.a.shape[0])
 
+    def to(self, *args, **kwargs) -> LoraFactors:
+        """Both factors moved or cast as ``Tensor.to`` would (rank 0 stays as it is)."""
+        if self.a is None:
+            return self
+        return LoraFactors(self.a.to(*args, **kwargs), self.b.to(*args, **kwargs),
+                           self.scaling, self.transpose)
+
 
 FactorsFn = Callable[[str, str], "LoraFactors | None"]
 
@@ -107,9 +114,7 @@ class MergeContext:
         if key not in self._factors:
             found = None if self._factors_fn is None else self._factors_fn(source, tensor)
             if found is not None and found.a is not None:  # in the merge's compute dtype
-                dtype = compute_dtype(found.a.dtype)
-                found = LoraFactors(found.a.to(dtype), found.b.to(dtype), found.scaling,
-                                    found.transpose)
+                found = found.to(compute_dtype(found.a.dtype))
             self._factors[key] = found
         return self._factors[key]
 

@@ -261,10 +261,7 @@ class ResidentMerger:
         is not a LoRA adapter, or its change to the tensor is not ``B @ A`` alone)."""
         lookup = getattr(self.pool.checkpoint(ref), "factors", None)
         found = None if lookup is None else lookup(name)
-        if found is None or found.a is None:
-            return found
-        return LoraFactors(found.a.to(self.device), found.b.to(self.device), found.scaling,
-                           found.transpose)
+        return None if found is None else found.to(self.device)
 
     # ------------------------------------------------------------- planning
     def plan(self, recipe: Recipe) -> _Plan:

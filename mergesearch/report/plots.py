@@ -31,6 +31,7 @@ from plotly.subplots import make_subplots
 
 from mergesearch.report import compare as cmp
 from mergesearch.storage import TrialRecord
+from mergesearch.storage.trials import distinct_recipes
 from mergesearch.strategies.base import Objective
 
 TEMPLATE = "plotly_white"
@@ -67,15 +68,8 @@ def front_of(trials: Sequence[TrialRecord], objectives: Sequence[Objective]
     def dominated(a: list[float]) -> bool:
         return any(all(x <= y for x, y in zip(b, a, strict=True)) and b != a for b in losses)
 
-    front, seen = [], set()
-    for t, loss in zip(done, losses, strict=True):
-        if dominated(loss) or t.cached_from is not None:
-            continue
-        key = json.dumps(t.recipe, sort_keys=True) if t.recipe else t.number
-        if key not in seen:
-            seen.add(key)
-            front.append(t)
-    return front
+    return distinct_recipes(t for t, loss in zip(done, losses, strict=True)
+                            if not dominated(loss))
 
 
 def _axis_title(o: Objective) -> str:

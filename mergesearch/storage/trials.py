@@ -422,14 +422,20 @@ class TrialStore:
         trial that scored it."""
         if not any(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False)):
             return []
-        front, seen = [], set()
-        for t in sorted(self.study.best_trials, key=lambda t: t.number):
-            record = self._record(t)
-            key = json.dumps(record.recipe, sort_keys=True) if record.recipe else t.number
-            if record.cached_from is None and key not in seen:
-                seen.add(key)
-                front.append(record)
-        return front
+        return distinct_recipes(self._record(t) for t in
+                                sorted(self.study.best_trials, key=lambda t: t.number))
+
+
+def distinct_recipes(records) -> list[TrialRecord]:
+    """Each recipe once, as the first of ``records`` that scored it (trials served from the
+    cache left out): how a front lists its points."""
+    out, seen = [], set()
+    for record in records:
+        key = json.dumps(record.recipe, sort_keys=True) if record.recipe else record.number
+        if record.cached_from is None and key not in seen:
+            seen.add(key)
+            out.append(record)
+    return out
 
 
 def _existing(storage: optuna.storages.BaseStorage | None, shown: int = 10) -> str:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -333,7 +331,7 @@ def test_integer_dimensions_stay_whole() -> None:
 
 @pytest.mark.slow
 def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path):
-    from helpers import completed_count
+    from helpers import completed_count, kill_mid_run
     from test_run_cli import write_experiment
 
     from mergesearch.storage import TrialStore
@@ -344,15 +342,7 @@ def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path)
     db = tmp_path / "run" / "study.db"
     cmd = [sys.executable, "-m", "mergesearch.cli", "run", str(exp), "-q"]
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while completed_count(db) < 8:  # into the second generation
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.monotonic() < deadline, "the search made no progress"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_mid_run(exp, db, 8)  # into the second generation
     assert 8 <= completed_count(db) < 14
     done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
