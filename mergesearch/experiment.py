@@ -283,7 +283,7 @@ class Experiment(_Strict):
         """Read an experiment file, apply ``dotted.key=value`` overrides, validate."""
         path = Path(path)
         data = read_yaml_mapping(path, ExperimentError, "experiment file")
-        if "genome" in data and "tasks" in data:  # a mergekit-evolve config, mapped
+        if "genome" in data and "tasks" in data:  # mergekit_evolve.is_evolve_config
             from mergesearch.mergekit_evolve import experiment_from_evolve_config
 
             return experiment_from_evolve_config(path, overrides, data=data)

@@ -169,15 +169,6 @@ def is_evolve_config(data: Any) -> bool:
     return isinstance(data, dict) and "genome" in data and "tasks" in data
 
 
-def is_evolve_config_file(path: str | Path) -> bool:
-    """Whether ``path`` holds a mergekit-evolve config (False if it cannot be read: the
-    experiment loader then says why)."""
-    try:
-        return is_evolve_config(read_yaml_mapping(path, ExperimentError))
-    except ExperimentError:
-        return False
-
-
 def experiment_from_evolve_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
                                   *, data: dict[str, Any] | None = None) -> Experiment:
     """The experiment a mergekit-evolve config file stands for, with ``--set`` overrides
