@@ -22,7 +22,10 @@ class Evaluation:
 
     ``indices[task]`` says which documents were scored (0-based positions in the task's
     data file), in the order of ``correct[task]``; ``outputs[task]`` holds the generations
-    (cut at the stop strings, before filters) of tasks that ran generation.
+    (cut at the stop strings, before filters) of tasks that ran generation;
+    ``item_scores[task][metric]`` the per-item values of each metric, in the order of
+    ``correct[task]``; ``estimate`` what an estimator did (its kind, items per task, the
+    observed and predicted means), empty without one.
     """
 
     values: dict[str, float]
@@ -31,6 +34,8 @@ class Evaluation:
     n_items: dict[str, int]
     indices: dict[str, list[int]] = field(default_factory=dict)
     outputs: dict[str, list[str]] = field(default_factory=dict)
+    item_scores: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    estimate: dict[str, Any] = field(default_factory=dict)
 
 
 class Evaluator(Protocol):

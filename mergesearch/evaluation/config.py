@@ -52,6 +52,49 @@ class ObjectiveConfig(BaseModel):
         return data
 
 
+class EstimatorConfig(BaseModel):
+    """How a full-fidelity evaluation is estimated from a few items per task (see
+    :mod:`mergesearch.evaluation.estimators`): ``kind`` full (score every item), subset,
+    anchors or irt; ``items`` per task; ``sources`` the models whose full-set answers
+    calibrate anchors and irt (paths or zoo names, scored once when the evaluator is
+    built); ``select`` which items irt scores; ``predict`` p-IRT (``pirt``) or the blend
+    with the subset mean (``gpirt``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["full", "subset", "anchors", "irt"] = "full"
+    items: int = Field(20, gt=0)  # per task
+    seed: int = 0
+    sources: list[str] = Field(default_factory=list)
+    select: Literal["random", "anchors"] = "random"  # irt only
+    predict: Literal["pirt", "gpirt"] = "gpirt"  # irt only
+    dims: int = Field(1, gt=0, le=8)  # irt only
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_form(cls, data: Any) -> Any:
+        """``estimator: irt`` is ``estimator: {kind: irt}``."""
+        return {"kind": data} if isinstance(data, str) else data
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _known_kind(cls, kind: Any) -> Any:
+        if kind not in ("full", "subset", "anchors", "irt"):
+            raise ValueError(f"unknown estimator {kind!r}; choose full, subset, anchors or irt")
+        return kind
+
+    @model_validator(mode="after")
+    def _check(self) -> EstimatorConfig:
+        if self.kind in ("anchors", "irt") and len(self.sources) < 2:
+            raise ValueError(f"estimator {self.kind} needs the answers of two or more "
+                             "calibration models: list them in evaluator.estimator.sources "
+                             "(e.g. the base and source models)")
+        if self.kind not in ("anchors", "irt") and self.sources:
+            raise ValueError(f"estimator {self.kind} takes no sources (only anchors and irt "
+                             "are calibrated)")
+        return self
+
+
 class EvaluatorConfig(BaseModel):
     """A suite of lm-eval task YAMLs (``backend: hf``) or a scoring function named by
     import path (``backend: python``, see :mod:`mergesearch.evaluation.python`), the
@@ -69,6 +112,7 @@ class EvaluatorConfig(BaseModel):
     limit: int | None = Field(None, gt=0)  # items per task: a subset_seed-seeded sample
     subset_seed: int = 0
     batch_size: int = Field(64, gt=0)
+    estimator: EstimatorConfig | None = None  # None: every item, as kind full
 
     @model_validator(mode="after")
     def _backend_fields(self) -> EvaluatorConfig:
@@ -78,7 +122,14 @@ class EvaluatorConfig(BaseModel):
             used = [k for k in ("function", "options") if getattr(self, k)]
             if used or self.split != "test":
                 raise ValueError(f"{', '.join(used) or 'split'}: only for backend: python")
+            if self.estimator is not None and self.estimator.kind != "full" and \
+                    self.limit is not None and self.estimator.items > self.limit:
+                raise ValueError(f"estimator.items {self.estimator.items} is more than the "
+                                 f"{self.limit} items per task that limit keeps")
         else:
+            if self.estimator is not None and self.estimator.kind != "full":
+                raise ValueError("estimator: only for backend: hf (a python function picks "
+                                 "its own items)")
             if not self.function or ":" not in self.function:
                 raise ValueError("backend python needs function: 'package.module:function'")
             if self.suite is not None:
@@ -90,6 +141,8 @@ class EvaluatorConfig(BaseModel):
         """The python backend's fields are left out of an hf evaluator's dump, so its
         studies fingerprint as they did before the backend existed."""
         data = handler(self)
+        if data.get("estimator") is None:  # studies fingerprint as before estimators
+            data.pop("estimator", None)
         if data.get("backend") == "hf":
             for key in ("function", "split", "options"):
                 data.pop(key, None)

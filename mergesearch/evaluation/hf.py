@@ -12,16 +12,18 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, StoppingCriteriaList, StopStringCriteria
 
 from .base import Evaluation, EvaluationError
 from .config import EvaluatorConfig
+from .estimators import NEEDS_CALIBRATION, Estimator, make_estimator
 from .scorers import RowStats, greedy_generate, pad_right, score_rows
 from .tasks import Rendered, TaskSpec, find_suite, load_suite
 
@@ -98,6 +100,72 @@ class HFEvaluator:
                          if i is not None)
         self._data = {name: self._prepare(spec) for name, spec in self.tasks.items()}
         log.debug("evaluator ready: %s", {n: d.n for n, d in self._data.items()})
+        # estimator (task, metric) -> Estimator; built by calibrate() (from the sources)
+        self.estimator = config.estimator if config.estimator is not None and \
+            config.estimator.kind != "full" else None
+        self._estimators: dict[tuple[str, str], Estimator] = {}
+        if self.estimator is not None:
+            self._check_estimator_items()
+            if self.estimator.kind not in NEEDS_CALIBRATION:
+                self.calibrate({})
+            elif self.estimator.sources:
+                self.calibrate(self.source_answers(self.estimator.sources))
+
+    # -- estimators (mergesearch.evaluation.estimators) ------------------------------------
+
+    def _check_estimator_items(self) -> None:
+        k = self.estimator.items
+        small = {t: d.n for t, d in self._data.items() if d.n < k}
+        if small:
+            raise EvaluationError(f"evaluator.estimator.items {k} is more than the items of "
+                                  f"task(s) {small}; choose at most {min(small.values())}")
+
+    @property
+    def estimated(self) -> list[tuple[str, str]]:
+        """The (task, metric) pairs an estimator predicts: the objectives' metrics."""
+        return sorted({(t, o.metric) for o in self._objectives
+                       for t in self._objective_tasks[o.name]})
+
+    def item_answers(self, model: nn.Module) -> dict[tuple[str, str], list[float]]:
+        """``model``'s per-item scores on every item, for the estimated (task, metric)s."""
+        ev = self._evaluate(model, fidelity=1.0, seed=0, estimate=False)
+        return {(t, m): ev.item_scores[t][m] for t, m in self.estimated}
+
+    def source_answers(self, refs: Sequence[str]) -> dict[tuple[str, str], np.ndarray]:
+        """Full-set answers [models, items] of the calibration models ``refs`` (folders or
+        zoo names), each loaded, scored once and dropped."""
+        from transformers import AutoModelForCausalLM
+
+        rows: dict[tuple[str, str], list[list[float]]] = {}
+        for ref in refs:
+            model = AutoModelForCausalLM.from_pretrained(_model_dir(ref))
+            for key, values in self.item_answers(model).items():
+                rows.setdefault(key, []).append(values)
+            del model
+        return {key: np.array(v, dtype=float) for key, v in rows.items()}
+
+    def calibrate(self, answers: Mapping[tuple[str, str], np.ndarray]) -> None:
+        """Build the estimators from calibration answers ``(task, metric) -> [models,
+        items]`` (empty for ``subset``, which needs none)."""
+        cfg = self.estimator
+        if cfg is None:
+            raise EvaluationError("calibrate: the evaluator has no estimator")
+        built = {}
+        for task, metric in self.estimated:
+            n = self._data[task].n
+            k = min(cfg.items, n)
+            seed = f"{cfg.seed}:{task}"
+            if cfg.kind not in NEEDS_CALIBRATION:
+                built[task, metric] = make_estimator(cfg.kind, n, k, seed=seed)
+                continue
+            if (task, metric) not in answers:
+                raise EvaluationError(f"estimator {cfg.kind}: no calibration answers for task "
+                                      f"{task!r}, metric {metric!r}")
+            options = {"select": cfg.select, "blend": cfg.predict == "gpirt",
+                       "dims": cfg.dims} if cfg.kind == "irt" else {}
+            built[task, metric] = make_estimator(cfg.kind, n, k, seed=seed,
+                                                 answers=answers[task, metric], **options)
+        self._estimators = built
 
     def _check_objective(self, name: str, metric: str, tasks: list[str] | None) -> list[str]:
         tasks = list(tasks or self.tasks)
@@ -177,9 +245,24 @@ class HFEvaluator:
         The subset of each task is the first ``ceil(fidelity * n)`` items of a seeded
         shuffle (so lower fidelities are nested in higher ones for the same seed). A
         model with non-finite logits gets NaN scores, not an exception.
+
+        With an estimator (``evaluator.estimator``), a full-fidelity evaluation scores only
+        the estimator's items and the objectives' metrics are its predictions of the
+        full-set means; each estimated task's scores also keep ``<metric>,observed`` (the
+        items' own mean), ``<metric>,<kind>`` (the prediction, naming the estimator) and
+        ``estimator_items``; ``Evaluation.estimate`` says the same.
         """
+        return self._evaluate(model, fidelity=fidelity, seed=seed,
+                              estimate=self.estimator is not None and fidelity >= 1)
+
+    def _evaluate(self, model: nn.Module, *, fidelity: float, seed: int,
+                  estimate: bool) -> Evaluation:
         if not 0 < fidelity <= 1:
             raise EvaluationError(f"fidelity must be in (0, 1], got {fidelity}")
+        if estimate and not self._estimators:
+            raise EvaluationError(
+                f"estimator {self.estimator.kind} has no calibration answers: list the "
+                "source models in evaluator.estimator.sources, or call calibrate()")
         out = Evaluation(values={}, scores={}, correct={}, n_items={})
         was_training = model.training
         model.eval()
@@ -187,21 +270,51 @@ class HFEvaluator:
             with torch.no_grad():
                 device = next(model.parameters()).device
                 for name, task in self._data.items():
+                    items = self._estimator_items(name) if estimate else None
                     self._score_task(model, name, task, self._batches(
-                        name, task, fidelity, seed, device), out)
+                        name, task, fidelity, seed, device, items), out)
         finally:
             model.train(was_training)
+        if estimate:
+            self._estimate(out)
         for obj in self._objectives:
             out.values[obj.name] = _mean([out.scores[t][obj.metric]
                                           for t in self._objective_tasks[obj.name]])
         return out
 
+    def _estimator_items(self, task: str) -> list[int] | None:
+        """The items the estimators of ``task`` score (None: the task is not estimated)."""
+        items = {i for (t, _), e in self._estimators.items() if t == task for i in e.items}
+        return sorted(items) if items else None
+
+    def _estimate(self, out: Evaluation) -> None:
+        """Replace the estimated metrics by their predictions, keeping the observed means."""
+        kind = self.estimator.kind
+        out.estimate = {"estimator": kind, "items": {}, "observed": {}, "predicted": {}}
+        for (task, metric), est in self._estimators.items():
+            pos = {i: j for j, i in enumerate(self._estimator_items(task))}
+            values = out.item_scores[task][metric]
+            seen = [values[pos[i]] for i in est.items]
+            guess = est.predict(seen)
+            observed = _mean(seen)
+            if not math.isfinite(observed):  # non-finite logits: no prediction either
+                guess = dict.fromkeys(guess, _NAN)
+            out.scores[task] |= {metric: guess["estimate"], f"{metric},observed": observed,
+                                 f"{metric},{kind}": guess["estimate"],
+                                 "estimator_items": float(len(est.items))}
+            out.scores[task] |= {f"{metric},{k}": v for k, v in guess.items()
+                                 if k != "estimate"}
+            out.estimate["items"][task] = len(est.items)
+            out.estimate["observed"][f"{task}/{metric}"] = observed
+            out.estimate["predicted"][f"{task}/{metric}"] = guess["estimate"]
+
     def _batches(self, name: str, task: _Task, fidelity: float, seed: int,
-                 device: torch.device) -> _Batches:
-        """The items of a (fidelity, seed) and their length-sorted batches (built once)."""
-        key = (fidelity, seed, device)
+                 device: torch.device, items: list[int] | None = None) -> _Batches:
+        """The items of a (fidelity, seed), or ``items``, and their length-sorted batches
+        (built once)."""
+        key = (fidelity, seed, device) if items is None else ("items", tuple(items), device)
         if key not in task.batches:
-            idx = _subset(task.n, fidelity, f"{seed}:{name}")
+            idx = _subset(task.n, fidelity, f"{seed}:{name}") if items is None else items
             sel = torch.tensor([r for i in idx for r in range(task.row_ptr[i],
                                                                task.row_ptr[i + 1])],
                                dtype=torch.long)
@@ -222,9 +335,10 @@ class HFEvaluator:
         out.indices[name] = [task.doc_ids[i] for i in idx]
         if task.spec.output_type == "generate_until":
             greedy = [h == n for h, n in zip(n_hit, n_target, strict=True)]
-            scores = {"char_accuracy": _mean((stats.n_hit / stats.n_target).tolist()),
-                      "answer_logprob": _mean((stats.logprob / stats.n_target).tolist()),
-                      "greedy_match": _mean(greedy)}
+            per = {"char_accuracy": (stats.n_hit / stats.n_target).tolist(),
+                   "answer_logprob": (stats.logprob / stats.n_target).tolist(),
+                   "greedy_match": [float(g) for g in greedy]}
+            scores = {m: _mean(v) for m, v in per.items()}
             correct = greedy
             if name in self._generate and finite:
                 texts = self._generate_texts(model, task, idx)
@@ -232,6 +346,7 @@ class HFEvaluator:
                 matches = _exact(task.spec, texts, [task.targets[i] for i in idx])
                 correct = next(iter(matches.values()))  # the first filter pipeline's
                 scores["exact_match"] = _mean(correct)
+                per["exact_match"] = [float(c) for c in correct]
                 scores |= {f"exact_match,{p}": _mean(ok) for p, ok in matches.items() if p}
         else:
             acc, acc_norm, pos = [], [], 0
@@ -243,11 +358,13 @@ class HFEvaluator:
                 acc_norm.append(_argmax(norm) == task.gold[i])
                 pos += k
             scores, correct = {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, acc
+            per = {"acc": [float(a) for a in acc], "acc_norm": [float(a) for a in acc_norm]}
         if not finite:  # NaN/inf logits: the scores mean nothing, and generation was skipped
             scores = {m: _NAN for m in task.spec.metrics
                       if not m.startswith("exact_match") or name in self._generate}
             correct = [False] * len(idx)
-        out.scores[name], out.correct[name] = scores, correct
+            per = {m: [_NAN] * len(idx) for m in scores}
+        out.scores[name], out.correct[name], out.item_scores[name] = scores, correct, per
 
     def _teacher_forced(self, model: nn.Module, task: _Task, batches: _Batches) -> RowStats:
         """Row statistics of the batches' items, in item order."""
@@ -296,6 +413,30 @@ def _subset(n: int, fidelity: float, key: str) -> list[int]:
     order = list(range(n))
     random.Random(key).shuffle(order)
     return sorted(order[: max(1, math.ceil(fidelity * n - 1e-9))])
+
+
+def _model_dir(ref: str) -> str:
+    """A calibration model's folder: a zoo name (built on first use) or a path."""
+    if ref.startswith("zoo:"):
+        name = ref.removeprefix("zoo:")
+        if name.startswith("hard/"):
+            from mergesearch.zoo.hard import build_hard_zoo
+
+            zoo, name = build_hard_zoo(), name.removeprefix("hard/")
+        else:
+            from mergesearch.zoo import build_zoo
+
+            zoo = build_zoo()
+        try:
+            return str(zoo.model_path(name))
+        except KeyError as err:
+            raise EvaluationError(f"evaluator.estimator.sources: {err.args[0]}") from None
+    from mergesearch.models.checkpoint import ModelLoadError, resolve_model_dir
+
+    try:
+        return str(resolve_model_dir(ref))
+    except ModelLoadError as err:
+        raise EvaluationError(f"evaluator.estimator.sources: {err}") from None
 
 
 def _split_space(context: str, continuation: str) -> tuple[str, str]:
