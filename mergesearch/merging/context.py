@@ -21,6 +21,14 @@ tensor)`` function (the resident merger passes its pool's), and optionally a
 ``factors(source, tensor)`` function answering a LoRA source's two factors
 (:class:`LoraFactors`) instead of the full tensor they make, for methods that
 merge adapters factor-wise (``TensorContext.factors``).
+
+Statistics that are not a function of the one tensor (the Gram matrix of the inputs
+a linear module sees when its source model runs on calibration data, which BMM and
+RegMean need) come from a *provider* given to one context:
+``context.provide("input_gram", fn)``, ``fn(source, tensor) -> value``.  The worker
+that owns the context attaches it (:mod:`mergesearch.execution.calibration`) and
+keeps what it collects; a method asks for it with the same ``stat`` call, and
+:meth:`TensorContext.provides` says whether this context can answer it at all.
 """
 
 from __future__ import annotations
@@ -88,6 +96,8 @@ class LoraFactors:
 
 
 FactorsFn = Callable[[str, str], "LoraFactors | None"]
+Provider = Callable[[str, str], Any]
+"""``fn(source, tensor) -> value``: a statistic one context answers from outside the tensor."""
 
 
 class MergeContext:
@@ -97,7 +107,8 @@ class MergeContext:
     context lives as long as its sources do (a worker's merger keeps one), so the
     cache is never stale: sources do not change under a worker.  ``factors(source,
     tensor)`` (optional) answers a source's :class:`LoraFactors` for a tensor, or None
-    when the source is not a LoRA adapter there; answers are cached too.
+    when the source is not a LoRA adapter there; answers are cached too.  Providers
+    (:meth:`provide`) answer statistics of their own name, ahead of the registered ones.
     """
 
     def __init__(self, fetch: Callable[[str, str], torch.Tensor],
@@ -106,6 +117,17 @@ class MergeContext:
         self._factors_fn = factors
         self._cache: dict[tuple[str, str, str], Any] = {}
         self._factors: dict[tuple[str, str], LoraFactors | None] = {}
+        self._providers: dict[str, Provider] = {}
+
+    def provide(self, statistic: str, fn: Provider) -> None:
+        """Answer ``statistic`` with ``fn(source, tensor)`` in this context (replacing an
+        earlier provider of that name, and forgetting what it answered)."""
+        self._providers[statistic] = fn
+        self._cache = {k: v for k, v in self._cache.items() if k[0] != statistic}
+
+    def provides(self, statistic: str) -> bool:
+        """Whether ``stat(statistic, ...)`` can be answered here."""
+        return statistic in self._providers or statistic in _STATISTICS
 
     def factors(self, source: str, tensor: str) -> LoraFactors | None:
         """The LoRA factors of ``source``'s update to ``tensor`` (None: not a LoRA update,
@@ -121,12 +143,16 @@ class MergeContext:
     def stat(self, statistic: str, source: str, tensor: str) -> Any:
         """Statistic ``statistic`` of tensor ``tensor`` of model ``source``."""
         key = (statistic, source, tensor)
+        if key not in self._cache and statistic in self._providers:
+            with torch.no_grad():
+                self._cache[key] = self._providers[statistic](source, tensor)
         if key not in self._cache:
             try:
                 fn = _STATISTICS[statistic]
             except KeyError:
+                known = sorted({*statistics(), *self._providers})
                 raise KeyError(f"unknown statistic {statistic!r} (known: "
-                               f"{', '.join(statistics())})") from None
+                               f"{', '.join(known)})") from None
             x = self._fetch(source, tensor)
             with torch.no_grad():
                 self._cache[key] = fn(x.to(compute_dtype(x.dtype)))
@@ -158,6 +184,10 @@ class TensorContext:
                 raise ValueError(f"{self.name!r} is merged without a base")
             return self.context.stat(statistic, *self.base)
         return self.context.stat(statistic, *self.models[which])
+
+    def provides(self, statistic: str) -> bool:
+        """Whether the context can answer ``statistic`` (a registered or provided one)."""
+        return self.context.provides(statistic)
 
     def factors(self, which: int) -> LoraFactors | None:
         """The ``which``-th model's LoRA factors for this tensor (None: not a LoRA update)."""

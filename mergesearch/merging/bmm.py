@@ -1,0 +1,194 @@
+"""BMM's closed-form inner merge and RegMean: per linear module, a ridge regression.
+
+For a linear module ``y = x W^T`` with weights ``W_t`` in source ``t`` and a Gram
+matrix ``G_t`` of its inputs (``in x in``), the merge that best reproduces every
+source's outputs on those inputs, pulled toward an anchor merge ``W_a``, is
+
+    W* = argmin_W  sum_t ||X_t (W - W_t)^T||^2 + lam ||W - W_a||^2
+       = (sum_t W_t G_t + lam W_a) (sum_t G_t + lam I)^-1
+
+(BMM's inner step as we derive it from the abstract).  ``G_t`` comes either
+
+* from **activations**: ``X_t^T X_t`` of the inputs the module sees when source
+  ``t`` runs on calibration items, the context's ``input_gram`` statistic that a
+  worker collects once per source (:mod:`mergesearch.execution.calibration`); or
+* **data-free**, from the task vector: ``G_t = tau_t^T tau_t`` with
+  ``tau_t = W_t - W_base``, so each source counts in the input directions it changed.
+
+Our choices: ``lambda`` is relative, in units of the mean eigenvalue of ``sum_t G_t``
+(``trace / in``), so one value means the same in every module and for either Gram
+source; ``scale`` then scales the merged change from the base,
+``base + scale (W* - base)``, the second hyperparameter the outer search tunes.
+The anchor is task arithmetic, or TIES with ``ties: true``, computed by those
+methods' own functions.  Tensors that are not linear weights (norms, embeddings,
+biases) take the anchor.  Which tensors are linear: those with an ``input_gram``
+(nn.Linear weights of the source model, input features = ``weight.shape[1]``) for
+activations; 2-D tensors outside embeddings for data-free Grams.
+
+RegMean (Jin et al. 2023) is the case ``lam -> 0`` with activation Grams, with the
+paper's ``alpha`` shrinking the Grams' off-diagonal entries; its non-linear tensors
+are the plain average of the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mergesearch.errors import MergesearchError
+from mergesearch.merging.base import MergeMethod, Param, register
+from mergesearch.merging.context import TensorContext
+from mergesearch.merging.task_arithmetic import TASK_ARITHMETIC, TIES
+
+INPUT_GRAM = "input_gram"
+"""The context statistic answering a linear weight's input Gram in one source (or None
+for a tensor that is not the weight of a linear module)."""
+
+EMBEDDING_PARTS = ("embed", "wte", "wpe")
+"""Name parts that mark a 2-D tensor as an embedding table, not a linear weight."""
+
+
+class CalibrationMissing(MergesearchError, RuntimeError):
+    """A merge asked for activation Grams that its worker cannot provide."""
+
+
+def is_linear_name(name: str) -> bool:
+    """Whether a 2-D tensor of this name is taken as a linear weight by data-free Grams."""
+    module = name.rsplit(".", 1)[0].lower()
+    return not any(part in module for part in EMBEDDING_PARTS)
+
+
+def ridge_solve(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor],
+                anchor: torch.Tensor | None, lam: float) -> torch.Tensor:
+    """``(sum_t W_t G_t + lam W_a)(sum_t G_t + lam I)^-1`` in float64 (absolute ``lam``;
+    ``lam = 0`` is RegMean, solved by least squares where the summed Gram is singular)."""
+    dtype = weights[0].dtype
+    total = sum(g.double() for g in grams)
+    rhs = sum(w.double() @ g.double() for w, g in zip(weights, grams, strict=True))
+    if lam > 0:
+        total = total + lam * torch.eye(total.shape[0], dtype=total.dtype, device=total.device)
+        rhs = rhs + lam * anchor.double()
+    # total is symmetric: W* = rhs total^-1  <=>  total W*^T = rhs^T
+    try:
+        out = torch.linalg.solve(total, rhs.T).T
+    except RuntimeError:  # singular (lam = 0 with fewer inputs than features)
+        out = None
+    if out is None or not bool(torch.isfinite(out).all()):
+        out = (torch.linalg.pinv(total, hermitian=True) @ rhs.T).T
+    return out.to(dtype)
+
+
+def relative_lambda(grams: Sequence[torch.Tensor], lam: float) -> float:
+    """``lam`` in units of the mean eigenvalue of the summed Gram (its trace / size)."""
+    trace = float(sum(torch.diagonal(g).sum() for g in grams))
+    return lam * trace / grams[0].shape[0]
+
+
+def _activation_grams(context: TensorContext | None, n: int, method: str
+                      ) -> list[torch.Tensor] | None:
+    """Each source's input Gram of this tensor from the context (None: not a linear
+    weight).  Raises a clear error when the worker collected no calibration data."""
+    if context is None:
+        return None
+    if not context.provides(INPUT_GRAM):
+        raise CalibrationMissing(
+            f"{method} with activation Grams needs calibration statistics on the worker: "
+            "set execution.worker_class: mergesearch.execution.calibration:CalibratingWorker "
+            "(or use data-free Grams, activations: false)")
+    grams = [context.stat(INPUT_GRAM, i) for i in range(n)]
+    if any(g is None for g in grams):
+        return None
+    return grams
+
+
+def _anchor(base: torch.Tensor, models: Sequence[torch.Tensor], *, ties: bool,
+            weight: Sequence[float], density: Sequence[float], normalize: bool,
+            seed: int) -> torch.Tensor:
+    if ties:
+        return TIES.fn(base, list(models), weight=list(weight), density=list(density),
+                       normalize=normalize, lambda_=1.0, seed=seed)
+    return TASK_ARITHMETIC.fn(base, list(models), weight=list(weight), normalize=normalize,
+                              lambda_=1.0, seed=seed)
+
+
+def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: float = 1.0,
+              scale: float = 1.0, activations: bool = True, ties: bool = False,
+              weight: Sequence[float] | None = None, density: Sequence[float] | None = None,
+              normalize: bool = False, context: TensorContext | None = None,
+              seed: int = 0) -> torch.Tensor:
+    """BMM's inner merge of one tensor (see the module docstring).  Without a context
+    (a plain function call) activation Grams are unavailable and data-free ones are used."""
+    n = len(models)
+    weight = [1.0] * n if weight is None else weight
+    density = [1.0] * n if density is None else density
+    anchor = _anchor(base, models, ties=ties, weight=weight, density=density,
+                     normalize=normalize, seed=seed)
+    grams = None
+    if base.ndim == 2:
+        if activations and context is not None:
+            grams = _activation_grams(context, n, "bmm")
+        elif context is None or is_linear_name(context.name):
+            taus = [m - base for m in models]
+            grams = [t.T @ t for t in taus]
+    merged = anchor
+    if grams is not None:
+        grams = [g.to(base.device, base.dtype) for g in grams]
+        if any(bool(g.any()) for g in grams):  # all zero: no direction to fit, the anchor
+            merged = ridge_solve(models, grams, anchor, relative_lambda(grams, lambda_))
+    return base + scale * (merged - base)
+
+
+def regmean_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, alpha: float = 1.0,
+                  context: TensorContext | None = None, seed: int = 0) -> torch.Tensor:
+    """RegMean: ``(sum_t W_t G_t)(sum_t G_t)^-1`` on linear weights from activation Grams
+    (off-diagonals times ``alpha``), the average elsewhere.  Without a context (a plain
+    function call) every tensor is averaged."""
+    n = len(models)
+    grams = _activation_grams(context, n, "regmean") if base.ndim == 2 else None
+    if grams is None:
+        return TASK_ARITHMETIC.fn(base, list(models), weight=[1.0] * n, normalize=True,
+                                  lambda_=1.0, seed=seed)
+    grams = [g.to(base.device, base.dtype) for g in grams]
+    if alpha != 1.0:
+        grams = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    return ridge_solve(models, grams, None, 0.0)
+
+
+BMM = register(
+    MergeMethod(
+        name="bmm",
+        fn=bmm_merge,
+        params=(
+            Param("lambda", 1.0, low=0.0,
+                  doc="ridge strength toward the anchor, in mean eigenvalues of sum_t G_t"),
+            Param("scale", 1.0, doc="scale of the merged change from the base"),
+            Param("activations", True, kind=bool,
+                  doc="Grams from calibration activations (false: data-free, tau^T tau)"),
+            Param("ties", False, kind=bool, doc="anchor on TIES instead of task arithmetic"),
+            Param("weight", 1.0, per_model=True, doc="anchor: scale of this task vector"),
+            Param("density", 1.0, per_model=True, low=0.0, high=1.0,
+                  doc="anchor (TIES): fraction of the task vector kept"),
+            Param("normalize", False, kind=bool, doc="anchor: divide by the summed weights"),
+        ),
+        task_vectors=True,
+        context=True,
+        mergekit=False,
+        doc="BMM inner merge: per linear module, ridge regression of the sources' outputs "
+            "toward an anchor merge (activation or data-free Grams)",
+    )
+)
+
+REGMEAN = register(
+    MergeMethod(
+        name="regmean",
+        fn=regmean_merge,
+        params=(Param("alpha", 1.0, low=0.0, high=1.0,
+                      doc="scale of the Grams' off-diagonal entries"),),
+        task_vectors=False,
+        context=True,
+        mergekit=False,
+        doc="RegMean: per linear module, the weights that best reproduce every source's "
+            "outputs on calibration inputs; the average elsewhere",
+    )
+)

@@ -1,0 +1,243 @@
+"""BMM's inner merge and RegMean against independent computations: the ridge closed form
+against a stacked least-squares solve, RegMean on a small nn.Linear model against Grams
+and a solve computed here from its real activations, and both through the merge engine
+on a tiny Llama with a calibration store on the merger's context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import VOCAB, perturbed, save, tiny_config
+from torch import nn
+from transformers import LlamaForCausalLM
+
+import mergesearch.merging.bmm  # noqa: F401  (registers bmm, regmean until merging/__init__ does)
+from mergesearch.execution.calibration import CalibrationStore, input_grams, linear_weights
+from mergesearch.merging import get_method
+from mergesearch.merging.bmm import INPUT_GRAM, CalibrationMissing, bmm_merge, regmean_merge
+from mergesearch.merging.context import MergeContext, TensorContext
+from mergesearch.models.resident import ResidentMerger
+from mergesearch.recipe import Recipe, RecipeError
+
+
+def stacked_ridge(xs, ws, anchor, lam):
+    """argmin_W sum_t ||X_t W^T - X_t W_t^T||^2 + lam ||W - W_a||^2 by one lstsq over the
+    stacked rows [X_1; ...; sqrt(lam) I]."""
+    n_in = ws[0].shape[1]
+    a = torch.cat([*xs, lam ** 0.5 * torch.eye(n_in, dtype=torch.float64)])
+    b = torch.cat([*(x @ w.T for x, w in zip(xs, ws, strict=True)), lam ** 0.5 * anchor.T])
+    return torch.linalg.lstsq(a, b).solution.T
+
+
+class Grams:
+    """A context over fixed Grams: ``(source, tensor) -> G``."""
+
+    def __init__(self, grams: dict[tuple[str, str], torch.Tensor]):
+        self.context = MergeContext(lambda s, t: None)
+        self.context.provide(INPUT_GRAM, lambda s, t: grams.get((s, t)))
+        self.sources = sorted({s for s, _ in grams})
+
+    def tensor(self, name: str) -> TensorContext:
+        return TensorContext(self.context, name, ("base", name),
+                             tuple((s, name) for s in self.sources))
+
+
+def problem(seed=0, n=3, out=5, n_in=4, rows=7):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(out, n_in, generator=g, dtype=torch.float64)
+    ws = [base + torch.randn(out, n_in, generator=g, dtype=torch.float64) for _ in range(n)]
+    xs = [torch.randn(rows, n_in, generator=g, dtype=torch.float64) for _ in range(n)]
+    return base, ws, xs
+
+
+@pytest.mark.parametrize("lam_rel", [0.0, 0.3, 5.0])
+@pytest.mark.parametrize("ties", [False, True])
+def test_inner_closed_form_is_the_stacked_least_squares_solution(lam_rel, ties):
+    base, ws, xs = problem()
+    ctx = Grams({(f"s{i}", "w"): x.T @ x for i, x in enumerate(xs)})
+    weight, density = [0.7, 0.4, 1.1], [0.5, 0.8, 0.6]
+    got = bmm_merge(base, ws, lambda_=lam_rel, scale=1.0, ties=ties, weight=weight,
+                    density=density, context=ctx.tensor("w"))
+    anchor = get_method("ties" if ties else "task_arithmetic").fn(
+        base, ws, weight=weight, density=density, normalize=False, lambda_=1.0) if ties else \
+        base + sum(w_ * (m - base) for w_, m in zip(weight, ws, strict=True))
+    # lambda is relative: in units of the mean eigenvalue of sum_t X_t^T X_t
+    lam = lam_rel * sum(float((x * x).sum()) for x in xs) / base.shape[1]
+    want = stacked_ridge(xs, ws, anchor, lam)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_scale_scales_the_merged_change_and_large_lambda_gives_the_anchor():
+    base, ws, xs = problem(1)
+    ctx = Grams({(f"s{i}", "w"): x.T @ x for i, x in enumerate(xs)})
+    one = bmm_merge(base, ws, lambda_=0.5, scale=1.0, context=ctx.tensor("w"))
+    half = bmm_merge(base, ws, lambda_=0.5, scale=0.5, context=ctx.tensor("w"))
+    torch.testing.assert_close(half - base, 0.5 * (one - base))
+    far = bmm_merge(base, ws, lambda_=1e9, weight=[0.5] * 3, context=ctx.tensor("w"))
+    torch.testing.assert_close(far, base + 0.5 * sum(m - base for m in ws), rtol=0, atol=1e-6)
+
+
+def test_data_free_grams_are_the_task_vectors_own():
+    base, ws, _ = problem(2, out=6)
+    taus = [w - base for w in ws]
+    got = bmm_merge(base, ws, lambda_=0.2, activations=False, weight=[0.5] * 3)
+    anchor = base + 0.5 * sum(taus)
+    lam = 0.2 * sum(float((t * t).sum()) for t in taus) / base.shape[1]
+    torch.testing.assert_close(got, stacked_ridge(taus, ws, anchor, lam), rtol=1e-9, atol=1e-9)
+    # not a linear weight (an embedding table, a norm): the anchor, scaled
+    ctx = Grams({("s0", "x"): torch.eye(4)})
+    emb = TensorContext(ctx.context, "model.embed_tokens.weight", None, ())
+    torch.testing.assert_close(
+        bmm_merge(base, ws, activations=False, weight=[0.5] * 3, scale=2.0, context=emb),
+        base + 2.0 * (anchor - base))
+
+
+def mlp(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+
+
+def test_regmean_matches_a_reference_from_real_activations():
+    torch.manual_seed(0)
+    base = mlp(0)
+    sources = {f"m{s}": mlp(0) for s in (1, 2, 3)}
+    for s, model in enumerate(sources.values(), 1):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(s),
+                                         dtype=p.dtype))
+    x = torch.randn(40, 6, dtype=torch.float64)
+    store = CalibrationStore(lambda ref: sources[ref], [x[:25], x[25:]])
+    state = {ref: m.state_dict() for ref, m in sources.items()} | {"base": base.state_dict()}
+    context = MergeContext(lambda ref, name: state[ref][name])
+    store.attach(context)
+    refs = list(sources)
+
+    def merged(name, alpha=1.0):
+        tc = TensorContext(context, name, ("base", name), tuple((r, name) for r in refs))
+        return regmean_merge(state["base"][name], [state[r][name] for r in refs], alpha=alpha,
+                             context=tc)
+
+    # from scratch: the inputs each Linear sees, per source
+    inputs0 = [x for _ in refs]
+    inputs2 = [torch.relu(x @ sources[r][0].weight.detach().T + sources[r][0].bias.detach())
+               for r in refs]
+    for name, xs in (("0.weight", inputs0), ("2.weight", inputs2)):
+        ws = [state[r][name] for r in refs]
+        want = torch.linalg.lstsq(torch.cat(xs),
+                                  torch.cat([a @ w.T for a, w in zip(xs, ws, strict=True)])
+                                  ).solution.T
+        torch.testing.assert_close(merged(name), want, rtol=1e-8, atol=1e-8)
+        # alpha < 1 shrinks the off-diagonal Gram entries
+        gs = [0.6 * (a.T @ a) + 0.4 * torch.diag(torch.diagonal(a.T @ a)) for a in xs]
+        want = torch.linalg.solve(sum(gs), sum(w @ g for w, g in zip(ws, gs, strict=True)).T).T
+        torch.testing.assert_close(merged(name, 0.6), want, rtol=1e-8, atol=1e-8)
+    for name in ("0.bias", "2.bias"):  # not linear weights: the average
+        torch.testing.assert_close(merged(name), sum(state[r][name] for r in refs) / 3)
+    assert store.cost == 3 * 2 and set(store.grams) == set(refs)  # one pass per source
+
+
+@pytest.fixture(scope="module")
+def llamas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bmm")
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_config(num_hidden_layers=2))
+    return save(base, root / "base"), [save(perturbed(base, s, 0.05), root / f"s{s}")
+                                       for s in (1, 2)]
+
+
+def calibrated_merger(refs, batches):
+    merger = ResidentMerger()
+    from mergesearch.models.path_model import source_model
+
+    store = CalibrationStore(lambda ref: source_model(merger.pool, ref, torch.float32), batches)
+    store.attach(merger.context)
+    return merger, store
+
+
+def test_engine_regmean_and_bmm_on_a_llama(llamas):
+    base, sources = llamas
+    ids = torch.randint(2, VOCAB, (12, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[8:, 10:] = 0  # padding rows: their inputs do not count
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    merger, store = calibrated_merger(sources, batches)
+    models = [{"model": s} for s in sources]
+    regmean = dict(merger.stream(Recipe.from_dict({"method": "regmean", "base": base,
+                                                   "models": models})))
+    # which tensors are linear: every projection and the (untied) head, no norms/embeddings
+    names = set(linear_weights(LlamaForCausalLM(tiny_config(num_hidden_layers=2))))
+    assert "model.layers.1.mlp.down_proj.weight" in names and "lm_head.weight" in names
+    assert not any("norm" in n or "embed" in n for n in names)
+    assert set(store.grams[sources[0]]) == names and store.cost == 2
+    # reference: the inputs of one projection recorded by a hook of our own, padding dropped
+    name = "model.layers.1.mlp.down_proj"
+    xs, ws = [], []
+    for ref in sources:
+        model = LlamaForCausalLM.from_pretrained(ref).eval()
+        seen = []
+        model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+        xs.append(seen[0][mask.bool()].double())
+        ws.append(model.get_submodule(name).weight.detach().double())
+    want = torch.linalg.lstsq(torch.cat(xs), torch.cat([x @ w.T for x, w in
+                                                        zip(xs, ws, strict=True)])).solution.T
+    torch.testing.assert_close(regmean[f"{name}.weight"].double(), want, rtol=1e-4, atol=1e-5)
+    norm = "model.layers.0.input_layernorm.weight"
+    sd = [LlamaForCausalLM.from_pretrained(r).state_dict() for r in sources]
+    torch.testing.assert_close(regmean[norm], (sd[0][norm] + sd[1][norm]) / 2)
+    # bmm with lambda 0 and scale 1 is RegMean on linear weights; elsewhere its anchor
+    bmm = dict(merger.stream(Recipe.from_dict({
+        "method": "bmm", "base": base, "parameters": {"lambda": 0.0, "weight": 0.5},
+        "models": models})))
+    torch.testing.assert_close(bmm[f"{name}.weight"], regmean[f"{name}.weight"],
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bmm[norm], regmean[norm])  # weight 0.5 x 2: the average
+    assert store.cost == 2  # Grams collected once per source, reused
+
+
+def test_activation_grams_without_calibration_say_how_to_get_them(llamas):
+    base, sources = llamas
+    recipe = Recipe.from_dict({"method": "bmm", "base": base, "models": [
+        {"model": s} for s in sources]})
+    with pytest.raises(CalibrationMissing, match="CalibratingWorker"):
+        dict(ResidentMerger().stream(recipe))
+    data_free = Recipe.from_dict(recipe.to_dict() | {"parameters": {"activations": False}})
+    merged = dict(ResidentMerger().stream(data_free))
+    assert torch.isfinite(merged["model.layers.0.self_attn.q_proj.weight"]).all()
+    assert not issubclass(CalibrationMissing, RecipeError)
+
+
+def test_input_grams_count_only_unpadded_tokens():
+    lin = nn.Linear(3, 2)
+    x = torch.randn(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    model = _Masked(lin)
+    grams, rows = input_grams(model, [{"x": x, "attention_mask": mask}])
+    kept = x[mask.bool()]
+    assert rows == 5
+    torch.testing.assert_close(grams["lin.weight"], kept.T @ kept)
+
+
+class _Masked(nn.Module):
+    def __init__(self, lin):
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x, attention_mask):
+        return self.lin(x)
+
+
+def test_context_providers_answer_and_cache():
+    calls = []
+    context = MergeContext(lambda s, t: torch.ones(2))
+    assert not context.provides("seen") and context.provides("norm")
+    context.provide("seen", lambda s, t: calls.append((s, t)) or len(calls))
+    assert context.provides("seen")
+    assert context.stat("seen", "a", "x") == 1 and context.stat("seen", "a", "x") == 1
+    assert context.stat("seen", "b", "x") == 2 and calls == [("a", "x"), ("b", "x")]
+    context.provide("seen", lambda s, t: -1)  # a new provider forgets the old answers
+    assert context.stat("seen", "a", "x") == -1
+    with pytest.raises(KeyError, match="seen"):
+        context.stat("nope", "a", "x")
