@@ -419,11 +419,23 @@ class TrialStore:
     def pareto_front(self) -> list[TrialRecord]:
         """Distinct recipes no completed trial dominates (Optuna's best_trials), each once:
         a trial served from the cache, or a recipe scored again, stands behind the first
-        trial that scored it."""
-        if not any(t.state == TrialState.COMPLETE for t in self.study.get_trials(deepcopy=False)):
+        trial that scored it.  Only trials at the highest fidelity present (1 as soon as
+        any trial is full) take part: a multi-fidelity search's cheap looks, scored on
+        part of the items, neither join the front nor hide full-fidelity trials."""
+        done = [t for t in self.study.get_trials(deepcopy=False)
+                if t.state == TrialState.COMPLETE]
+        if not done:
             return []
-        return distinct_recipes(self._record(t) for t in
-                                sorted(self.study.best_trials, key=lambda t: t.number))
+        top = max(float(t.user_attrs.get(FIDELITY, 1.0)) for t in done)
+        if all(float(t.user_attrs.get(FIDELITY, 1.0)) == top for t in done):
+            best = self.study.best_trials
+        else:
+            from optuna.study._multi_objective import _get_pareto_front_trials_by_trials
+
+            best = _get_pareto_front_trials_by_trials(
+                [t for t in done if float(t.user_attrs.get(FIDELITY, 1.0)) == top],
+                self.study.directions)
+        return distinct_recipes(self._record(t) for t in sorted(best, key=lambda t: t.number))
 
 
 def distinct_recipes(records) -> list[TrialRecord]:

@@ -1,0 +1,225 @@
+"""Cheap-fitness estimators against the full-set score: error and rank correlation.
+
+For each testbed (``zoo``: experiments/zoo/random.yaml, 100 items per skill; ``hard``:
+experiments/hard/cmaes.yaml, 100 items per skill):
+
+1. a real search is run (``--budget`` trials, default 60; its SQLite file kept under
+   ``--work``, reused when it is there) and every trial's recipe is merged again and
+   scored on every search item, keeping each item's score (``char_accuracy`` per item):
+   the candidates and their true full-set objective;
+2. the calibration models are scored the same way: the base and source models, plus
+   ``--merges`` random merges of the search space (seeded; "a few cheap merges");
+3. every estimator is built from the calibration answers exactly as the evaluator builds
+   it (:class:`mergesearch.evaluation.estimators.Estimator`, one per task) at k items
+   per task, for several estimator seeds (which items, k-means and IRT starts), and
+   predicts each candidate's objective (the mean over tasks) from its scores on its k
+   items only.
+
+Figures, mean ± std over ``--seeds`` estimator seeds: MAE of the predicted objective and
+Spearman's rank correlation with the true one, across the candidates.  "Cost at equal
+ranking": the fewest items per task (on a grid) at which an estimator's mean Spearman
+reaches that of a random subset of half the items, as a share of the items; the one-off
+calibration (every calibration model on every item) is added per candidate over the
+search's trials.  The goal the table checks: irt (gp-IRT) at 20% of the items ranks at
+least as well as a random subset at 50%.
+
+    python benchmarks/estimators.py [--testbeds zoo,hard] [--budget 60] [--seeds 5]
+        [--merges 8] [--work /tmp/estimators] [--json PATH]
+
+Output: progress on stderr; markdown for benchmarks/RESULTS.md on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+TESTBEDS = {"zoo": "experiments/zoo/random.yaml", "hard": "experiments/hard/cmaes.yaml"}
+SOURCES = {"zoo": ["zoo:base", "zoo:rev", "zoo:srt", "zoo:dup", "zoo:evn"],
+           "hard": ["zoo:hard/base", *(f"zoo:hard/{n}" for n in
+                                       ("rot", "inc", "pos", "anti", "noisy", "flow_a",
+                                        "flow_b"))]}
+#: label -> (kind, options of make_estimator)
+ESTIMATORS = {
+    "subset": ("subset", {}),
+    "anchors": ("anchors", {}),
+    "irt (p-IRT)": ("irt", {"blend": False}),
+    "irt (gp-IRT)": ("irt", {"blend": True}),
+    "irt anchors (gp-IRT)": ("irt", {"blend": True, "select": "anchors"}),
+}
+SHOWN = (10, 20, 50)
+GRID = (5, 10, 15, 20, 25, 30, 40, 50, 60, 70, 80, 90, 100)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def answers(bed: str, budget: int, merges: int, work: Path) -> dict[str, Any]:
+    """Per-item scores [models, items] by (task, metric) of the candidates (a real
+    search's trials) and the calibration models, with the search's study."""
+    from mergesearch import controller
+    from mergesearch.experiment import Experiment
+    from mergesearch.recipe import Recipe
+    from mergesearch.storage import TrialStore
+
+    cache = work / f"{bed}-answers.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{(work / f'{bed}.db').as_posix()}"
+    exp = Experiment.load(ROOT / TESTBEDS[bed], [f"budget.evaluations={budget}",
+                                                f"name={bed}-est", f"storage={url}",
+                                                f"output={work / bed}"])
+    t0 = time.perf_counter()
+    if not TrialStore.exists(url, exp.name):
+        controller.run(exp, progress=False)
+    log(f"{bed}: search {time.perf_counter() - t0:.0f}s")
+    bound = controller.BoundExperiment(exp, progress=False)
+    worker = bound.make_executor().worker
+    evaluator = worker.evaluator
+    trials = [t for t in TrialStore.open(url, exp.name).trials()
+              if t.state == "ok" and t.cached_from is None and t.recipe]
+    t0 = time.perf_counter()
+    cand: dict[str, list] = {}
+    for t in trials:
+        model = worker.merger.apply(Recipe.from_dict(t.recipe))
+        for (task, metric), values in evaluator.item_answers(model).items():
+            cand.setdefault(f"{task}|{metric}", []).append(values)
+    per_eval = (time.perf_counter() - t0) / max(len(trials), 1)
+    log(f"{bed}: {len(trials)} candidates scored on every item ({per_eval:.2f}s each)")
+    calib = {f"{t}|{m}": v.tolist() for (t, m), v in
+             evaluator.source_answers(SOURCES[bed]).items()}
+    rng = np.random.default_rng(12345)
+    low, high = bound.problem.low, bound.problem.high
+    for _ in range(merges):
+        genome = low + rng.random(len(low)) * (high - low)
+        model = worker.merger.apply(bound.space.decode(bound.problem.clip(genome)))
+        for (task, metric), values in evaluator.item_answers(model).items():
+            calib[f"{task}|{metric}"].append(values)
+    data = {"candidates": cand, "calibration": calib, "trials": len(trials),
+            "sources": len(SOURCES[bed]), "merges": merges, "seconds_per_eval": per_eval}
+    cache.write_text(json.dumps(data))
+    return data
+
+
+def predict(kind: str, options: dict, calib: dict[str, np.ndarray], cand: dict[str, np.ndarray],
+            k: int, seed: int) -> np.ndarray:
+    """Each candidate's predicted objective (the mean over tasks) from k items per task."""
+    from mergesearch.evaluation.estimators import make_estimator
+
+    per_task = []
+    for key, full in cand.items():
+        task = key.split("|")[0]
+        est = make_estimator(kind, full.shape[1], k, seed=f"{seed}:{task}",
+                             answers=calib[key], **options)
+        per_task.append([est.predict(row[est.items])["estimate"] for row in full])
+    return np.mean(per_task, axis=0)
+
+
+def figures(data: dict[str, Any], seeds: int) -> dict[str, Any]:
+    from mergesearch.evaluation.estimators import spearman
+
+    cand = {k: np.array(v, dtype=float) for k, v in data["candidates"].items()}
+    calib = {k: np.array(v, dtype=float) for k, v in data["calibration"].items()}
+    n = min(v.shape[1] for v in cand.values())
+    truth = np.mean([v.mean(1) for v in cand.values()], axis=0)
+    grid = sorted({k for k in (*GRID, *SHOWN) if k <= n})
+    out: dict[str, Any] = {"n_items": n, "n_candidates": len(truth),
+                           "truth_range": [float(truth.min()), float(truth.max())],
+                           "rows": {}}
+    for label, (kind, options) in ESTIMATORS.items():
+        rows = {}
+        for k in grid:
+            maes, rhos = [], []
+            for seed in range(seeds):
+                guess = predict(kind, options, calib, cand, k, seed)
+                maes.append(float(np.abs(guess - truth).mean()))
+                rhos.append(spearman(list(guess), list(truth)))
+            rows[k] = {"mae": maes, "rho": rhos}
+        out["rows"][label] = rows
+        log(f"  {label}: " + ", ".join(f"k={k} rho={statistics.mean(rows[k]['rho']):.3f}"
+                                       for k in SHOWN if k in rows))
+    return out
+
+
+def _pm(values: list[float], digits: int = 3) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def markdown(bed: str, data: dict[str, Any], fig: dict[str, Any], seeds: int) -> str:
+    n, m = fig["n_items"], fig["n_candidates"]
+    half = n // 2
+    ref = statistics.mean(fig["rows"]["subset"][half]["rho"])
+    calib_models = data["sources"] + data["merges"]
+    lines = [f"### Estimators on `{bed}` ({TESTBEDS[bed]}; {m} candidates of a real search, "
+             f"{n} items per task, objective range {fig['truth_range'][0]:.3f}.."
+             f"{fig['truth_range'][1]:.3f})", "",
+             f"Calibration: {data['sources']} source/base models + {data['merges']} random "
+             f"merges, each scored once on every item. Mean ± std over {seeds} estimator "
+             "seeds.", ""]
+    shown = [k for k in SHOWN if k <= n]
+    head = ["estimator", *(f"MAE @{k}" for k in shown), *(f"Spearman @{k}" for k in shown),
+            f"items for Spearman ≥ {ref:.3f} (subset @{half})", "cost vs full (+ calibration)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, rows in fig["rows"].items():
+        cells = [label, *(_pm(rows[k]["mae"]) for k in shown),
+                 *(_pm(rows[k]["rho"]) for k in shown)]
+        reach = next((k for k in sorted(rows) if statistics.mean(rows[k]["rho"]) >= ref), None)
+        if reach is None:
+            cells += ["not reached", ""]
+        else:
+            extra = calib_models * n / m / n if label != "subset" else 0.0
+            cells += [f"{reach} ({reach / n:.0%})",
+                      f"{reach / n:.0%}" + (f" (+{extra:.0%})" if extra else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    irt20 = statistics.mean(fig["rows"]["irt (gp-IRT)"][max(1, n // 5)]["rho"]) \
+        if n // 5 in fig["rows"]["irt (gp-IRT)"] else None
+    if irt20 is not None:
+        verdict = "met" if irt20 >= ref else "not met"
+        lines += ["", f"Goal (irt gp-IRT at {n // 5} items = 20% ranks at least as well as a "
+                  f"random subset at {half} = 50%): Spearman {irt20:.3f} vs {ref:.3f}: "
+                  f"**{verdict}**."]
+    lines += ["", f"Calibration cost: {calib_models} full evaluations once "
+              f"({calib_models / m:.0%} of one full evaluation per candidate over {m}); "
+              "the second figure of the cost column adds it."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--testbeds", default="zoo,hard")
+    parser.add_argument("--budget", type=int, default=60)
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--merges", type=int, default=8)
+    parser.add_argument("--work", default="/tmp/estimators")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    out = {}
+    for bed in args.testbeds.split(","):
+        if bed not in TESTBEDS:
+            print(f"unknown testbed {bed!r}; choose from {', '.join(TESTBEDS)}",
+                  file=sys.stderr)
+            return 2
+        data = answers(bed, args.budget, args.merges, Path(args.work))
+        fig = figures(data, args.seeds)
+        out[bed] = fig
+        print(markdown(bed, data, fig, args.seeds))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
