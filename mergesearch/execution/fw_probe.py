@@ -95,7 +95,7 @@ def task_gradients(model: nn.Module, proxy: dict[str, list]) -> tuple[
                 loss = answer_loss(model, rows)
                 grads[task] = [g.detach().float() for g in
                                torch.autograd.grad(loss, [p for _, p in params])]
-                losses[task] = float(loss)
+                losses[task] = float(loss.detach())
     finally:
         model.train(was_training)
     grads[TOTAL] = [sum(g[i] for g in grads.values()) for i in range(len(names))]
