@@ -1,0 +1,458 @@
+"""MERGE's surrogate-assisted multi-objective search over component-wise configurations.
+
+MERGE (fine-grained merging via modular expert recombination, 2026) searches, for every
+layer, which model's attention and MLP block to keep (a source's, or the merged one's),
+trading cross-task performance against storage (distinct modules kept) with a
+surrogate-assisted evolutionary algorithm that returns a Pareto set.  The paper does not
+say which surrogate, MOEA or infill rule it uses; every one of those choices here is
+**ours**:
+
+- **Surrogate: one random forest per objective** (scikit-learn's
+  ``RandomForestRegressor``, bootstrapped trees), on a one-hot encoding of categorical
+  dimensions (reals and integers scaled to [0, 1], binaries as 0/1).  The mean of the
+  trees is the prediction, their standard deviation the uncertainty (as in SMAC).  Why a
+  forest rather than a GP or an RBF: the space is categorical (a choice of module per
+  block), where a forest needs no distance between categories and no kernel
+  hyperparameters, is cheap to refit at every round on a few hundred points, and its
+  trees' spread gives an uncertainty for free; a GP on one-hot codes needs a
+  categorical kernel to be meaningful, an RBF gives no uncertainty.  Targets are
+  standardised per objective; an objective that has not varied yet is predicted as its
+  constant.
+- **MOEA: pymoo's NSGA-II** in its mixed-variable form (``Choice``, ``Integer``,
+  ``Binary``, ``Real`` with pymoo's mixed sampling, mating and duplicate elimination) run
+  on the surrogate, ``generations`` generations of ``pop_size``; its first population is
+  the evaluated points, best non-dominated ranks first, topped up with perturbations of
+  them (each dimension re-drawn with probability 2 / dims) and uniform points.
+- **Infill: optimistic hypervolume improvement.**  NSGA-II minimises each objective's
+  lower confidence bound ``mean - kappa * std`` (losses: maximised objectives negated),
+  and its final population are the infill candidates.  From them a batch is picked
+  greedily: each pick is the candidate whose optimistic losses add the most hypervolume
+  to the front of everything evaluated so far plus the points already picked or still
+  pending (which count with their predicted mean: a "believer" rule, so one batch
+  spreads along the front).  When no candidate improves the front, the most uncertain one
+  (largest summed std) is picked instead.  With one objective, hypervolume improvement is
+  the improvement of the LCB over the best loss.
+- **Initial design**: the problem's start point (``include_init``), then ``initial - 1``
+  perturbations of it at stratified rates: the k-th point re-draws each dimension with
+  probability ``(k + u) / n`` (at least one), so the first points span few to many
+  changes from the start.  For a component space starting at the merge this covers the
+  storage axis from "almost all merged" to "almost all experts" before any model is
+  fitted.  Until two points have succeeded, further points are drawn the same way.
+- Never proposes a genome it proposed before (duplicates are dropped from the candidates
+  and replaced by fresh perturbations).
+
+Batches: a surrogate round proposes ``max(batch, n)`` points for ``ask(n)``, handed out
+in order; later asks take from that queue before another round runs.
+
+State: the base class's event log, plus each surrogate round's proposals and the
+generator state after it (``rounds``), so a resumed search replays its rounds from the
+record instead of refitting forests and rerunning NSGA-II (replay stays fast and exact;
+the base class still checks every replayed candidate against its logged hash).
+
+The router that picks modules per input (MERGE's last stage) is not part of this
+strategy.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from mergesearch.strategies.base import Dimension, Proposal, Strategy, StrategyOptions, register
+from mergesearch.trial import Candidate, Result
+
+
+class MergeMOEAOptions(StrategyOptions):
+    initial: int = Field(10, ge=2)
+    """Points of the initial design (the start point counts when ``include_init``)."""
+    batch: int = Field(4, ge=1)
+    """Points each surrogate round proposes (at least the ``n`` of the ask)."""
+    trees: int = Field(32, ge=2)
+    """Trees per objective's random forest."""
+    min_samples_leaf: int = Field(1, ge=1)
+    """The forests' smallest leaf."""
+    kappa: float = Field(1.0, ge=0)
+    """Optimism of the infill: NSGA-II minimises mean - kappa * std of each loss."""
+    pop_size: int = Field(40, ge=4)
+    """Population of the NSGA-II run on the surrogate."""
+    generations: int = Field(25, ge=1)
+    """Generations of the NSGA-II run on the surrogate, per round."""
+    include_init: bool = True
+    """Propose the problem's start point first."""
+
+
+@register
+class MergeMOEA(Strategy):
+    """Random-forest surrogates, NSGA-II on their lower confidence bounds, hypervolume-
+    improvement infill (MERGE's surrogate-assisted MOEA, our choices; see the module)."""
+
+    name = "merge_moea"
+    description = ("MERGE: random-forest surrogates + pymoo NSGA-II with optimistic "
+                   "hypervolume-improvement infill, for categorical component spaces")
+    multi_objective = True
+    rng_libraries = ("numpy", "pymoo", "scikit-learn")
+    Options = MergeMOEAOptions
+    options: MergeMOEAOptions
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        self._rng = np.random.default_rng(self.seed)
+        self._global_state = np.random.RandomState(self.seed).get_state()
+        self._queue: list[list[float]] = []
+        self._seen: set[tuple[float, ...]] = set()
+        self._issued = 0
+        self._genome_of: dict[int, list[float]] = {}  # candidate id -> genome
+        self._X: list[list[float]] = []  # told ok genomes
+        self._Y: list[np.ndarray] = []  # and their losses
+        self._pending_ids: list[int] = []
+        self._rounds: list[dict[str, Any]] = []
+        self._phase = "initial"
+        self._recorded: list[dict[str, Any]] = list(getattr(self, "_replay_rounds", []))
+        self._columns = self._encoding()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rounds": copy.deepcopy(self._rounds)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._replay_rounds = list(state.get("rounds", []))
+        try:
+            super().load_state_dict(state)
+        finally:
+            self._replay_rounds = []
+        self._recorded = []
+
+    # -- encoding -----------------------------------------------------------------------------
+
+    def _encoding(self) -> int:
+        cols = 0
+        for d in self.problem.dims:
+            cols += len(d.choices) if d.kind == "categorical" else 1
+        return cols
+
+    def encode(self, genomes: np.ndarray) -> np.ndarray:
+        """Genomes (rows) as the forests see them: one-hot categoricals, the rest in [0, 1]."""
+        genomes = np.atleast_2d(np.asarray(genomes, dtype=float))
+        out = np.zeros((len(genomes), self._columns))
+        col = 0
+        for j, d in enumerate(self.problem.dims):
+            if d.kind == "categorical":
+                idx = np.rint(genomes[:, j]).astype(int)
+                out[np.arange(len(genomes)), col + idx] = 1.0
+                col += len(d.choices)
+            else:
+                out[:, col] = (genomes[:, j] - d.low) / (d.high - d.low)
+                col += 1
+        return out
+
+    # -- ask / tell -------------------------------------------------------------------------
+
+    def _ask(self, n: int) -> list[Proposal]:
+        if not self._queue:
+            self._fill(n)
+        out, self._queue = self._queue[:n], self._queue[n:]
+        proposals = []
+        for k, genome in enumerate(out):
+            self._genome_of[self._next_id + k] = genome
+            self._pending_ids.append(self._next_id + k)
+            proposals.append(Proposal(genome=genome, meta={"phase": self._phase}))
+        return proposals
+
+    def _fill(self, n: int) -> None:
+        """Queue the next round's proposals: from the record when replaying one."""
+        if self._recorded:
+            record = self._recorded.pop(0)
+            genomes = [[float(g) for g in x] for x in record["genomes"]]
+            self._rng.bit_generator.state = _rng_state(record["rng"])
+            self._phase = record["phase"]
+        else:
+            genomes = self._round(n)
+        for g in genomes:
+            self._seen.add(tuple(g))
+        self._issued += len(genomes)
+        self._queue = genomes
+        self._rounds.append({"phase": self._phase, "genomes": genomes,
+                             "rng": self._rng.bit_generator.state})
+
+    def _tell(self, told: list[tuple[Candidate, Result]]) -> None:
+        for cand, result in told:
+            self._pending_ids.remove(cand.id)
+            genome = self._genome_of.pop(cand.id)
+            if result.ok:
+                self._X.append(genome)
+                self._Y.append(self.problem.losses(result.values))
+
+    # -- one round ------------------------------------------------------------------------
+
+    def _round(self, n: int) -> list[list[float]]:
+        size = max(self.options.batch, n)
+        p = self.problem
+        out: list[list[float]] = []
+        if self._issued == 0 and self.options.include_init:
+            out.append(p.clip(p.x0))
+        if self._issued < self.options.initial or len(self._X) < 2:
+            self._phase = "initial"
+            strata = max(self.options.initial - int(self.options.include_init), 1)
+            while len(out) < size:
+                rank = (self._issued + len(out) - int(self.options.include_init)) % strata
+                rate = (rank + self._rng.uniform()) / strata
+                out.append(self._fresh(p.x0, rate, out))
+            return out
+        self._phase = "surrogate"
+        with self._private_random():
+            return self._infill(size)
+
+    def _fresh(self, around: Sequence[float], rate: float,
+               extra: Sequence[Sequence[float]] = ()) -> list[float]:
+        """A genome never proposed: ``around`` with each dimension re-drawn at ``rate``
+        (at least one), retried, then uniform."""
+        taken = self._seen | {tuple(e) for e in extra}
+        for attempt in range(60):
+            r = rate if attempt < 30 else 1.0
+            genome = self._perturb(np.asarray(around, dtype=float), r)
+            if tuple(genome) not in taken:
+                return genome
+        return genome  # a space this small is exhausted: a repeat is all there is
+
+    def _perturb(self, around: np.ndarray, rate: float) -> list[float]:
+        dims = self.problem.dims
+        change = self._rng.uniform(size=len(dims)) < rate
+        if not change.any():
+            change[self._rng.integers(len(dims))] = True
+        genome = [float(g) for g in around]
+        for j in np.flatnonzero(change):
+            genome[j] = self._draw(dims[j], around[j])
+        return genome
+
+    def _draw(self, d: Dimension, current: float) -> float:
+        """A new value of one dimension (a discrete one differs from ``current``)."""
+        if not d.discrete:
+            return float(self._rng.uniform(d.low, d.high))
+        values = [v for v in range(int(d.low), int(d.high) + 1) if v != int(current)]
+        return float(values[self._rng.integers(len(values))])
+
+    # -- the surrogate and NSGA-II on it ---------------------------------------------------
+
+    def fit(self) -> Surrogate:
+        """Forests on the told ok points (one per objective)."""
+        return Surrogate.fit(self.encode(np.array(self._X)), np.array(self._Y),
+                             trees=self.options.trees, leaf=self.options.min_samples_leaf,
+                             seed=int(self._rng.integers(2**31 - 1)))
+
+    def _infill(self, size: int) -> list[list[float]]:
+        surrogate = self.fit()
+        X, Y = np.array(self._X), surrogate.scale(np.array(self._Y))
+        candidates = self._candidates(surrogate, X, Y)
+        if candidates:
+            mu, sd = surrogate.predict(self.encode(np.array(candidates)))
+        believed = list(Y)
+        if self._pending_ids:  # in flight: counted at their predicted mean
+            pm, _ = surrogate.predict(self.encode(np.array(
+                [self._genome_of[i] for i in self._pending_ids])))
+            believed += list(pm)
+        ref = Y.max(axis=0) + 0.1 * (Y.max(axis=0) - Y.min(axis=0)) + 1e-9
+        out: list[list[float]] = []
+        free = list(range(len(candidates)))
+        kappa = self.options.kappa
+        while len(out) < size and free:
+            lcb = mu[free] - kappa * sd[free]
+            gains = _improvements(np.array(believed), lcb, ref)
+            best = int(np.argmax(gains))
+            if gains[best] <= 0:  # nothing improves the front: the most uncertain
+                best = int(np.argmax(sd[free].sum(axis=1)))
+            pick = free.pop(best)
+            out.append(candidates[pick])
+            believed.append(mu[pick])
+        while len(out) < size:  # too few new candidates: perturb the front
+            elite = X[self._rng.integers(len(X))]
+            out.append(self._fresh(elite, 2.0 / self.problem.n_dims, out))
+        return out
+
+    def _candidates(self, surrogate: Surrogate, X: np.ndarray,
+                    Y: np.ndarray) -> list[list[float]]:
+        """NSGA-II's final population on the surrogate's lower bounds, new genomes only."""
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.duplicate import NoDuplicateElimination
+        from pymoo.core.mixed import MixedVariableMating
+        from pymoo.core.population import Population
+        from pymoo.optimize import minimize
+
+        problem = _SurrogateProblem(self, surrogate, self.options.kappa)
+        start = [problem.as_dict(g) for g in self._first_population(X, Y)]
+        algorithm = NSGA2(pop_size=self.options.pop_size,
+                          sampling=Population.new(X=np.array(start, dtype=object)),
+                          mating=MixedVariableMating(eliminate_duplicates=NoDuplicateElimination()),
+                          eliminate_duplicates=False)  # pymoo's is quadratic: we drop repeats
+        seed = int(self._rng.integers(1, 2**31 - 1))
+        result = minimize(problem, algorithm, ("n_gen", self.options.generations), seed=seed,
+                          verbose=False)
+        pop = result.pop
+        F = pop.get("F")
+        order = np.lexsort(F.T[::-1]) if F.ndim == 2 else np.argsort(F)
+        out, keys = [], set()
+        for i in order:
+            genome = problem.as_genome(pop[i].X)
+            key = tuple(genome)
+            if key not in self._seen and key not in keys:
+                keys.add(key)
+                out.append(genome)
+        return out
+
+    def _first_population(self, X: np.ndarray, Y: np.ndarray) -> list[list[float]]:
+        """The evaluated points by non-dominated rank, then perturbations, then uniform."""
+        from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+        size = self.options.pop_size
+        fronts = NonDominatedSorting().do(Y) if len(Y) > 1 else [np.arange(len(Y))]
+        ranked = [int(i) for f in fronts for i in f]
+        out = [list(map(float, X[i])) for i in ranked[:size // 2]]
+        keys = {tuple(g) for g in out}
+        elites = [X[i] for i in ranked[:max(1, len(fronts[0]))]]
+        rate = 2.0 / self.problem.n_dims
+        for attempt in range(20 * size):  # a small space may have fewer new points
+            if len(out) >= size:
+                break
+            if len(out) < size - size // 4 and attempt < 10 * size:  # near the front
+                g = self._perturb(elites[self._rng.integers(len(elites))], rate)
+            else:  # anywhere
+                g = self._perturb(X[0], 1.0)
+            if tuple(g) not in keys:
+                keys.add(tuple(g))
+                out.append(g)
+        return out
+
+    @contextmanager
+    def _private_random(self):
+        """Run library code with our own global numpy state; the user's comes back after."""
+        users = np.random.get_state()
+        np.random.set_state(self._global_state)
+        try:
+            yield
+        finally:
+            self._global_state = np.random.get_state()
+            np.random.set_state(users)
+
+
+class Surrogate:
+    """One random forest per loss, on standardised targets: mean and trees' std."""
+
+    def __init__(self, forests: list[Any], mean: np.ndarray, scale: np.ndarray,
+                 constant: np.ndarray):
+        self.forests, self.mean, self.std, self.constant = forests, mean, scale, constant
+
+    @classmethod
+    def fit(cls, X: np.ndarray, Y: np.ndarray, *, trees: int = 32, leaf: int = 1,
+            seed: int = 0) -> Surrogate:
+        from sklearn.ensemble import RandomForestRegressor
+
+        Y = np.atleast_2d(np.asarray(Y, dtype=float).T).T
+        mean, scale = Y.mean(axis=0), Y.std(axis=0)
+        constant = scale < 1e-12
+        scale = np.where(constant, 1.0, scale)
+        forests = []
+        for j in range(Y.shape[1]):
+            if constant[j]:
+                forests.append(None)
+                continue
+            forest = RandomForestRegressor(n_estimators=trees, min_samples_leaf=leaf,
+                                           max_features=1.0, bootstrap=True, n_jobs=1,
+                                           random_state=seed + j)
+            forest.fit(X, (Y[:, j] - mean[j]) / scale[j])
+            forests.append(forest)
+        return cls(forests, mean, scale, constant)
+
+    def scale(self, Y: np.ndarray) -> np.ndarray:
+        """Losses in the standardised units the forests predict."""
+        return (np.asarray(Y, dtype=float) - self.mean) / self.std
+
+    def predict(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row and loss: the trees' mean and standard deviation (standardised units)."""
+        X = np.ascontiguousarray(np.atleast_2d(X), dtype=np.float32)  # as the trees take it
+        mu = np.zeros((len(X), len(self.forests)))
+        sd = np.zeros_like(mu)
+        for j, forest in enumerate(self.forests):
+            if forest is None:
+                continue
+            per_tree = np.stack([t.tree_.predict(X)[:, 0] for t in forest.estimators_])
+            mu[:, j], sd[:, j] = per_tree.mean(axis=0), per_tree.std(axis=0)
+        return mu, sd
+
+    def predict_losses(self, X: np.ndarray) -> np.ndarray:
+        """The predicted losses in their own units."""
+        return self.predict(X)[0] * self.std + self.mean
+
+
+class _SurrogateProblem:
+    """The pymoo problem NSGA-II solves: minimise each loss's lower confidence bound."""
+
+    def __new__(cls, strategy: MergeMOEA, surrogate: Surrogate, kappa: float):
+        from pymoo.core.problem import Problem as PymooProblem
+        from pymoo.core.variable import Binary, Choice, Integer, Real
+
+        dims = strategy.problem.dims
+        variables: dict[str, Any] = {}
+        for d in dims:
+            if d.kind == "real":
+                variables[d.name] = Real(bounds=(d.low, d.high))
+            elif d.kind == "int":
+                variables[d.name] = Integer(bounds=(int(d.low), int(d.high)))
+            elif d.kind == "binary":
+                variables[d.name] = Binary()
+            else:
+                variables[d.name] = Choice(options=list(range(len(d.choices))))
+
+        class Optimistic(PymooProblem):
+            def _evaluate(self, x: Any, out: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+                genomes = np.array([self.as_genome(row) for row in x])
+                mu, sd = surrogate.predict(strategy.encode(genomes))
+                out["F"] = mu - kappa * sd
+
+            @staticmethod
+            def as_dict(genome: Sequence[float]) -> dict[str, Any]:
+                return {d.name: (bool(round(g)) if d.kind == "binary" else
+                                 int(round(g)) if d.discrete else float(g))
+                        for d, g in zip(dims, genome, strict=True)}
+
+            @staticmethod
+            def as_genome(row: dict[str, Any]) -> list[float]:
+                return strategy.problem.clip([float(row[d.name]) for d in dims])
+
+        return Optimistic(vars=variables, n_obj=len(strategy.problem.objectives))
+
+
+def _improvements(front: np.ndarray, points: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """How much each of ``points`` (rows, losses) adds to the hypervolume of ``front``
+    bounded by ``ref``; with one loss, how far it goes below the best."""
+    if front.shape[1] == 1:
+        return np.maximum(0.0, front[:, 0].min() - points[:, 0])
+    from pymoo.indicators.hv import HV
+
+    front = _non_dominated(front[np.all(front < ref, axis=1)])
+    hv = HV(ref_point=ref)
+    base = float(hv(front)) if len(front) else 0.0
+    gains = np.zeros(len(points))
+    for i, p in enumerate(points):
+        if not np.all(p < ref):
+            continue
+        if len(front) and np.any(np.all(front <= p, axis=1)):
+            continue  # dominated (or equalled): adds nothing
+        gains[i] = float(hv(np.vstack([front, p]) if len(front) else p[None])) - base
+    return gains
+
+
+def _non_dominated(points: np.ndarray) -> np.ndarray:
+    if len(points) < 2:
+        return points
+    keep = [not np.any(np.all(points <= p, axis=1) & np.any(points < p, axis=1))
+            for p in points]
+    return np.unique(points[keep], axis=0)
+
+
+def _rng_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A generator state read back from JSON (ints stay ints: nothing to convert)."""
+    return {k: (_rng_state(v) if isinstance(v, dict) else v) for k, v in state.items()}
