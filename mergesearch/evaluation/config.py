@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any, Literal
 
@@ -63,7 +64,7 @@ class EstimatorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["full", "subset", "anchors", "irt"] = "full"
-    items: int = Field(20, gt=0)  # per task
+    items: int | float = Field(20, gt=0)  # per task: a count, or a share in (0, 1)
     seed: int = 0
     sources: list[str] = Field(default_factory=list)
     select: Literal["random", "anchors"] = "random"  # irt only
@@ -82,6 +83,22 @@ class EstimatorConfig(BaseModel):
         if kind not in ("full", "subset", "anchors", "irt"):
             raise ValueError(f"unknown estimator {kind!r}; choose full, subset, anchors or irt")
         return kind
+
+    @field_validator("items")
+    @classmethod
+    def _count_or_share(cls, items: int | float) -> int | float:
+        if isinstance(items, float) and items.is_integer() and items >= 1:
+            return int(items)
+        if isinstance(items, float) and not 0 < items < 1:
+            raise ValueError(f"items {items}: a whole number of items per task, or a share "
+                             "in (0, 1)")
+        return items
+
+    def count(self, n: int) -> int:
+        """Items of a task of ``n``: the count, or ``ceil(share * n)``."""
+        if isinstance(self.items, float):
+            return max(1, math.ceil(self.items * n - 1e-9))
+        return self.items
 
     @model_validator(mode="after")
     def _check(self) -> EstimatorConfig:
@@ -123,7 +140,8 @@ class EvaluatorConfig(BaseModel):
             if used or self.split != "test":
                 raise ValueError(f"{', '.join(used) or 'split'}: only for backend: python")
             if self.estimator is not None and self.estimator.kind != "full" and \
-                    self.limit is not None and self.estimator.items > self.limit:
+                    isinstance(self.estimator.items, int) and self.limit is not None and \
+                    self.estimator.items > self.limit:
                 raise ValueError(f"estimator.items {self.estimator.items} is more than the "
                                  f"{self.limit} items per task that limit keeps")
         else:

@@ -115,7 +115,7 @@ class HFEvaluator:
 
     def _check_estimator_items(self) -> None:
         k = self.estimator.items
-        small = {t: d.n for t, d in self._data.items() if d.n < k}
+        small = {t: d.n for t, d in self._data.items() if d.n < self.estimator.count(d.n)}
         if small:
             raise EvaluationError(f"evaluator.estimator.items {k} is more than the items of "
                                   f"task(s) {small}; choose at most {min(small.values())}")
@@ -153,7 +153,7 @@ class HFEvaluator:
         built = {}
         for task, metric in self.estimated:
             n = self._data[task].n
-            k = min(cfg.items, n)
+            k = cfg.count(n)
             seed = f"{cfg.seed}:{task}"
             if cfg.kind not in NEEDS_CALIBRATION:
                 built[task, metric] = make_estimator(cfg.kind, n, k, seed=seed)

@@ -219,3 +219,13 @@ def test_irt_in_the_evaluator_predicts_as_the_estimator_does(tok, lm) -> None:
         assert out.scores[task][metric] == pytest.approx(want["estimate"])
         assert out.scores[task]["char_accuracy,pirt"] == pytest.approx(want["pirt"])
         assert len(out.correct[task]) == 8
+
+
+def test_items_may_be_a_share_of_each_task(tok, lm) -> None:
+    cfg = EvaluatorConfig(suite=str(ZOO_SUITE), objectives=OBJ, limit=30,
+                          estimator={"kind": "subset", "items": 0.2})
+    assert cfg.estimator.count(30) == 6 and cfg.estimator.count(8) == 2
+    out = make_evaluator(cfg, tok).evaluate(lm)
+    assert all(len(c) == 6 for c in out.correct.values())
+    with pytest.raises(ValidationError, match="a share in"):
+        EvaluatorConfig(suite="x", objectives=OBJ, estimator={"kind": "subset", "items": 1.5})

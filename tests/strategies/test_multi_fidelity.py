@@ -1,0 +1,155 @@
+"""The asha wrapper: successive halving promotes exactly the best 1/eta; ASHA promotes
+from the top; state replays; through the controller the front is full-fidelity only and
+the budget counts items; a SIGKILLed run resumes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import mergesearch.strategies.multi_fidelity  # noqa: F401  (registers asha)
+from mergesearch.strategies import Dimension, Objective, Problem, StrategyError, create_strategy
+from mergesearch.trial import Result
+
+ROOT = Path(__file__).resolve().parents[2]
+LINE = Problem(tuple(Dimension(f"x{i}", 0.0, 1.0, 0.5) for i in range(2)),
+               (Objective("loss", "minimize"),))
+PATH = "mergesearch.strategies.multi_fidelity:SuccessiveHalving"
+
+
+def loss(genome) -> float:
+    return float(np.sum(np.asarray(genome) ** 2))
+
+
+def test_synchronous_halving_promotes_exactly_the_best_third() -> None:
+    s = create_strategy("asha", LINE, {"asynchronous": False, "eta": 3,
+                                       "fidelities": [1 / 9, 1 / 3, 1.0]}, seed=0)
+    rung0 = s.ask(20)
+    assert len(rung0) == 9 and {c.fidelity for c in rung0} == {1 / 9}
+    s.tell([Result(c.id, {"loss": loss(c.genome)}) for c in rung0[:8]])
+    assert s.ask(5) == []  # the rung waits for its last result
+    s.tell([Result(rung0[8].id, {"loss": loss(rung0[8].genome)})])
+    rung1 = s.ask(20)
+    best3 = sorted(rung0, key=lambda c: loss(c.genome))[:3]
+    assert [c.genome for c in rung1] == [c.genome for c in best3]
+    assert {c.fidelity for c in rung1} == {1 / 3}
+    assert [c.meta["asha"]["rung"] for c in rung1] == [1, 1, 1]
+    # rung 1 scores differ from rung 0's: the ranking at rung 1 decides
+    rank1 = {id(c): v for c, v in zip(rung1, (0.3, 0.1, 0.2), strict=True)}
+    s.tell([Result(c.id, {"loss": rank1[id(c)]}) for c in rung1])
+    top = s.ask(20)
+    assert top[0].genome == rung1[1].genome and top[0].fidelity == 1.0
+    assert len(top) == 1 or top[1].fidelity == 1 / 9  # then a new bracket
+    # the inner strategy heard rung 0 only: 9 results
+    assert sum(len(e[1]) for e in s.inner.state_dict()["log"] if e[0] == "tell") == 9
+
+
+def test_asha_promotes_a_top_config_as_soon_as_a_rung_has_eta_results() -> None:
+    s = create_strategy("asha", LINE, {"eta": 2, "fidelities": [0.25, 0.5, 1.0]}, seed=1)
+    first = s.ask(2)
+    assert all(c.fidelity == 0.25 for c in first)
+    s.tell([Result(c.id, {"loss": loss(c.genome)}) for c in first])
+    nxt = s.ask(1)[0]
+    best = min(first, key=lambda c: loss(c.genome))
+    assert nxt.genome == best.genome and nxt.fidelity == 0.5
+    s.tell([Result(nxt.id, {"loss": 0.0})])
+    fresh = s.ask(1)[0]  # rung 1 has 1 result: floor(1/2) = 0 to promote; rung 0 is used up
+    assert fresh.fidelity == 0.25 and fresh.genome not in [c.genome for c in first]
+
+
+def test_failed_configs_are_never_promoted() -> None:
+    s = create_strategy("asha", LINE, {"eta": 2, "fidelities": [0.5, 1.0]}, seed=0)
+    cands = s.ask(4)
+    s.tell([Result.failed(c.id, "boom") for c in cands])
+    assert all(c.fidelity == 0.5 for c in s.ask(3))
+
+
+def test_inner_cmaes_state_round_trip_mid_rung() -> None:
+    opts = {"strategy": "cmaes", "options": {"popsize": 4}, "eta": 2,
+            "fidelities": [0.5, 1.0]}
+    s = create_strategy("asha", LINE, opts, seed=3)
+    for _ in range(5):
+        cands = s.ask(3)
+        s.tell([Result(c.id, {"loss": loss(c.genome)}) for c in cands[:-1]])
+    state = s.state_dict()
+    other = create_strategy("asha", LINE, opts, seed=99)
+    other.load_state_dict(state)
+    assert [c.genome for c in other.pending] == [c.genome for c in s.pending]
+    assert [(c.genome, c.fidelity) for c in other.ask(4)] == \
+        [(c.genome, c.fidelity) for c in s.ask(4)]
+    assert not other.multi_objective  # as its inner cmaes
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"fidelities": [0.5, 0.9]}, "the last fidelity must be 1"),
+    ({"fidelities": [0.5, 0.3, 1.0]}, "fidelities must increase"),
+    ({"eta": 1}, "eta"),
+    ({"strategy": "nope"}, "options.strategy: unknown strategy 'nope'"),
+    ({"strategy": "cmaes", "options": {"popsize": "x"}}, "options.options: strategy 'cmaes'"),
+    ({"bracket": 4}, "bracket is for asynchronous: false only"),
+])
+def test_bad_options_are_refused(options, match) -> None:
+    with pytest.raises(StrategyError, match=match):
+        create_strategy("asha", LINE, options)
+
+
+# -- through the controller ----------------------------------------------------------------
+
+
+def _experiment(tmp_path: Path, **changes) -> Path:
+    from test_run_cli import write_experiment
+
+    strategy = {"name": PATH, "options": {"strategy": "random", "eta": 2,
+                                          "fidelities": [0.25, 1.0]}}
+    return write_experiment(tmp_path, strategy=strategy, **changes)
+
+
+@pytest.mark.slow
+def test_the_front_and_best_read_full_fidelity_trials_and_cost_counts_items(zoo, tmp_path):
+    from mergesearch import controller
+    from mergesearch.experiment import Experiment
+    from mergesearch.storage import TrialStore
+
+    exp = Experiment.load(_experiment(tmp_path, budget={"cost": 16 * 4 * 6}))
+    summary = controller.run(exp, progress=False)
+    trials = TrialStore.open(summary.storage, summary.study).trials()
+    fids = [t.fidelity for t in trials if t.state == "ok"]
+    assert 0.25 in fids and 1.0 in fids
+    # cost: 4 items per task at fidelity 1/4, 16 at 1 (limit 16, 4 tasks)
+    assert summary.cost == sum(4 * (4 if f == 0.25 else 16) for f in fids)
+    assert summary.cost >= 16 * 4 * 6 and len(fids) > 6  # more trials than 6 full ones
+    assert summary.front and all(t.fidelity == 1.0 for t in summary.front)
+    assert all(t.fidelity == 1.0 for t in TrialStore.open(summary.storage,
+                                                          summary.study).pareto_front())
+
+
+@pytest.mark.slow
+def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path):
+    from helpers import completed_count, kill_mid_run
+
+    from mergesearch.storage import TrialStore
+
+    exp = _experiment(tmp_path, budget={"evaluations": 14})
+    db = tmp_path / "run" / "study.db"
+    cmd = [sys.executable, "-m", "mergesearch.cli", "run", str(exp), "-q"]
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    kill_mid_run(exp, db, 7)
+    assert 7 <= completed_count(db) < 14
+    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    ok = [t for t in TrialStore.open(f"sqlite:///{db}", "toy").trials() if t.state == "ok"]
+    assert sorted(t.candidate_id for t in ok) == list(range(14))
+    other = tmp_path / "whole"
+    other.mkdir()
+    again = _experiment(other, budget={"evaluations": 14})
+    subprocess.run(cmd[:4] + [str(again), "-q"], cwd=ROOT, env=env, check=True, timeout=600,
+                   capture_output=True)
+    whole = TrialStore.open(f"sqlite:///{other / 'run' / 'study.db'}", "toy").trials()
+    assert {t.candidate_id: (t.params, t.fidelity) for t in ok} == \
+        {t.candidate_id: (t.params, t.fidelity) for t in whole if t.state == "ok"}
