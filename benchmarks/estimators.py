@@ -197,6 +197,84 @@ def markdown(bed: str, data: dict[str, Any], fig: dict[str, Any], seeds: int) ->
     return "\n".join(lines) + "\n"
 
 
+# -- multi-fidelity at equal cost (from league runs) ----------------------------------------
+
+
+def cost_curves(runs: list[dict[str, Any]], units: tuple[int, ...]) -> dict[str, Any]:
+    """Per run: the best full-fidelity value within ``u`` full evaluations' cost (items
+    scored, cheap looks counted for their items), the evaluation seconds (merge +
+    evaluate of every trial) it spent, and the seconds by which each value was reached."""
+    from mergesearch.report.compare import strategy_label
+    from mergesearch.storage import TrialStore
+
+    out = []
+    for r in runs:
+        trials = sorted(TrialStore.open(r["url"], r["study"]).trials(), key=lambda t: t.number)
+        full = max((t.cost for t in trials if t.fidelity >= 1 and t.cost > 0), default=0)
+        name = next(iter(r["best_values"] or {"?": 0}))
+        spent = seconds = 0.0
+        best, reached = {u: None for u in units}, []
+        for t in trials:
+            spent += t.cost
+            seconds += t.timings.get("merge", 0.0) + t.timings.get("evaluate", 0.0)
+            v = t.values.get(name) if t.state == "ok" and t.fidelity >= 1 else None
+            for u in units:
+                if v is not None and spent <= u * full + 1e-9 and \
+                        (best[u] is None or v > best[u]):
+                    best[u] = v
+            if v is not None:
+                reached.append((seconds, v))
+        inner = r["options"].get("strategy") if "fidelities" in r["options"] or \
+            r["strategy"].endswith(("asha", "SuccessiveHalving")) else None
+        plain = strategy_label(inner, r["options"].get("options", {})) if inner else r["label"]
+        out.append({"testbed": r["testbed"], "label": r["label"], "seed": r["seed"],
+                    "plain": plain,
+                    "best": best, "seconds": seconds, "reached": reached,
+                    "trials": len(trials), "full_cost": full, "spent": spent})
+    return {"runs": out}
+
+
+def seconds_to(reached: list[tuple[float, float]], target: float) -> float | None:
+    return next((s for s, v in reached if v >= target - 1e-12), None)
+
+
+def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
+    """One table per testbed: best full-fidelity value at equal cost, evaluation seconds,
+    and the seconds to reach the baseline's mean final best."""
+    by: dict[tuple[str, str], list[dict]] = {}
+    for run in curves["runs"]:
+        by.setdefault((run["testbed"], run["label"]), []).append(run)
+    lines = []
+    for bed in sorted({k[0] for k in by}):
+        labels = sorted(label for b, label in by if b == bed)
+        lines += [f"### Multi-fidelity at equal cost on `{bed}`", "",
+                  "Best full-fidelity value within the cost of u full evaluations (items "
+                  "scored, cheap looks counted for their items); evaluation seconds (merge "
+                  "+ evaluate, all trials); seconds until the run first reached the mean "
+                  "final best of the plain strategy it wraps (runs that never did: "
+                  "counted apart). Mean ± std over seeds.", ""]
+        head = ["strategy", "seeds", *(f"best after {u} full" for u in units), "trials",
+                "evaluation s", "s to the plain final best (reached)"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for label in labels:
+            runs = by[bed, label]
+            cells = [label, str(len(runs))]
+            for u in units:
+                vals = [r["best"][u] for r in runs if r["best"][u] is not None]
+                cells.append(_pm(vals, 4) if vals else "—")
+            cells.append(_pm([float(r["trials"]) for r in runs], 0))
+            cells.append(_pm([r["seconds"] for r in runs], 0))
+            ref_runs = by.get((bed, runs[0]["plain"])) or runs
+            target = statistics.mean(r["best"][units[-1]] for r in ref_runs
+                                     if r["best"][units[-1]] is not None)
+            hit = [seconds_to(r["reached"], target) for r in runs]
+            ok = [h for h in hit if h is not None]
+            cells.append((_pm(ok, 0) if ok else "—") + f" ({len(ok)}/{len(runs)})")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--testbeds", default="zoo,hard")
@@ -205,7 +283,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merges", type=int, default=8)
     parser.add_argument("--work", default="/tmp/estimators")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--league", default=None,
+                        help="multi-fidelity mode: league JSON file(s), comma-separated, "
+                        "whose runs are compared at equal cost instead")
     args = parser.parse_args(argv)
+    if args.league:
+        runs = [r for path in args.league.split(",")
+                for r in json.loads(Path(path).read_text())["runs"]]
+        units = (25, 50, 100)
+        curves = cost_curves(runs, units)
+        print(fidelity_markdown(curves, units))
+        if args.json:
+            Path(args.json).write_text(json.dumps(curves, indent=1))
+        return 0
     out = {}
     for bed in args.testbeds.split(","):
         if bed not in TESTBEDS:
