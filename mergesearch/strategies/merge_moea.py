@@ -69,7 +69,8 @@ from mergesearch.trial import Candidate, Result
 
 class MergeMOEAOptions(StrategyOptions):
     initial: int = Field(10, ge=2)
-    """Points of the initial design (the start point counts when ``include_init``)."""
+    """Points of the initial design (the start point counts when ``include_init``), made
+    in rounds of ``batch``: the last round is whole, so the design may be a little larger."""
     batch: int = Field(4, ge=1)
     """Points each surrogate round proposes (at least the ``n`` of the ask)."""
     trees: int = Field(32, ge=2)
