@@ -220,7 +220,7 @@ def test_the_llm_experiment_is_wizardmath_and_a_llama2_agent():
     sources = set(exp.models.sources.values())
     assert "WizardLMTeam/WizardMath-7B-V1.0" in sources and len(sources) == 2
     assert [o.metric for o in exp.evaluator.objectives] == ["exact_match,last_number"]
-    assert m2n2.M2N2.parse_options(exp.strategy.options).granularity in ("rows", "tensors")
+    assert m2n2.M2N2.parse_options(exp.strategy.options).granularity == "tensors"
 
 
 # -- a search killed mid-run ---------------------------------------------------------------
@@ -271,3 +271,23 @@ def test_killed_mid_run_the_archive_and_its_item_scores_come_back_exactly(tmp_pa
         assert a.recipe_of(ma) == b.recipe_of(mb)
         if a.recipe_of(ma) is not None:  # a child: its recipe is the stored one
             assert Recipe.from_dict(a.recipe_of(ma)) == Recipe.from_dict(stored[ma.id].recipe)
+
+
+@pytest.mark.slow
+def test_digits_from_the_pretrained_halves_through_mergesearch_run(tmp_path):
+    """The reduced-budget benchmark (benchmarks/m2n2_digits.py): 300 passes of M2N2 from the
+    two pretrained halves beat both halves and their uniform merge on the test images."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from m2n2_digits import cli_run, summarise
+
+    from mergesearch.zoo.digits import build_digits
+
+    manifest = json.loads((build_digits() / "manifest.json").read_text())["test_accuracy"]
+    url = cli_run(ROOT / "experiments/digits/m2n2_pretrained.yaml", tmp_path / "run", 0, 300)
+    got = summarise(url, [100, 300])
+    assert got["n"] == 300 and got["curve"][300] >= got["curve"][100]
+    assert got["test"] > max(manifest["low"], manifest["high"]) + 0.15
+    assert got["test"] > manifest["uniform_merge"], (got, manifest)
+    assert got["per_s"] > 0 and got["entries"] is not None

@@ -1,0 +1,384 @@
+"""M2N2 on the digits testbed (the paper's reference problem), plus its archive's diversity
+on the zoo and the hard zoo.
+
+Legs (``--legs``, comma-separated):
+
+* ``scratch``: ``experiments/digits/m2n2_scratch.yaml`` through ``mergesearch run`` (the CLI's
+  ``main``, in this process), one study per seed under ``--work``; a study already there
+  is resumed, so a cut-short run continues.  Figures: the best training accuracy after
+  each budget in ``--budgets`` and the test accuracy of the best training trial (its
+  recipe merged by the engine, scored on the test images), with the throughput
+  (candidates/s) and where a candidate's time goes (merge, evaluate, the rest).
+* ``cmaes``: the CMA-ES baseline at the same number of passes, through ``mergesearch run``:
+  the ``cmaes`` strategy, **separable** (pycma ``CMA_diagonal: true``), popsize 20, over
+  the layer-wise linear weights of the same twenty untrained MLPs (40 dimensions, bounds
+  [-2, 2]).  Not the paper's baseline: that is full-covariance CMA-ES over the 19,210
+  flattened weights (~3 GB, hours here; no space of raw weights exists in mergesearch).
+* ``ablation``: from the two pretrained halves, M2N2 vs ``attraction: false`` vs
+  ``split: false``, ``--ablation-budget`` passes (the paper: 10k) over ``--seeds``.
+  ``--engine cli`` runs each through ``mergesearch run``; ``--engine lean`` (default)
+  drives the same strategy in this process and scores each recipe by rebuilding its
+  weights with numpy from the ``regions`` entries (what the engine computes, checked in
+  tests/merging/test_regions.py), which skips the controller and storage: ~20x faster on
+  this shared machine.
+* ``diversity``: ``experiments/zoo/m2n2.yaml`` and ``experiments/hard/m2n2.yaml`` through
+  ``mergesearch run``; the strategy is rebuilt from each study and, after every told child,
+  the archive's best per-skill score is read from the trials: a table of the per-skill
+  best in the archive over time (and the best single member's mean).
+
+Output: markdown on stdout (ready for benchmarks/RESULTS.md), progress on stderr, and
+``--json`` the figures.
+
+    python benchmarks/m2n2_digits.py --legs scratch,cmaes,ablation,diversity
+        [--seeds 0,1] [--budget 50000] [--budgets 1000,5000,10000,25000,50000]
+        [--ablation-budget 10000] [--engine lean|cli] [--work /tmp/m2n2-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import mergesearch.strategies.m2n2 as m2n2  # noqa: E402  (registers m2n2 and regions)
+
+log = logging.getLogger("m2n2_digits")
+PAPER = {"scratch": 0.87, "cmaes": 0.86, "m2n2": 0.685, "no_attraction": 0.66,
+         "no_split": 0.58}
+VARIANTS = {"m2n2": {}, "no_attraction": {"attraction": False}, "no_split": {"split": False}}
+
+
+# -- running through the CLI ---------------------------------------------------------------
+
+def cli_run(path: Path, out: Path, seed: int, budget: int, extra: list[str] = ()) -> str:
+    """``mergesearch run`` on ``path`` into ``out`` (resumed when a study is there); the
+    storage URL."""
+    from mergesearch.cli import main
+
+    db = out / "study.db"
+    args = ["run", str(path), "-q", "--set", f"output={out}", "--set", f"seed={seed}",
+            "--set", f"budget.evaluations={budget}", *extra]
+    if db.exists():
+        args.append("--resume")
+    code = main(args)
+    if code != 0:
+        raise SystemExit(f"mergesearch run {path} exited {code}")
+    return f"sqlite:///{db}"
+
+
+def study(url: str):
+    from mergesearch.storage import TrialStore
+
+    name = TrialStore.studies(url)[0] if hasattr(TrialStore, "studies") else None
+    if name is None:
+        import optuna
+
+        name = optuna.study.get_all_study_summaries(url)[0].study_name
+    return TrialStore.open(url, name)
+
+
+def test_accuracy(recipe: dict[str, Any]) -> float:
+    from mergesearch.models.resident import merge
+    from mergesearch.recipe import Recipe
+    from mergesearch.zoo import digits
+
+    model = merge(Recipe.from_dict(recipe), loader="mergesearch.zoo.digits:load")
+    return float(digits.evaluate(model, "test")["scores"]["digits"]["accuracy"])
+
+
+def curve(trials: list, budgets: list[int]) -> dict[int, float]:
+    ok = sorted((t for t in trials if t.state == "ok"), key=lambda t: t.candidate_id)
+    values = np.array([t.values["accuracy"] for t in ok])
+    return {b: float(values[:b].max()) for b in budgets if len(values) >= b}
+
+
+def summarise(url: str, budgets: list[int]) -> dict[str, Any]:
+    trials = study(url).trials()
+    ok = [t for t in trials if t.state == "ok"]
+    best = max(ok, key=lambda t: (t.values["accuracy"], -t.candidate_id))
+    times = sorted(t.finished_at for t in trials)
+    timing = {k: float(np.mean([t.timings.get(k, 0.0) for t in ok[20:]] or [0.0]))
+              for k in ("merge", "evaluate")}
+    span = times[-1] - times[0] if len(times) > 1 else float("nan")
+    entries = [t.meta.get("entries") for t in ok if t.meta.get("entries")]
+    return {"n": len(ok), "curve": curve(ok, budgets), "best_train": best.values["accuracy"],
+            "best_trial": best.candidate_id, "test": test_accuracy(best.recipe),
+            "per_s": (len(trials) - 1) / span if span > 0 else float("nan"),
+            "merge_s": timing["merge"], "evaluate_s": timing["evaluate"],
+            "entries": float(np.mean(entries)) if entries else None}
+
+
+def scratch_leg(args) -> list[dict]:
+    rows = []
+    for seed in args.seeds:
+        out = args.work / f"scratch-s{seed}"
+        t0 = time.time()
+        url = cli_run(ROOT / "experiments/digits/m2n2_scratch.yaml", out, seed, args.budget)
+        rows.append({"seed": seed, "wall_s": time.time() - t0, **summarise(url, args.budgets)})
+        log.info("scratch seed %d: %s", seed, rows[-1])
+    return rows
+
+
+def cmaes_leg(args) -> list[dict]:
+    data = yaml.safe_load((ROOT / "experiments/digits/m2n2_scratch.yaml").read_text())
+    data["name"] = "digits-cmaes-scratch"
+    data["space"] = {"method": "linear", "fixed": {"normalize": False}, "parameters": {
+        "weight": {"per": "source", "granularity": "layer", "bounds": [-2.0, 2.0],
+                   "init": 0.05}}}
+    data["strategy"] = {"name": "cmaes", "options": {
+        "popsize": 20, "sigma0": 0.25, "cma_options": {"CMA_diagonal": True}}}
+    path = args.work / "cmaes_scratch.yaml"
+    args.work.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    rows = []
+    for seed in args.seeds:
+        t0 = time.time()
+        url = cli_run(path, args.work / f"cmaes-s{seed}", seed, args.cmaes_budget)
+        rows.append({"seed": seed, "wall_s": time.time() - t0, **summarise(url, args.budgets)})
+        log.info("cmaes seed %d: %s", seed, rows[-1])
+    return rows
+
+
+# -- the ablation ----------------------------------------------------------------------------
+
+class LeanDigits:
+    """Scores ``regions``/``linear`` recipes over the digits models with numpy: the weights
+    rebuilt from the entries, one forward pass over the split."""
+
+    def __init__(self, models: list[str]):
+        from mergesearch.zoo import digits
+
+        self.names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
+        self.flat = {m: np.concatenate([digits.load(m)[1][n].double().numpy().ravel()
+                                        for n in self.names]) for m in models}
+        self.shapes = [(256, 64), (256,), (10, 256), (10,)]
+        self.data = {s: tuple(t.numpy() for t in digits.load_split(s)) for s in ("train",
+                                                                                  "test")}
+
+    def weights(self, recipe: dict[str, Any]) -> np.ndarray:
+        n = next(iter(self.flat.values())).size
+        out = np.zeros(n)
+        if recipe["method"] == "linear":
+            ws = [e["parameters"]["weight"] for e in recipe["models"]]
+            for e, w in zip(recipe["models"], ws, strict=True):
+                out += w * self.flat[e["model"]]
+            return out / sum(ws)
+        for e in recipe["models"]:
+            p = e["parameters"]
+            if "noise_term" in p:
+                raise ValueError("the lean scorer has no noise terms: use --engine cli")
+            lo, hi = int(p.get("start", 0)), int(min(p.get("end", n), n))
+            out[lo:hi] += p["weight"] * self.flat[e["model"]][lo:hi]
+        return out
+
+    def correct(self, recipe: dict[str, Any], split: str) -> np.ndarray:
+        flat = self.weights(recipe)
+        parts, at = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            parts.append(flat[at:at + size].reshape(shape))
+            at += size
+        w0, b0, w1, b1 = (p.astype(np.float32) for p in parts)
+        x, y = self.data[split]
+        logits = np.maximum(x @ w0.T + b0, 0) @ w1.T + b1
+        return logits.argmax(1) == y
+
+
+def lean_run(options: dict[str, Any], seed: int, budget: int) -> dict[str, Any]:
+    from mergesearch.recipe import Recipe
+    from mergesearch.strategies import Dimension, Objective, Problem
+    from mergesearch.trial import Result
+
+    models = ["low", "high"]
+    scorer = LeanDigits(models)
+
+    def decode(x):
+        return Recipe.from_dict({"method": "linear", "models": [
+            {"model": m, "parameters": {"weight": 1.0}} for m in models]})
+
+    problem = Problem((Dimension("x", 0.0, 1.0, 0.5),), (Objective("accuracy", "maximize"),),
+                      decode=decode)
+    s = m2n2.M2N2(problem, {"granularity": "rows", **options}, seed=seed)
+    done, best, best_recipe, values = 0, -1.0, None, []
+    while done < budget:
+        for c in s.ask(1):
+            recipe = c.recipe.to_dict()
+            if c.is_probe:
+                s.tell([Result(c.id, payload=lean_probe(scorer, c))])
+                continue
+            correct = scorer.correct(recipe, "train")
+            acc = float(correct.mean())
+            values.append(acc)
+            if acc > best:
+                best, best_recipe = acc, recipe
+            s.tell([Result(c.id, {"accuracy": acc}, correct={"digits": correct.tolist()},
+                           items={"digits": list(range(len(correct)))})])
+            done += 1
+    return {"best_train": best, "test": float(scorer.correct(best_recipe, "test").mean()),
+            "curve": {b: float(max(values[:b])) for b in (1000, 2500, 5000, 10000)
+                      if len(values) >= b}}
+
+
+def lean_probe(scorer: LeanDigits, cand) -> dict[str, Any]:
+    layout = [[n, list(sh), int(n.split(".")[1])] for n, sh in zip(scorer.names,
+                                                                   scorer.shapes,
+                                                                   strict=True)]
+    cuts = m2n2.units(layout, cand.meta["granularity"], cand.meta["block"])
+    x = np.stack([scorer.flat[m.model] for m in cand.recipe.models])
+    iu = np.triu_indices(len(x))
+    return {"tensors": layout, "models": [m.model for m in cand.recipe.models],
+            "granularity": cand.meta["granularity"], "block": cand.meta["block"],
+            "gram": [(x[:, a:b] @ x[:, a:b].T)[iu].tolist() for a, b in zip(cuts, cuts[1:],
+                                                                           strict=False)]}
+
+
+def ablation_leg(args) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for variant, options in VARIANTS.items():
+        for seed in args.seeds:
+            t0 = time.time()
+            if args.engine == "lean":
+                row = lean_run(options, seed, args.ablation_budget)
+            else:
+                extra = [f"--set=strategy.options.{k}={str(v).lower()}"
+                         for k, v in options.items()]
+                url = cli_run(ROOT / "experiments/digits/m2n2_pretrained.yaml",
+                              args.work / f"pre-{variant}-s{seed}", seed,
+                              args.ablation_budget, extra)
+                row = summarise(url, [1000, 2500, 5000, 10000])
+            rows.setdefault(variant, []).append({"seed": seed, "wall_s": time.time() - t0,
+                                                 **row})
+            log.info("%s seed %d: %s", variant, seed, rows[variant][-1])
+    return rows
+
+
+# -- diversity on the zoo and the hard zoo ----------------------------------------------------
+
+def diversity_leg(args) -> dict[str, Any]:
+    from mergesearch.controller import BoundExperiment
+    from mergesearch.experiment import Experiment
+
+    out = {}
+    for testbed in ("zoo", "hard"):
+        path = ROOT / f"experiments/{testbed}/m2n2.yaml"
+        url = cli_run(path, args.work / f"diversity-{testbed}", 0, args.diversity_budget)
+        store = study(url)
+        exp = Experiment.load(path, [f"output={args.work / f'diversity-{testbed}'}"])
+        strategy = BoundExperiment(exp, progress=False).strategy
+        strategy.load_state_dict(store.load_state())
+        trials = {t.candidate_id: t for t in store.trials() if t.state == "ok"}
+        skills = sorted(next(iter(trials.values())).scores)
+        metric = "char_accuracy"
+        table = []
+        marks = sorted({min(len(strategy.history), k) for k in (1, 10, 25, 50, 75, 100,
+                                                                  len(strategy.history))})
+        for k in marks:
+            ids = strategy.history[k - 1]
+            best = {s: max(trials[i].scores[s][metric] for i in ids) for s in skills}
+            top = max(trials[i].values["mean"] for i in ids)
+            table.append({"told": k, "best_per_skill": best, "best_member_mean": top,
+                          "members": len(ids)})
+        out[testbed] = {"skills": skills, "table": table}
+    return out
+
+
+# -- markdown -------------------------------------------------------------------------------
+
+def ms(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
+    return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
+
+
+def markdown(figures: dict[str, Any], args) -> str:
+    lines = []
+    for leg in ("scratch", "cmaes"):
+        if leg not in figures:
+            continue
+        rows = figures[leg]
+        budgets = sorted({b for r in rows for b in r["curve"]})
+        title = ("M2N2 from scratch (20 untrained MLPs, tensor splits, mutation 0.01)"
+                 if leg == "scratch" else "separable CMA-ES (CMA_diagonal), popsize 20, "
+                 "40 layer-wise linear weights of the same 20 MLPs")
+        lines += [f"**{title}**, through `mergesearch run`, seeds "
+                  f"{', '.join(str(r['seed']) for r in rows)}:", "",
+                  "| seed | passes | " + " | ".join(f"best train @{b}" for b in budgets)
+                  + " | test (best train trial) | paper (test) | cand/s | merge ms | eval ms |"
+                  " entries |", "|" + "---|" * (len(budgets) + 8)]
+        for r in rows:
+            lines.append(f"| {r['seed']} | {r['n']} | " + " | ".join(
+                f"{100 * r['curve'][b]:.1f}" if b in r["curve"] else "-" for b in budgets)
+                + f" | {100 * r['test']:.1f} | {100 * PAPER[leg]:.0f} | {r['per_s']:.1f} | "
+                f"{1000 * r['merge_s']:.1f} | {1000 * r['evaluate_s']:.1f} | "
+                f"{r['entries'] or '-'} |")
+        lines.append("")
+    if "ablation" in figures:
+        rows = figures["ablation"]
+        lines += [f"**From the two pretrained halves**, {args.ablation_budget} passes, "
+                  f"engine {args.engine}, seeds {', '.join(map(str, args.seeds))} "
+                  "(mean ± std, n - 1):", "",
+                  "| variant | best train | test (best train trial) | paper (test) | "
+                  "per seed (test) |", "|---|---|---|---|---|"]
+        for variant, runs in rows.items():
+            lines.append(f"| {variant} | {ms([r['best_train'] for r in runs])} | "
+                         f"{ms([r['test'] for r in runs])} | {100 * PAPER[variant]:.1f} | "
+                         + ", ".join(f"{100 * r['test']:.1f}" for r in runs) + " |")
+        lines.append("")
+    if "diversity" in figures:
+        for testbed, data in figures["diversity"].items():
+            skills = data["skills"]
+            lines += [f"**Archive diversity, {testbed}** (best score per skill among the "
+                      "archive's members after k told candidates; seed 0):", "",
+                      "| told | members | " + " | ".join(skills) + " | best member (mean) |",
+                      "|" + "---|" * (len(skills) + 3)]
+            for row in data["table"]:
+                lines.append(f"| {row['told']} | {row['members']} | " + " | ".join(
+                    f"{row['best_per_skill'][s]:.3f}" for s in skills)
+                    + f" | {row['best_member_mean']:.3f} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--legs", default="scratch,cmaes,ablation,diversity")
+    ap.add_argument("--seeds", default="0,1", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--budget", type=int, default=50_000)
+    ap.add_argument("--cmaes-budget", type=int, default=None)
+    ap.add_argument("--budgets", default="1000,5000,10000,25000,50000",
+                    type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--ablation-budget", type=int, default=10_000)
+    ap.add_argument("--diversity-budget", type=int, default=100)
+    ap.add_argument("--engine", choices=("lean", "cli"), default="lean")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/m2n2-bench"))
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    args.cmaes_budget = args.cmaes_budget or args.budget
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    figures: dict[str, Any] = {}
+    legs = args.legs.split(",")
+    for leg, fn in (("scratch", scratch_leg), ("cmaes", cmaes_leg),
+                    ("ablation", ablation_leg), ("diversity", diversity_leg)):
+        if leg in legs:
+            figures[leg] = fn(args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    print(markdown(figures, args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
