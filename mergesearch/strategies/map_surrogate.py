@@ -238,8 +238,11 @@ def _front(models: list[Quadratic], signs: np.ndarray, low: np.ndarray, high: np
     with private_global_random(seed):
         res = minimize(problem, algorithm, ("n_gen", generations), seed=seed % (2**31 - 1) + 1,
                        verbose=False)
-    if len(models) > 1:
-        Z = np.atleast_2d(res.opt.get("X"))
+    if len(models) > 1:  # the final population's non-dominated members
+        from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+        X, F = res.pop.get("X"), res.pop.get("F")
+        Z = X[np.sort(NonDominatedSorting().do(F, only_non_dominated_front=True))]
     else:  # the whole final population, best first
         pop = res.pop
         Z = pop.get("X")[np.argsort(pop.get("F")[:, 0], kind="stable")]
