@@ -16,12 +16,11 @@ experiments/hard/cmaes.yaml, 100 items per skill):
    items only.
 
 Figures, mean ± std over ``--seeds`` estimator seeds: MAE of the predicted objective and
-Spearman's rank correlation with the true one, across the candidates.  "Cost at equal
-ranking": the fewest items per task (on a grid) at which an estimator's mean Spearman
-reaches that of a random subset of half the items, as a share of the items; the one-off
-calibration (every calibration model on every item) is added per candidate over the
-search's trials.  The goal the table checks: irt (gp-IRT) at 20% of the items ranks at
-least as well as a random subset at 50%.
+Spearman's rank correlation with the true one, across the candidates.  Cost at equal
+ranking: the fewest items per task (on a grid) at which an estimator's mean Spearman
+reaches that of a random subset of 10, 20 and 50 items; anchors and irt add a one-off
+calibration (every calibration model on every item).  The goal the table checks: irt
+(gp-IRT) at 20% of the items ranks at least as well as a random subset at 50%.
 
     python benchmarks/estimators.py [--testbeds zoo,hard] [--budget 60] [--seeds 5]
         [--merges 8] [--work /tmp/estimators] [--json PATH]
@@ -158,42 +157,39 @@ def _pm(values: list[float], digits: int = 3) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def markdown(bed: str, data: dict[str, Any], fig: dict[str, Any], seeds: int) -> str:
+def markdown(bed: str, fig: dict[str, Any], seeds: int, sources: int, merges: int) -> str:
     n, m = fig["n_items"], fig["n_candidates"]
-    half = n // 2
-    ref = statistics.mean(fig["rows"]["subset"][half]["rho"])
-    calib_models = data["sources"] + data["merges"]
+    rows = fig["rows"]
+    shown = [k for k in SHOWN if k <= n]
+    refs = {k: statistics.mean(rows["subset"][k]["rho"]) for k in shown}
+    calib_models = sources + merges
     lines = [f"### Estimators on `{bed}` ({TESTBEDS[bed]}; {m} candidates of a real search, "
              f"{n} items per task, objective range {fig['truth_range'][0]:.3f}.."
              f"{fig['truth_range'][1]:.3f})", "",
-             f"Calibration: {data['sources']} source/base models + {data['merges']} random "
-             f"merges, each scored once on every item. Mean ± std over {seeds} estimator "
-             "seeds.", ""]
-    shown = [k for k in SHOWN if k <= n]
+             f"Calibration: {sources} base/source models + {merges} random merges, each "
+             f"scored once on every item. Mean ± std over {seeds} estimator seeds (which "
+             "items, k-means and IRT starts).", ""]
     head = ["estimator", *(f"MAE @{k}" for k in shown), *(f"Spearman @{k}" for k in shown),
-            f"items for Spearman ≥ {ref:.3f} (subset @{half})", "cost vs full (+ calibration)"]
+            "items to rank as well as subset " + " / ".join(f"@{k}" for k in shown)]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for label, rows in fig["rows"].items():
-        cells = [label, *(_pm(rows[k]["mae"]) for k in shown),
-                 *(_pm(rows[k]["rho"]) for k in shown)]
-        reach = next((k for k in sorted(rows) if statistics.mean(rows[k]["rho"]) >= ref), None)
-        if reach is None:
-            cells += ["not reached", ""]
-        else:
-            extra = calib_models * n / m / n if label != "subset" else 0.0
-            cells += [f"{reach} ({reach / n:.0%})",
-                      f"{reach / n:.0%}" + (f" (+{extra:.0%})" if extra else "")]
+    for label, r in rows.items():
+        cells = [label, *(_pm(r[k]["mae"]) for k in shown), *(_pm(r[k]["rho"]) for k in shown)]
+        reach = [next((k for k in sorted(r, key=int)
+                       if statistics.mean(r[k]["rho"]) >= refs[ref] - 1e-12), None)
+                 for ref in shown]
+        cells.append(" / ".join("—" if k is None else str(k) for k in reach))
         lines.append("| " + " | ".join(cells) + " |")
-    irt20 = statistics.mean(fig["rows"]["irt (gp-IRT)"][max(1, n // 5)]["rho"]) \
-        if n // 5 in fig["rows"]["irt (gp-IRT)"] else None
-    if irt20 is not None:
+    fifth, half = n // 5, n // 2
+    if fifth in rows["irt (gp-IRT)"] and half in rows["subset"]:
+        irt20 = statistics.mean(rows["irt (gp-IRT)"][fifth]["rho"])
+        ref = statistics.mean(rows["subset"][half]["rho"])
         verdict = "met" if irt20 >= ref else "not met"
-        lines += ["", f"Goal (irt gp-IRT at {n // 5} items = 20% ranks at least as well as a "
+        lines += ["", f"Goal (irt gp-IRT at {fifth} items = 20% ranks at least as well as a "
                   f"random subset at {half} = 50%): Spearman {irt20:.3f} vs {ref:.3f}: "
                   f"**{verdict}**."]
-    lines += ["", f"Calibration cost: {calib_models} full evaluations once "
-              f"({calib_models / m:.0%} of one full evaluation per candidate over {m}); "
-              "the second figure of the cost column adds it."]
+    lines += ["", f"Cost: an estimator at k items per task costs k/{n} of a full evaluation "
+              f"per candidate; anchors and irt add a one-off calibration of {calib_models} "
+              f"full evaluations ({calib_models / m:.0%} of one per candidate over these {m})."]
     return "\n".join(lines) + "\n"
 
 
@@ -223,7 +219,7 @@ def cost_curves(runs: list[dict[str, Any]], units: tuple[int, ...]) -> dict[str,
                         (best[u] is None or v > best[u]):
                     best[u] = v
             if v is not None:
-                reached.append((seconds, v))
+                reached.append((seconds, v, spent / full if full else 0.0))
         inner = r["options"].get("strategy") if "fidelities" in r["options"] or \
             r["strategy"].endswith(("asha", "SuccessiveHalving")) else None
         plain = strategy_label(inner, r["options"].get("options", {})) if inner else r["label"]
@@ -234,8 +230,10 @@ def cost_curves(runs: list[dict[str, Any]], units: tuple[int, ...]) -> dict[str,
     return {"runs": out}
 
 
-def seconds_to(reached: list[tuple[float, float]], target: float) -> float | None:
-    return next((s for s, v in reached if v >= target - 1e-12), None)
+def first_reach(reached: list[tuple[float, float, float]], target: float
+                ) -> tuple[float, float] | None:
+    """(seconds, cost in full evaluations) when a run first reached ``target``."""
+    return next(((s, c) for s, v, c in reached if v >= target - 1e-12), None)
 
 
 def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
@@ -246,15 +244,18 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
         by.setdefault((run["testbed"], run["label"]), []).append(run)
     lines = []
     for bed in sorted({k[0] for k in by}):
-        labels = sorted(label for b, label in by if b == bed)
+        plains = {r["plain"] for (b, _), rs in by.items() if b == bed for r in rs}
+        labels = sorted(label for b, label in by if b == bed and label in plains
+                        or b == bed and by[b, label][0]["plain"] != label)
         lines += [f"### Multi-fidelity at equal cost on `{bed}`", "",
                   "Best full-fidelity value within the cost of u full evaluations (items "
                   "scored, cheap looks counted for their items); evaluation seconds (merge "
-                  "+ evaluate, all trials); seconds until the run first reached the mean "
-                  "final best of the plain strategy it wraps (runs that never did: "
-                  "counted apart). Mean ± std over seeds.", ""]
+                  "+ evaluate, all trials); the cost (in full evaluations) and evaluation "
+                  "seconds by which a run first reached the mean final best of the plain "
+                  "strategy it wraps (itself for a plain row; over the runs that did). "
+                  "Mean ± std over seeds; one maximised objective.", ""]
         head = ["strategy", "seeds", *(f"best after {u} full" for u in units), "trials",
-                "evaluation s", "s to the plain final best (reached)"]
+                "evaluation s", "to the plain final best: full evals / s (runs)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label in labels:
             runs = by[bed, label]
@@ -267,9 +268,11 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
             ref_runs = by.get((bed, runs[0]["plain"])) or runs
             target = statistics.mean(r["best"][units[-1]] for r in ref_runs
                                      if r["best"][units[-1]] is not None)
-            hit = [seconds_to(r["reached"], target) for r in runs]
+            hit = [first_reach(r["reached"], target) for r in runs]
             ok = [h for h in hit if h is not None]
-            cells.append((_pm(ok, 0) if ok else "—") + f" ({len(ok)}/{len(runs)})")
+            cells.append(f"{_pm([c for _, c in ok], 1)} / {_pm([s for s, _ in ok], 0)}"
+                         if ok else "—")
+            cells[-1] += f" ({len(ok)}/{len(runs)})"
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -283,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--merges", type=int, default=8)
     parser.add_argument("--work", default="/tmp/estimators")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--figures", default=None,
+                        help="print the tables of a --json file of an earlier run")
     parser.add_argument("--league", default=None,
                         help="multi-fidelity mode: league JSON file(s), comma-separated, "
                         "whose runs are compared at equal cost instead")
@@ -296,16 +301,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(curves, indent=1))
         return 0
+    saved = json.loads(Path(args.figures).read_text()) if args.figures else {}
     out = {}
     for bed in args.testbeds.split(","):
         if bed not in TESTBEDS:
             print(f"unknown testbed {bed!r}; choose from {', '.join(TESTBEDS)}",
                   file=sys.stderr)
             return 2
-        data = answers(bed, args.budget, args.merges, Path(args.work))
-        fig = figures(data, args.seeds)
+        if bed in saved:
+            fig = saved[bed]
+        else:
+            data = answers(bed, args.budget, args.merges, Path(args.work))
+            fig = figures(data, args.seeds) | {"sources": data["sources"],
+                                               "merges": data["merges"]}
+        fig["rows"] = {label: {int(k): v for k, v in r.items()}
+                       for label, r in fig["rows"].items()}
         out[bed] = fig
-        print(markdown(bed, data, fig, args.seeds))
+        print(markdown(bed, fig, args.seeds, fig.get("sources", len(SOURCES[bed])),
+                       fig.get("merges", args.merges)))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
