@@ -22,7 +22,8 @@ Legs (``--legs``, comma-separated):
   tests/merging/test_regions.py), which skips the controller and storage: ~20x faster on
   this shared machine.
 * ``diversity``: ``experiments/zoo/m2n2.yaml`` and ``experiments/hard/m2n2.yaml`` through
-  ``mergesearch run``; the strategy is rebuilt from each study and, after every told child,
+  ``mergesearch run`` (or, with ``--league DIR``, the league table's seed-0 studies); the
+  strategy is rebuilt from each study's saved state and, after every told child,
   the archive's best per-skill score is read from the trials: a table of the per-skill
   best in the archive over time (and the best single member's mean).
 
@@ -264,18 +265,37 @@ def ablation_leg(args) -> dict[str, list[dict]]:
 
 # -- diversity on the zoo and the hard zoo ----------------------------------------------------
 
+def rebuilt(store) -> m2n2.M2N2:
+    """The M2N2 strategy of a study, rebuilt from its saved state alone: its models are
+    those of its region probe's recipe (so a study the league table ran works too)."""
+    from mergesearch.recipe import Recipe
+    from mergesearch.strategies import Dimension, Objective, Problem
+
+    (probe,) = store.probes()
+    recipe = Recipe.from_dict(probe.recipe)
+    names = sorted(next(t for t in store.trials() if t.state == "ok").values)
+    problem = Problem((Dimension("x", 0.0, 1.0, 0.5),),
+                      tuple(Objective(n, "maximize") for n in names),
+                      decode=lambda x: recipe)
+    state = store.load_state()
+    strategy = m2n2.M2N2(problem, state["options"], seed=state["seed"])
+    strategy.load_state_dict(state)
+    return strategy
+
+
 def diversity_leg(args) -> dict[str, Any]:
-    from mergesearch.controller import BoundExperiment
-    from mergesearch.experiment import Experiment
+    from mergesearch.storage import TrialStore
 
     out = {}
     for testbed in ("zoo", "hard"):
-        path = ROOT / f"experiments/{testbed}/m2n2.yaml"
-        url = cli_run(path, args.work / f"diversity-{testbed}", 0, args.diversity_budget)
-        store = study(url)
-        exp = Experiment.load(path, [f"output={args.work / f'diversity-{testbed}'}"])
-        strategy = BoundExperiment(exp, progress=False).strategy
-        strategy.load_state_dict(store.load_state())
+        if args.league:  # a study the league table ran (seed 0)
+            store = TrialStore.open(f"sqlite:///{args.league / f'{testbed}.db'}",
+                                    f"{testbed}-m2n2-e100-s0")
+        else:
+            path = ROOT / f"experiments/{testbed}/m2n2.yaml"
+            store = study(cli_run(path, args.work / f"diversity-{testbed}", 0,
+                                  args.diversity_budget))
+        strategy = rebuilt(store)
         trials = {t.candidate_id: t for t in store.trials() if t.state == "ok"}
         skills = sorted(next(iter(trials.values())).scores)
         metric = "char_accuracy"
@@ -363,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablation-budget", type=int, default=10_000)
     ap.add_argument("--diversity-budget", type=int, default=100)
     ap.add_argument("--engine", choices=("lean", "cli"), default="lean")
+    ap.add_argument("--league", type=Path, default=None,
+                    help="diversity from the league table's studies in this folder "
+                         "(<testbed>.db, study <testbed>-m2n2-e100-s0) instead of new runs")
     ap.add_argument("--work", type=Path, default=Path("/tmp/m2n2-bench"))
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -78,7 +78,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-import mergesearch.merging.regions  # noqa: F401  (registers the regions method)
 from mergesearch.strategies.base import Proposal, Strategy, StrategyError, StrategyOptions, register
 from mergesearch.trial import Candidate, Result
 
@@ -245,6 +244,10 @@ class M2N2(Strategy):
                                       for _ in range(self.options.archive - 1)]
             return
         self._mode = "recipe"
+        # the merge method of the children (imported here, not with the module: listing
+        # strategies must not pay for torch; merging/__init__ registers it too)
+        import mergesearch.merging.regions  # noqa: F401
+
         template = p.decode(p.x0)
         models = [m.model for m in template.models]
         if self.options.use_base and template.base:
