@@ -44,7 +44,8 @@ Our choices (the paper does not say, or says otherwise):
 - Real dimensions only (the GPs and DE work in the continuous unit cube).
 - State is native, not a replay: ``state_dict`` keeps the told data (in told order), the
   candidates in flight, the batch not yet handed out and the numpy generator's state, so a
-  resume fits no GP of the history, and proposes what the uninterrupted run would have.
+  resume fits no GP of the history (the next round fits one set, warm-started from
+  the saved hyperparameters) and proposes what the uninterrupted run would have.
   Each round's torch randomness (restarts, MC samples) comes from a seed drawn from that
   generator, inside ``torch.random.fork_rng``, so the user's torch RNG is left alone.
 - Each round's GP fit starts from the last round's hyperparameters (kept in the state),
