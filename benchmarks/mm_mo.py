@@ -14,7 +14,8 @@ number of evaluations until its best-so-far mean first reaches 95% of it (censor
 budget when it never does).  Runs go through the league's machinery
 (``benchmarks/strategies.py``: the real controller, one SQLite study per run, resumable
 through ``--out``); ``--reuse`` counts the finished runs of another ``--out`` (the
-league's, for the ``zoo-mo`` rows) without writing to it.  Prints markdown for ``benchmarks/RESULTS.md``.
+league's, for the ``zoo-mo`` rows) without writing to it.  Prints markdown for
+``benchmarks/RESULTS.md``.
 
     python benchmarks/mm_mo.py [--seeds 5] [--evaluations 30] [--level 0.95]
         [--out /tmp/mm_mo_bench.json] [--work DIR] [--rows mo,mean,cmaes,random]
