@@ -244,9 +244,11 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
         by.setdefault((run["testbed"], run["label"]), []).append(run)
     lines = []
     for bed in sorted({k[0] for k in by}):
-        plains = {r["plain"] for (b, _), rs in by.items() if b == bed for r in rs}
-        labels = sorted(label for b, label in by if b == bed and label in plains
-                        or b == bed and by[b, label][0]["plain"] != label)
+        wrapped = {label for b, label in by if b == bed and by[b, label][0]["plain"] != label}
+        if not wrapped:
+            continue
+        plains = {by[bed, label][0]["plain"] for label in wrapped}
+        labels = sorted(wrapped | (plains & {label for b, label in by if b == bed}))
         lines += [f"### Multi-fidelity at equal cost on `{bed}`", "",
                   "Best full-fidelity value within the cost of u full evaluations (items "
                   "scored, cheap looks counted for their items); evaluation seconds (merge "

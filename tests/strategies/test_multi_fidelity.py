@@ -26,6 +26,21 @@ def loss(genome) -> float:
     return float(np.sum(np.asarray(genome) ** 2))
 
 
+def test_one_rung_is_the_inner_strategy_itself() -> None:
+    """With the full fidelity as its only rung, asha proposes what its inner cmaes does."""
+    def run(name, options):
+        s, out = create_strategy(name, LINE, options, seed=4), []
+        for _ in range(20):
+            cand = s.ask(1)[0]
+            s.tell([Result(cand.id, {"loss": loss(np.asarray(cand.genome) - 0.3)})])
+            out.append((cand.genome, cand.fidelity))
+        return out
+
+    plain = run("cmaes", {"popsize": 4})
+    assert run("asha", {"strategy": "cmaes", "options": {"popsize": 4},
+                        "fidelities": [1.0]}) == plain
+
+
 def test_synchronous_halving_promotes_exactly_the_best_third() -> None:
     s = create_strategy("asha", LINE, {"asynchronous": False, "eta": 3,
                                        "fidelities": [1 / 9, 1 / 3, 1.0]}, seed=0)
