@@ -16,15 +16,19 @@ mergesearch.execution.calibration:CalibratingWorker``); each result carries the
 calibration's cost (items run, per source, the first time) in ``cost`` and its time
 in ``timings["calibrate"]``, so a cost budget counts it.
 
-Calibration items (:func:`calibration_prompts`): per task of the worker's evaluator,
-the first ``items_per_task`` documents the search does not score (those beyond the
-evaluator's ``limit``), topped up with search documents where there are too few; only
-their contexts (prompts) are run, never the answers, so no labels are used.
+Calibration items (:func:`calibration_texts`): each source runs on the tasks named
+after it (source ``rev`` on task ``zoo_rev``: RegMean's per-task Grams; a source no
+task is named after, on every task), per task the first ``items_per_task`` documents
+the search does not score (those beyond the evaluator's ``limit``), topped up with search documents where there are too few; each
+runs as its prompt followed by its reference answer (the gold choice for multiple
+choice), since a generating model's linear modules see answer tokens as much as prompt
+tokens (``answers=False``: prompts only).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
@@ -59,7 +63,8 @@ def linear_weights(model: nn.Module) -> dict[str, nn.Linear]:
 def input_grams(model: nn.Module, batches: Sequence[Batch]) -> tuple[dict[str, torch.Tensor],
                                                                       int]:
     """The Gram ``X^T X`` of every linear module's inputs over ``batches`` (float32, or
-    float64 for a float64 model, on the model's device), and the number of input rows (tokens) they sum over."""
+    float64 for a float64 model, on the model's device), and the number of input rows
+    (tokens) they sum over."""
     modules = linear_weights(model)
     grams: dict[str, torch.Tensor] = {}
     mask: list[torch.Tensor | None] = [None]
@@ -103,15 +108,22 @@ def input_grams(model: nn.Module, batches: Sequence[Batch]) -> tuple[dict[str, t
 class CalibrationStore:
     """Input Grams per source, collected on first use (one pass per source) and kept.
 
-    ``build(source)`` gives the source's model; ``batches`` are the calibration
-    batches; ``items`` how many calibration items they hold (the cost of one pass).
+    ``build(source)`` gives the source's model; ``batches`` are the calibration batches,
+    or ``batches(source) -> (batches, items)`` for calibration sets that differ by source;
+    ``items`` how many calibration items fixed batches hold (the cost of one pass; by
+    default one per batch).
     """
 
-    def __init__(self, build: Callable[[str], nn.Module], batches: Sequence[Batch],
+    def __init__(self, build: Callable[[str], nn.Module],
+                 batches: Sequence[Batch] | Callable[[str], tuple[Sequence[Batch], int]],
                  items: int | None = None):
         self._build = build
-        self.batches = list(batches)
-        self.items = len(self.batches) if items is None else int(items)
+        if callable(batches):
+            self._batches = batches
+        else:
+            fixed = list(batches)
+            count = len(fixed) if items is None else int(items)
+            self._batches = lambda source: (fixed, count)
         self.grams: dict[str, dict[str, torch.Tensor]] = {}
         self.tokens: dict[str, int] = {}
         self.cost = 0.0  # calibration items run, all sources together
@@ -121,10 +133,11 @@ class CalibrationStore:
         """Every linear input Gram of ``source`` (collected now if not yet)."""
         if source not in self.grams:
             t0 = time.perf_counter()
+            batches, items = self._batches(source)
             model = self._build(source)
-            self.grams[source], self.tokens[source] = input_grams(model, self.batches)
+            self.grams[source], self.tokens[source] = input_grams(model, batches)
             del model
-            self.cost += self.items
+            self.cost += items
             self.seconds += time.perf_counter() - t0
             log.info("calibration: %d linear input Grams of %s over %d tokens",
                      len(self.grams[source]), source, self.tokens[source])
@@ -140,24 +153,39 @@ class CalibrationStore:
         context.provide(INPUT_GRAM, self.gram)
 
 
-def calibration_prompts(evaluator: Any, items_per_task: int) -> list[str]:
-    """Prompts of ``items_per_task`` calibration documents per task of an HF evaluator:
-    documents the search does not score first, then search documents (see the module
-    docstring)."""
-    tasks = getattr(evaluator, "tasks", None)
+def source_tasks(source: str, tasks: Sequence[str]) -> list[str]:
+    """The tasks named after a source model (its folder's name, e.g. ``rev`` for task
+    ``zoo_rev``), or every task when none is."""
+    name = source.rstrip("/").rsplit("/", 1)[-1].lower()
+    own = [t for t in tasks if name in re.split(r"[^a-z0-9]+", t.lower())]
+    return own or list(tasks)
+
+
+def calibration_texts(evaluator: Any, items_per_task: int, *, answers: bool = True,
+                      tasks: Sequence[str] | None = None) -> list[str]:
+    """``items_per_task`` calibration texts per task of an HF evaluator (``tasks``: only
+    these): documents the search does not score first, then search documents; each its
+    prompt and, with ``answers``, its reference answer (see the module docstring)."""
+    only, tasks = tasks, getattr(evaluator, "tasks", None)
     if not isinstance(tasks, dict):
         raise TypeError(f"activation statistics need the hf evaluator backend (its tasks' "
                         f"prompts); {type(evaluator).__name__} has none: use data-free Grams")
-    prompts = []
+    texts = []
     data = getattr(evaluator, "_data", {})
-    for name, spec in tasks.items():
+    for name in tasks if only is None else only:
+        spec = tasks[name]
         docs = spec.docs()
         searched = getattr(data.get(name), "doc_ids", None) or list(range(len(docs)))
         chosen = set(searched)
         order = [i for i in range(len(docs)) if i not in chosen] + list(searched)
         for i in order[:items_per_task]:
-            prompts.append(spec.render(docs[i], i).context)
-    return prompts
+            item = spec.render(docs[i], i)
+            text = item.context
+            if answers:
+                answer = item.target if not item.choices else item.choices[item.gold]
+                text += spec.target_delimiter + answer
+            texts.append(text)
+    return texts
 
 
 def tokenised_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int,
@@ -194,6 +222,8 @@ def source_module(worker: Worker, ref: str) -> nn.Module:
 class CalibratingWorker(Worker):
     """A worker whose merges can ask for activation Grams (:class:`CalibrationStore`).
 
+    Each source runs on the calibration items of its own tasks (those named after it,
+    :func:`source_tasks`: RegMean's per-task Grams), every task's when none is.
     Subclass to change the calibration set: ``items_per_task`` (class attribute), or
     :meth:`calibration_batches` for models the hf evaluator does not score.
     """
@@ -203,30 +233,24 @@ class CalibratingWorker(Worker):
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
-        self.calibration: CalibrationStore | None = None
-        self.merger.context.provide(INPUT_GRAM, self._gram)
+        self.calibration = CalibrationStore(lambda ref: source_module(self, ref),
+                                            self.calibration_batches)
+        self.merger.context.provide(INPUT_GRAM, self.calibration.gram)
 
-    def calibration_batches(self) -> tuple[list[Batch], int]:
-        """The calibration batches and how many items they hold."""
-        prompts = calibration_prompts(self.evaluator, self.items_per_task)
-        return (tokenised_batches(self.tokenizer, prompts, self.batch_size, self.merger.device),
-                len(prompts))
-
-    def _gram(self, source: str, tensor: str) -> torch.Tensor | None:
-        if self.calibration is None:  # built on the first merge that needs it
-            batches, items = self.calibration_batches()
-            self.calibration = CalibrationStore(lambda ref: source_module(self, ref), batches,
-                                                items)
-        return self.calibration.gram(source, tensor)
+    def calibration_batches(self, source: str) -> tuple[list[Batch], int]:
+        """The calibration batches of ``source`` and how many items they hold."""
+        tasks = source_tasks(source, list(getattr(self.evaluator, "tasks", None) or ()))
+        texts = calibration_texts(self.evaluator, self.items_per_task, tasks=tasks)
+        return (tokenised_batches(self.tokenizer, texts, self.batch_size, self.merger.device),
+                len(texts))
 
     def evaluate(self, candidate: Candidate) -> Result:
         """As :meth:`Worker.evaluate`, plus the calibration run for it (if any) in the
         result's cost and timings."""
         store = self.calibration
-        cost0, secs0 = (store.cost, store.seconds) if store else (0.0, 0.0)
+        cost0, secs0 = store.cost, store.seconds
         result = super().evaluate(candidate)
-        store = self.calibration
-        if store is not None and store.cost > cost0:
+        if store.cost > cost0:
             result.cost += store.cost - cost0
             result.timings["calibrate"] = store.seconds - secs0
         return result

@@ -19,6 +19,9 @@ Our choices: ``lambda`` is relative, in units of the mean eigenvalue of ``sum_t 
 (``trace / in``), so one value means the same in every module and for either Gram
 source; ``scale`` then scales the merged change from the base,
 ``base + scale (W* - base)``, the second hyperparameter the outer search tunes.
+Each source's ``weight`` scales its anchor task vector and, clipped at zero, its Gram
+(how much its outputs count in the fit); equal weights leave the fit unchanged,
+since ``lambda`` is relative.
 The anchor is task arithmetic, or TIES with ``ties: true``, computed by those
 methods' own functions.  Tensors that are not linear weights (norms, embeddings,
 biases) take the anchor.  Which tensors are linear: those with an ``input_gram``
@@ -132,8 +135,9 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
             taus = [m - base for m in models]
             grams = [t.T @ t for t in taus]
     merged = anchor
-    if grams is not None:
-        grams = [g.to(base.device, base.dtype) for g in grams]
+    if grams is not None:  # each source's outputs count by its (non-negative) weight
+        grams = [max(w, 0.0) * g.to(base.device, base.dtype)
+                 for w, g in zip(weight, grams, strict=True)]
         if any(bool(g.any()) for g in grams):  # all zero: no direction to fit, the anchor
             merged = ridge_solve(models, grams, anchor, relative_lambda(grams, lambda_))
     return base + scale * (merged - base)
@@ -166,7 +170,8 @@ BMM = register(
             Param("activations", True, kind=bool,
                   doc="Grams from calibration activations (false: data-free, tau^T tau)"),
             Param("ties", False, kind=bool, doc="anchor on TIES instead of task arithmetic"),
-            Param("weight", 1.0, per_model=True, doc="anchor: scale of this task vector"),
+            Param("weight", 1.0, per_model=True,
+                  doc="anchor: scale of this task vector; fit: weight of its Gram (if > 0)"),
             Param("density", 1.0, per_model=True, low=0.0, high=1.0,
                   doc="anchor (TIES): fraction of the task vector kept"),
             Param("normalize", False, kind=bool, doc="anchor: divide by the summed weights"),

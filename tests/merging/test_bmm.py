@@ -58,10 +58,14 @@ def test_inner_closed_form_is_the_stacked_least_squares_solution(lam_rel, ties):
     weight, density = [0.7, 0.4, 1.1], [0.5, 0.8, 0.6]
     got = bmm_merge(base, ws, lambda_=lam_rel, scale=1.0, ties=ties, weight=weight,
                     density=density, context=ctx.tensor("w"))
-    anchor = get_method("ties" if ties else "task_arithmetic").fn(
-        base, ws, weight=weight, density=density, normalize=False, lambda_=1.0) if ties else \
-        base + sum(w_ * (m - base) for w_, m in zip(weight, ws, strict=True))
+    if ties:
+        anchor = get_method("ties").fn(base, ws, weight=weight, density=density,
+                                       normalize=False, lambda_=1.0)
+    else:
+        anchor = base + sum(w_ * (m - base) for w_, m in zip(weight, ws, strict=True))
     # lambda is relative: in units of the mean eigenvalue of sum_t X_t^T X_t
+    # each source's rows count by its weight: sqrt(w_t) X_t in the stacked problem
+    xs = [w_ ** 0.5 * x for w_, x in zip(weight, xs, strict=True)]
     lam = lam_rel * sum(float((x * x).sum()) for x in xs) / base.shape[1]
     want = stacked_ridge(xs, ws, anchor, lam)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
@@ -75,6 +79,9 @@ def test_scale_scales_the_merged_change_and_large_lambda_gives_the_anchor():
     torch.testing.assert_close(half - base, 0.5 * (one - base))
     far = bmm_merge(base, ws, lambda_=1e9, weight=[0.5] * 3, context=ctx.tensor("w"))
     torch.testing.assert_close(far, base + 0.5 * sum(m - base for m in ws), rtol=0, atol=1e-6)
+    # a source of negative weight has no say in the fit (lambda 0: RegMean of the others)
+    fit = bmm_merge(base, ws, lambda_=0.0, weight=[1.0, 1.0, -0.5], context=ctx.tensor("w"))
+    torch.testing.assert_close(fit, stacked_ridge(xs[:2], ws[:2], base, 0.0))
 
 
 def test_data_free_grams_are_the_task_vectors_own():
@@ -175,8 +182,9 @@ def test_engine_regmean_and_bmm_on_a_llama(llamas):
     xs, ws = [], []
     for ref in sources:
         model = LlamaForCausalLM.from_pretrained(ref).eval()
-        seen = []
-        model.get_submodule(name).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        seen: list[torch.Tensor] = []
+        model.get_submodule(name).register_forward_pre_hook(
+            lambda m, a, seen=seen: seen.append(a[0]))
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask)
         xs.append(seen[0][mask.bool()].double())
