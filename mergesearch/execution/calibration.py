@@ -19,10 +19,12 @@ in ``timings["calibrate"]``, so a cost budget counts it.
 Calibration items (:func:`calibration_texts`): each source runs on the tasks named
 after it (source ``rev`` on task ``zoo_rev``: RegMean's per-task Grams; a source no
 task is named after, on every task), per task the first ``items_per_task`` documents
-the search does not score (those beyond the evaluator's ``limit``), topped up with search documents where there are too few; each
-runs as its prompt followed by its reference answer (the gold choice for multiple
-choice), since a generating model's linear modules see answer tokens as much as prompt
-tokens (``answers=False``: prompts only).
+the search does not score (those beyond the evaluator's ``limit``), topped up with
+search documents where there are too few; each runs as its prompt followed by its
+reference answer (the gold choice for multiple choice), since a generating model's
+linear modules see answer tokens as much as prompt tokens (``answers=False``: prompts
+only).  On the hard zoo, whose search files hold only search items, the calibration
+items are search items: their inputs and answers, as RegMean uses training data.
 """
 
 from __future__ import annotations
