@@ -11,7 +11,10 @@ elementwise *core* does everything else.  On large tensors the core runs
 through ``torch.compile``, which fuses it into one pass over memory instead of
 a dozen (see benchmarks/RESULTS.md).  DARE's and DELLA's random masks come
 from a counter-based hash of (seed, entry index) (:func:`.sparsify.uniform_bits`),
-so they are the same eager or compiled, on any device.
+so they are the same eager or compiled, on any device.  On the CPU, where hashing costs
+more than reading, DARE's bits are computed once per (tensor seed, model, size) and kept
+(:class:`MaskBits`, up to a memory budget): a search over densities and weights with a
+fixed seed re-merges the same tensors thousands of times, and only the cut-off changes.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from mergesearch.merging.sparsify import uniform_bits
 
 log = logging.getLogger(__name__)
 
+_OFFSET = 1 << 31  # cached bits are stored as int32: the 32-bit hash minus 2**31
+
 FUSE_MIN_NUMEL = 1 << 16
 """Tensors at least this large go through the compiled core (smaller: eager)."""
 
@@ -45,11 +50,14 @@ def _core(
     mode: str,
     consensus: bool,
     normalize: bool,
+    bits: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Sparsify, weight, elect, sum, normalise, scale and add: elementwise only.
 
     ``mode``: ``"none"`` (inputs are models), ``"band"`` (keep lo <= |tau| <= hi),
     ``"random"`` (keep where the hash is below ``keep_below``, times ``scale``),
+    ``"bits"`` (the same with the hash precomputed: ``bits[i]`` is model ``i``'s hash minus
+    2**31 as int32, kept where it is at most ``keep_below[i]``, the cut-off moved alike),
     ``"deltas"`` (inputs are already sparsified task vectors).
     """
     index = None
@@ -63,6 +71,8 @@ def _core(
             d = torch.where((a >= lo[i]) & (a <= hi[i]), d, 0.0)
         elif mode == "random":
             d = torch.where(uniform_bits(index, seeds[i]) < keep_below[i], d * scale[i], 0.0)
+        elif mode == "bits":
+            d = torch.where(bits[i] <= keep_below[i], d * scale[i], 0.0)
         deltas.append(d * weight[i])
     total = deltas[0]
     for d in deltas[1:]:
@@ -116,6 +126,52 @@ def run_core(base: torch.Tensor, inputs: list[torch.Tensor], **kwargs) -> torch.
     return _core(base, inputs, **kwargs)
 
 
+class MaskBits:
+    """DARE's hash bits per (tensor seed key, size), computed once and kept, up to a budget.
+
+    Filled first come, first kept, never evicted: a model larger than the budget keeps its
+    first tensors' bits and hashes the rest on every merge, at no extra cost.  The budget is
+    ``MERGESEARCH_MASK_CACHE_MB`` (default 256; 0 turns the cache off).  CPU only: on an
+    accelerator the hash is cheaper than the memory it would read.
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self._bits: dict[tuple[int, int], torch.Tensor] = {}
+
+    def get(self, key: int, numel: int) -> torch.Tensor | None:
+        """The int32 bits (hash minus 2**31) of ``numel`` entries under ``key``, or None
+        when they are not kept and would not fit."""
+        bits = self._bits.get((key, numel))
+        if bits is None and self.used + 4 * numel <= self.budget:
+            bits = (uniform_bits(torch.arange(numel), key) - _OFFSET).to(torch.int32)
+            self._bits[(key, numel)] = bits
+            self.used += 4 * numel
+        return bits
+
+
+_mask_bits: MaskBits | None = None
+
+
+def mask_bits() -> MaskBits:
+    global _mask_bits
+    if _mask_bits is None:
+        import os
+
+        mb = float(os.environ.get("MERGESEARCH_MASK_CACHE_MB", "256"))
+        _mask_bits = MaskBits(int(mb * (1 << 20)))
+    return _mask_bits
+
+
+def _cached_bits(base: torch.Tensor, seeds: list[int]) -> list[torch.Tensor] | None:
+    """Every model's kept bits for this tensor (CPU only), or None to hash in the core."""
+    if base.device.type != "cpu" or not mask_bits().budget:
+        return None
+    out = [mask_bits().get(key, base.numel()) for key in seeds]
+    return None if any(b is None for b in out) else [b.view(base.shape) for b in out]
+
+
 def _merge(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -150,6 +206,13 @@ def _merge(
             keep_below[i] = min(1 << 32, max(0, math.ceil(density[i] * (1 << 32))))
             scale[i] = 1.0 / density[i] if rescale and 0 < density[i] < 1 else 1.0
             seeds[i] = sparsify.model_key(seed, i)
+        bits = _cached_bits(base, seeds)
+        if bits is not None:  # hash < k  <=>  hash - 2**31 <= k - 1 - 2**31 (fits int32)
+            mode = "bits"
+            for i, k in enumerate(keep_below):
+                if k == 0:  # nothing kept: a zero task vector drops out the same way
+                    inputs[i] = base
+                keep_below[i] = max(k - 1, 0) - _OFFSET
     elif sparsifier == "magprune":
         mode = "deltas"
         inputs = [sparsify.magprune(m - base, density[i], epsilon[i],
@@ -159,6 +222,12 @@ def _merge(
     def vec(values: Sequence[float], dtype: torch.dtype = base.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=base.device)
 
+    if mode == "bits":
+        return run_core(
+            base, inputs, weight=vec(weight), lo=vec(lo), hi=vec(hi),
+            keep_below=vec(keep_below, torch.int32), scale=vec(scale),
+            seeds=vec(seeds, torch.int64), lambda_=vec(lambda_), mode=mode,
+            consensus=consensus, normalize=normalize, bits=bits)
     return run_core(
         base, inputs, weight=vec(weight), lo=vec(lo), hi=vec(hi),
         keep_below=vec(keep_below, torch.int64), scale=vec(scale),

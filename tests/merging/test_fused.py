@@ -10,12 +10,16 @@ from mergesearch.merging import get_method, task_arithmetic
 pytestmark = pytest.mark.slow  # one torch.compile per graph, ~20 s each on 2 cores
 
 
-@pytest.mark.parametrize("name, params", [
-    ("ties", {"weight": [0.7, -0.4, 1.1], "density": [0.3, 0.5, 0.9], "normalize": True}),
-    ("dare_linear", {"weight": [0.5, 0.8, 1.0], "density": [0.2, 0.5, 0.7], "rescale": True,
-                     "normalize": False}),
+@pytest.mark.parametrize("name, params, kept_bits", [
+    ("ties", {"weight": [0.7, -0.4, 1.1], "density": [0.3, 0.5, 0.9], "normalize": True},
+     True),
+    *[("dare_linear", {"weight": [0.5, 0.8, 1.0], "density": [0.2, 0.5, 0.7],
+                       "rescale": True, "normalize": False}, kept) for kept in (True, False)],
 ])
-def test_compiled_core_matches_eager(name, params, monkeypatch):
+def test_compiled_core_matches_eager(name, params, kept_bits, monkeypatch):
+    # DARE's masks from kept bits (the CPU default) or hashed in the core (accelerators)
+    monkeypatch.setattr(task_arithmetic, "_mask_bits",
+                        task_arithmetic.MaskBits((1 << 24) if kept_bits else 0))
     gen = torch.Generator().manual_seed(0)
     n = task_arithmetic.FUSE_MIN_NUMEL * 2
     base = torch.randn(n // 256, 256, generator=gen)
