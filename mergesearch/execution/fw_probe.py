@@ -12,9 +12,9 @@ into its resident model.  The candidate's ``meta`` names the pool:
    items, never the report items), one gradient per task, and their sum.
 2. The reduction: for every pool source ``i`` and parameter tensor ``p``, the inner
    product and cosine of each gradient with the task vector ``tau_ip = theta_ip - base_p``
-   and the task vector's norm.  Sources are read one tensor at a time from the worker's
-   :class:`~mergesearch.models.resident.ModelPool` (memory-mapped on a CPU, fetched per
-   tensor from host memory with ``hold: host`` on a GPU), so what the probe holds is the
+   and the task vector's norm.  Sources are read one tensor at a time from their
+   checkpoint files (:func:`transient_reader`), not kept in the worker's
+   :class:`~mergesearch.models.resident.ModelPool`, so what the probe holds is the
    gradients and one source tensor: it does not grow with the size of the pool.
 
 The cost it reports is ``3 x`` the proxy items (a forward and a backward pass are about
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from mergesearch.execution.probes import ProbeError
+from mergesearch.models.resident import ModelPool, check_finite
 
 if TYPE_CHECKING:
     from mergesearch.execution.worker import Worker
@@ -134,6 +135,20 @@ def alignments(names: list[str], grads: dict[str, list[torch.Tensor]], base: str
             "cos": cos, "gnorm": gnorm, "tnorm": tnorm}
 
 
+def transient_reader(pool: ModelPool, base: str):
+    """``fetch(ref, name)`` for the probe: the base through the pool (held, as for every
+    merge), every other source read from its checkpoint file and dropped after use, so
+    the pool's cache does not grow by the distractors' tensors (on a GPU each tensor is
+    copied over for its turn; ``hold: host`` pools keep theirs as they are)."""
+    def fetch(ref: str, name: str) -> torch.Tensor:
+        if ref == base:
+            return pool.fetch(ref, name)
+        x = pool.checkpoint(ref).tensor(name)
+        check_finite(ref, name, x)
+        return x.to(pool.device, non_blocking=True)
+    return fetch
+
+
 def gradient_cosines(worker: Worker, model: nn.Module, candidate: Candidate
                      ) -> tuple[dict[str, Any], float]:
     """The probe: proxy losses and per-(gradient, source, tensor) inner products and
@@ -151,7 +166,7 @@ def gradient_cosines(worker: Worker, model: nn.Module, candidate: Candidate
     kept = [i for i, n in enumerate(names) if n in known]  # tied heads are stored once
     names = [names[i] for i in kept]
     grads = {k: [g[i] for i in kept] for k, g in grads.items()}
-    payload = alignments(names, grads, base, list(pool), merger_pool.fetch)
+    payload = alignments(names, grads, base, list(pool), transient_reader(merger_pool, base))
     items = sum(len(r) for r in proxy.values())
     payload["loss"] = {k: v for k, v in losses.items() if math.isfinite(v)}
     payload["items"] = items

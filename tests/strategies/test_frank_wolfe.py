@@ -210,3 +210,57 @@ def test_killed_mid_run_resumes_with_the_same_iterate_and_cosines(zoo, tmp_path)
     assert [p.payload for p in sa.probes()][:len(before)] == before  # kept through the kill
     assert [t.recipe for t in sa.trials()] == [t.recipe for t in sb.trials()]
     assert [t.values for t in sa.trials()] == [t.values for t in sb.trials()]
+
+
+def drive_fw(worker, problem: Problem, options: dict) -> tuple[FrankWolfe, float]:
+    """Run frank_wolfe to the end against an in-process worker; the best iterate's score."""
+    s = FrankWolfe(problem, options)
+    best = -np.inf
+    while not s.done:
+        results = [worker.evaluate(c) for c in s.ask(8)]
+        best = max([best, *(r.values["mean"] for r in results if r.values)])
+        s.tell(results)
+    return s, best
+
+
+@pytest.mark.slow
+def test_distractors_in_the_pool_leave_the_merge_within_a_small_margin(zoo, tmp_path):
+    """Objective: rev and dup.  Distractors: the experts of the two other skills and noisy
+    copies of both relevant experts (built here, in a temporary folder)."""
+    import sys
+
+    from mergesearch.execution.worker import Worker, WorkerSpec
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from frank_wolfe import noisy_copy
+
+    worker = Worker(WorkerSpec(tokenizer=str(zoo.base), evaluator={
+        "suite": str(ROOT / "evaluators/zoo"), "tasks": ["zoo_rev", "zoo_dup"], "limit": 32,
+        "objectives": [{"name": "mean", "metric": "char_accuracy"}]}))
+    clean = [str(zoo.experts["rev"]), str(zoo.experts["dup"])]
+    noisy = [str(noisy_copy(zoo.experts[k], tmp_path / f"{k}_noisy", seed=i))
+             for i, k in enumerate(("rev", "dup"))]
+    distracted = [clean[0], str(zoo.experts["srt"]), noisy[0], clean[1],
+                  str(zoo.experts["evn"]), noisy[1]]
+    options = {"granularity": "layer", "iterations": 4, "step_size": 1.0, "scaling": 0.5,
+               "proxy_items": 32}
+    runs = {}
+    for name, refs in (("clean", clean), ("distracted", distracted)):
+        def decode(genome, refs=refs):
+            return Recipe.from_dict({"method": "task_arithmetic", "base": str(zoo.base),
+                                     "models": [{"model": m, "parameters": {"weight": 0.0}}
+                                                for m in refs]})
+        problem = Problem(tuple(Dimension(f"w{i}", 0.0, 1.0, 0.3) for i in range(len(refs))),
+                          (Objective("mean", "maximize"),), decode=decode)
+        runs[name] = drive_fw(worker, problem, options)
+    (s_clean, clean_best), (s_dist, dist_best) = runs["clean"], runs["distracted"]
+    base = worker.evaluate(Candidate(id=99, genome=None, recipe=Recipe.from_dict(
+        s_clean._coefficients_recipe(np.zeros((2, 1)))))).values["mean"]
+    assert clean_best > base + 0.05  # the search does something
+    assert dist_best >= clean_best - 0.03
+    # the per-tensor oracle does use the other skills' experts here and there (they share
+    # the answer format), but the noisy copies get little: their cosines are diluted
+    mass = np.abs(s_dist.c).sum(axis=1)
+    share = {r: m / mass.sum() for r, m in zip(distracted, mass, strict=True)}
+    assert sum(share[r] for r in noisy) < 0.25
+    assert sum(share[r] for r in clean) > max(share[r] for r in distracted if r not in clean)
