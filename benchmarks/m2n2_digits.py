@@ -246,6 +246,8 @@ def lean_probe(scorer: LeanDigits, cand) -> dict[str, Any]:
 def ablation_leg(args) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
     for variant, options in VARIANTS.items():
+        if variant not in args.variants:
+            continue
         for seed in args.seeds:
             t0 = time.time()
             if args.engine == "lean":
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="1000,5000,10000,25000,50000",
                     type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--ablation-budget", type=int, default=10_000)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    type=lambda s: s.split(","), help="ablation variants to run")
     ap.add_argument("--diversity-budget", type=int, default=100)
     ap.add_argument("--engine", choices=("lean", "cli"), default="lean")
     ap.add_argument("--league", type=Path, default=None,
@@ -388,10 +392,25 @@ def main(argv: list[str] | None = None) -> int:
                          "(<testbed>.db, study <testbed>-m2n2-e100-s0) instead of new runs")
     ap.add_argument("--work", type=Path, default=Path("/tmp/m2n2-bench"))
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--figures", type=Path, nargs="*", default=[],
+                    help="JSON files of earlier invocations: their figures are merged in "
+                         "(ablation variants side by side) and nothing new is run")
     args = ap.parse_args(argv)
     args.cmaes_budget = args.cmaes_budget or args.budget
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     figures: dict[str, Any] = {}
+    if args.figures:
+        for path in args.figures:
+            for leg, value in json.loads(path.read_text()).items():
+                if leg == "ablation":
+                    figures.setdefault(leg, {}).update(value)
+                else:
+                    figures[leg] = value
+        for leg in ("scratch", "cmaes"):
+            for row in figures.get(leg, []):
+                row["curve"] = {int(b): v for b, v in row["curve"].items()}
+        print(markdown(figures, args))
+        return 0
     legs = args.legs.split(",")
     for leg, fn in (("scratch", scratch_leg), ("cmaes", cmaes_leg),
                     ("ablation", ablation_leg), ("diversity", diversity_leg)):
