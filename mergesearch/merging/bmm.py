@@ -28,6 +28,11 @@ biases) take the anchor.  Which tensors are linear: those with an ``input_gram``
 (nn.Linear weights of the source model, input features = ``weight.shape[1]``) for
 activations; 2-D tensors outside embeddings for data-free Grams.
 
+Activation Grams need a worker that collects them
+(:class:`~mergesearch.execution.calibration.CalibratingWorker`); a merge without them
+(a plain function call, another worker) uses data-free Grams, RegMean the average, and
+says so once in the log.
+
 RegMean (Jin et al. 2023) is the case ``lam -> 0`` with activation Grams, with the
 paper's ``alpha`` shrinking the Grams' off-diagonal entries; its non-linear tensors
 are the plain average of the models.
@@ -35,14 +40,16 @@ are the plain average of the models.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 
-from mergesearch.errors import MergesearchError
 from mergesearch.merging.base import MergeMethod, Param, register
 from mergesearch.merging.context import TensorContext
 from mergesearch.merging.task_arithmetic import TASK_ARITHMETIC, TIES
+
+log = logging.getLogger(__name__)
 
 INPUT_GRAM = "input_gram"
 """The context statistic answering a linear weight's input Gram in one source (or None
@@ -50,10 +57,6 @@ for a tensor that is not the weight of a linear module)."""
 
 EMBEDDING_PARTS = ("embed", "wte", "wpe")
 """Name parts that mark a 2-D tensor as an embedding table, not a linear weight."""
-
-
-class CalibrationMissing(MergesearchError, RuntimeError):
-    """A merge asked for activation Grams that its worker cannot provide."""
 
 
 def is_linear_name(name: str) -> bool:
@@ -88,17 +91,26 @@ def relative_lambda(grams: Sequence[torch.Tensor], lam: float) -> float:
     return lam * trace / grams[0].shape[0]
 
 
-def _activation_grams(context: TensorContext | None, n: int, method: str
-                      ) -> list[torch.Tensor] | None:
+def calibrated(context: TensorContext | None) -> bool:
+    """Whether the context answers activation Grams (a calibrating worker's merge)."""
+    return context is not None and context.provides(INPUT_GRAM)
+
+
+_warned: set[str] = set()
+
+
+def _uncalibrated(method: str, fallback: str) -> None:
+    """Say once per method that activation Grams are missing and what is used instead."""
+    if method not in _warned:
+        _warned.add(method)
+        log.warning("%s: no activation Grams in this merge (set execution.worker_class: "
+                    "mergesearch.execution.calibration:CalibratingWorker); using %s",
+                    method, fallback)
+
+
+def _activation_grams(context: TensorContext, n: int) -> list[torch.Tensor] | None:
     """Each source's input Gram of this tensor from the context (None: not a linear
-    weight).  Raises a clear error when the worker collected no calibration data."""
-    if context is None:
-        return None
-    if not context.provides(INPUT_GRAM):
-        raise CalibrationMissing(
-            f"{method} with activation Grams needs calibration statistics on the worker: "
-            "set execution.worker_class: mergesearch.execution.calibration:CalibratingWorker "
-            "(or use data-free Grams, activations: false)")
+    weight)."""
     grams = [context.stat(INPUT_GRAM, i) for i in range(n)]
     if any(g is None for g in grams):
         return None
@@ -120,17 +132,20 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
               weight: Sequence[float] | None = None, density: Sequence[float] | None = None,
               normalize: bool = False, context: TensorContext | None = None,
               seed: int = 0) -> torch.Tensor:
-    """BMM's inner merge of one tensor (see the module docstring).  Without a context
-    (a plain function call) activation Grams are unavailable and data-free ones are used."""
+    """BMM's inner merge of one tensor (see the module docstring).  Without activation
+    Grams (a plain function call, or a merge on a worker that does not calibrate: logged
+    once) data-free ones are used."""
     n = len(models)
     weight = [1.0] * n if weight is None else weight
     density = [1.0] * n if density is None else density
     anchor = _anchor(base, models, ties=ties, weight=weight, density=density,
                      normalize=normalize, seed=seed)
     grams = None
+    if activations and not calibrated(context) and context is not None:
+        _uncalibrated("bmm", "data-free Grams")
     if base.ndim == 2:
-        if activations and context is not None:
-            grams = _activation_grams(context, n, "bmm")
+        if activations and calibrated(context):
+            grams = _activation_grams(context, n)
         elif context is None or is_linear_name(context.name):
             taus = [m - base for m in models]
             grams = [t.T @ t for t in taus]
@@ -146,10 +161,13 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
 def regmean_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, alpha: float = 1.0,
                   context: TensorContext | None = None, seed: int = 0) -> torch.Tensor:
     """RegMean: ``(sum_t W_t G_t)(sum_t G_t)^-1`` on linear weights from activation Grams
-    (off-diagonals times ``alpha``), the average elsewhere.  Without a context (a plain
-    function call) every tensor is averaged."""
+    (off-diagonals times ``alpha``), the average elsewhere.  Without activation Grams (a
+    plain function call, or a worker that does not calibrate: logged once) every tensor
+    is averaged."""
     n = len(models)
-    grams = _activation_grams(context, n, "regmean") if base.ndim == 2 else None
+    if not calibrated(context) and context is not None:
+        _uncalibrated("regmean", "the average of the models")
+    grams = _activation_grams(context, n) if base.ndim == 2 and calibrated(context) else None
     if grams is None:
         return TASK_ARITHMETIC.fn(base, list(models), weight=[1.0] * n, normalize=True,
                                   lambda_=1.0, seed=seed)
