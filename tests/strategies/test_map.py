@@ -269,7 +269,7 @@ def test_a_state_mid_front_replays_identically_in_a_fresh_process() -> None:
 KILLED = {  # options small enough for a short zoo search, budget, kill after
     "map": ({"design": 10, "front_points": 3}, 16, 12),
     "bayesian_map": ({"design": 6, "adaptive": 4, "batch": 2, "front_points": 3}, 14, 9),
-    "nested_map": ({"front_points": 2}, 14, 9),
+    "nested_map": ({"front_points": 2}, 16, 9),  # 4 experts, 10 design, 2 front
 }
 
 
