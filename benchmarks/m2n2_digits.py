@@ -176,11 +176,21 @@ class LeanDigits:
             return out / sum(ws)
         for e in recipe["models"]:
             p = e["parameters"]
-            if "noise_term" in p:
-                raise ValueError("the lean scorer has no noise terms: use --engine cli")
             lo, hi = int(p.get("start", 0)), int(min(p.get("end", n), n))
-            out[lo:hi] += p["weight"] * self.flat[e["model"]][lo:hi]
+            if p.get("noise_term"):
+                out[lo:hi] += p["weight"] * self.noise(int(p["noise_term"]), recipe)[lo:hi]
+            else:
+                out[lo:hi] += p["weight"] * self.flat[e["model"]][lo:hi]
         return out
+
+    def noise(self, k: int, recipe: dict[str, Any]) -> np.ndarray:
+        """Noise term ``k`` over the whole model, as the regions method draws it per tensor."""
+        from mergesearch.merging.regions import noise
+        from mergesearch.models.resident import _seed
+
+        return np.concatenate([noise(k, _seed(recipe.get("seed", 0), name),
+                                     int(np.prod(shape))).double().numpy()
+                               for name, shape in zip(self.names, self.shapes, strict=True)])
 
     def correct(self, recipe: dict[str, Any], split: str) -> np.ndarray:
         flat = self.weights(recipe)
