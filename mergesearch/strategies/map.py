@@ -80,6 +80,9 @@ class MapOptions(StrategyOptions):
     in [0, 1], softplus for non-negative ones, else the identity."""
     ridge: float = Field(1e-6, ge=0)
     """L2 penalty on the quadratic's coefficients (not the constant)."""
+    front_box: Literal["bounds", "design"] = "bounds"
+    """Where NSGA-III searches the surrogates: the space's ``bounds`` (the paper), or the
+    ``design`` box the surrogates were fitted in (no extrapolation)."""
     pop_size: int = Field(100, ge=4)
     """NSGA-III's mu = lambda on the surrogates."""
     generations: int = Field(50, ge=1)
@@ -260,7 +263,10 @@ class _MapBase(Strategy):
         if len(Z) < 2:
             return [self._explore(frame) for _ in range(k)]
         models = self._fit(Z, Y, objs)
-        FZ, V = ms.surrogate_front(models, self._signs[objs], frame.low, frame.high,
+        low, high = frame.low, frame.high
+        if self.options.front_box == "design" and frame is self._full:
+            low, high = np.maximum(low, 0.0), np.minimum(high, 1.0)
+        FZ, V = ms.surrogate_front(models, self._signs[objs], low, high,
                                    seed=self._round_seed(), pop_size=self.options.pop_size,
                                    generations=self.options.generations)
         score = V @ (-self._signs[objs] * preference[objs])

@@ -308,3 +308,13 @@ def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path,
     whole = TrialStore.open(f"sqlite:///{other / 'run' / 'study.db'}", "t").trials()
     assert {t.candidate_id: (t.params, t.meta) for t in ok} == \
         {t.candidate_id: (t.params, t.meta) for t in whole if t.state == "ok"}
+
+
+def test_front_box_design_keeps_the_front_where_the_surrogates_were_fitted() -> None:
+    problem = Problem(tuple(Dimension(f"c{i}", -0.5, 1.5, 0.5) for i in range(2)),
+                      toy_problem().objectives)
+    for box, inside in (("design", True), ("bounds", False)):
+        s = create_strategy("map", problem, {"front_box": box, "front_points": 12})
+        run_rounds(s, toy_values, 2)
+        u = np.array(s.fronts[0]["u"])
+        assert (u.min() >= 0.0 and u.max() <= 1.0) == inside, box
