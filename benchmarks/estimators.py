@@ -295,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                         "whose runs are compared at equal cost instead")
     args = parser.parse_args(argv)
     if args.league:
-        runs = [r for path in args.league.split(",")
-                for r in json.loads(Path(path).read_text())["runs"]]
+        runs = list({(r["testbed"], r["label"], r["seed"]): r  # one run per seed
+                     for path in args.league.split(",")
+                     for r in json.loads(Path(path).read_text())["runs"]}.values())
         units = (25, 50, 100)
         curves = cost_curves(runs, units)
         print(fidelity_markdown(curves, units))
