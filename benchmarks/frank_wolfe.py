@@ -12,16 +12,18 @@ fine-tune gone wrong), built on the fly into a temporary folder (never committed
    real controller; the best search-item score, the report-item score of that trial, and
    how much of the final iterate's coefficient mass sits on distractors.
 2. **Memory**: for 2 / 4 / 8 distractors, a fresh subprocess builds a worker, merges an
-   iterate and answers one gradient-cosine probe over the whole pool.  Measured: the peak
-   *anonymous* resident memory (``RssAnon`` in ``/proc/self/status``, sampled every
-   0.2 ms by a thread) above the level just before the probe, beside the peak RSS
-   (``ru_maxrss``).  Why anonymous memory: on a CPU the sources are memory-mapped
-   safetensors, so every page the probe reads counts in RSS as a *file-backed* page (the
-   page cache, shared and evictable: the pool's size on disk, not memory the worker
-   allocated); gradients, activations and the per-tensor task vectors the probe makes
-   are anonymous.  The same runs with the sources copied into anonymous memory when
-   opened (``--materialise``, what holding them all at once would cost) show that the
-   measure sees a pool that is held rather than streamed.
+   iterate and answers one gradient-cosine probe over the whole pool (after a warm-up
+   probe on another worker).  Measured: the peak *anonymous* resident memory (``RssAnon``
+   in ``/proc/self/status``, sampled every 0.2 ms by a thread) above its level just
+   before the probe, and that level after it; glibc is told to give freed blocks of 64 KiB
+   or more back at once (``MALLOC_MMAP_THRESHOLD_``), so RssAnon follows what is alive.
+   Why anonymous memory: on a CPU the sources are memory-mapped safetensors, so every
+   page the probe reads counts in RSS as a *file-backed* page (page cache, shared and
+   evictable: the pool's size on disk, not memory the worker allocated); gradients,
+   activations and the per-tensor task vectors the probe makes are anonymous, and so
+   would be sources held in memory.  The "held" column repeats the runs with every source
+   tensor copied into memory when first read and kept by the pool (what a pool held on a
+   device costs), which shows the measure sees a pool that is held rather than streamed.
 
     python benchmarks/frank_wolfe.py [--skip-search] [--skip-memory] [--threads 1]
 
@@ -145,6 +147,7 @@ def memory_child(k: int, materialise: bool) -> dict[str, Any]:
     from mergesearch.execution import fw_probe
     from mergesearch.execution.fw_probe import PROBE, gradient_cosines
     from mergesearch.execution.worker import Worker, WorkerSpec
+    from mergesearch.models import checkpoint
     from mergesearch.recipe import Recipe
     from mergesearch.trial import Candidate
     from mergesearch.zoo.hard import build_hard_zoo
@@ -153,7 +156,9 @@ def memory_child(k: int, materialise: bool) -> dict[str, Any]:
     zoo = build_hard_zoo(progress=False)
     cache = Path(os.environ["FW_CACHE"])
     refs = list(pool(zoo, k, cache).values())
-    if materialise:  # every source tensor read through the pool, which keeps it
+    if materialise:  # every source copied into memory and kept: a pool held, not streamed
+        read = checkpoint.Checkpoint.tensor
+        checkpoint.Checkpoint.tensor = lambda self, name: read(self, name).clone()
         fw_probe.transient_reader = lambda pool, base: pool.fetch
 
     def make_worker() -> Worker:
@@ -233,15 +238,15 @@ def markdown(searches: list[dict], streamed: list[dict], held: list[dict]) -> st
         lines.append("")
     if streamed:
         lines += ["| distractors | sources | pool on disk (MiB) | probe's peak anonymous "
-                  "RSS above its start (MiB): streamed / held in the pool | anonymous RSS "
-                  "after the probe (MiB): streamed / held | peak RSS (MiB), streamed | "
-                  "probe s |",
+                  "RSS above its start (MiB): streamed / held | anonymous RSS kept after "
+                  "the probe (MiB): streamed / held | peak RSS (MiB), streamed | probe s |",
                   "|---|---|---|---|---|---|---|"]
         for a, b in zip(streamed, held or [None] * len(streamed), strict=True):
             lines.append(f"| {a['k']} | {a['sources']} | {mib(a['pool_bytes'])} | "
                          f"{mib(a['anon_peak_delta'])} / "
                          f"{mib(b['anon_peak_delta']) if b else '-'} | "
-                         f"{mib(a['anon_after'])} / {mib(b['anon_after']) if b else '-'} | "
+                         f"{mib(a['anon_after'] - a['anon_before'])} / "
+                         f"{mib(b['anon_after'] - b['anon_before']) if b else '-'} | "
                          f"{mib(a['maxrss'])} | "
                          f"{a['probe_s']:.1f} |")
     return "\n".join(lines)
