@@ -227,10 +227,12 @@ def table(rows: list[dict]) -> str:
         grid = f"{r['grid']} ({r['front_size']})" if "grid" in r else "-"
         ref = (f" / grid {r['grid_best_mean']:.3f}" if "grid_best_mean" in r
                else f" / uniform {r['uniform_mean']:.3f}")
-        nan = float("nan")
+        def cell(key: str, digits: int = 3) -> str:
+            return f"{r[key]:.{digits}f}" if key in r else "-"
+
         out.append(f"| {r['case']} | {r['strategy']} | {r['evaluations']} | {grid} | "
-                   f"{r.get('igd', nan):.4f} | {r.get('hv_validated', nan):.3f} | "
-                   f"{r.get('hv_all', nan):.3f} | {r['mae']:.3f} | "
+                   f"{cell('igd', 4)} | {cell('hv_validated')} | {cell('hv_all')} | "
+                   f"{r['mae']:.3f} | "
                    f"{r['best_mean']:.3f}{ref} |")
     return "\n".join(out)
 
