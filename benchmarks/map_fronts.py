@@ -219,6 +219,10 @@ def hard_case(args) -> list[dict]:
     return rows
 
 
+def _cell(row: dict, key: str, digits: int = 3) -> str:
+    return f"{row[key]:.{digits}f}" if key in row else "-"
+
+
 def table(rows: list[dict]) -> str:
     out = ["| case | strategy | evaluations | grid (true front) | IGD predicted front | "
            "HV ratio, validated points | HV ratio, all evaluated | predicted-vs-actual MAE | "
@@ -227,11 +231,9 @@ def table(rows: list[dict]) -> str:
         grid = f"{r['grid']} ({r['front_size']})" if "grid" in r else "-"
         ref = (f" / grid {r['grid_best_mean']:.3f}" if "grid_best_mean" in r
                else f" / uniform {r['uniform_mean']:.3f}")
-        def cell(key: str, digits: int = 3) -> str:
-            return f"{r[key]:.{digits}f}" if key in r else "-"
-
         out.append(f"| {r['case']} | {r['strategy']} | {r['evaluations']} | {grid} | "
-                   f"{cell('igd', 4)} | {cell('hv_validated')} | {cell('hv_all')} | "
+                   f"{_cell(r, 'igd', 4)} | {_cell(r, 'hv_validated')} | "
+                   f"{_cell(r, 'hv_all')} | "
                    f"{r['mae']:.3f} | "
                    f"{r['best_mean']:.3f}{ref} |")
     return "\n".join(out)
