@@ -66,6 +66,10 @@ class FrankWolfeOptions(StrategyOptions):
     evaluations: int | None = Field(None, ge=1)
     probe_cost: float = Field(3.0, ge=0)
     fd_step: float = Field(0.02, gt=0, le=0.5)  # genome mode: share of each range
+    #: the base as one more vertex of the hull, scored ``-min_cosine``: where no source's
+    #: cosine is below it, the step shrinks toward the base instead of picking a source
+    base_vertex: bool = False
+    min_cosine: float = Field(0.0, ge=0, le=1)
 
 
 def fw_gamma(t: int, step_size: float) -> float:
@@ -86,15 +90,20 @@ def soft_step(c: np.ndarray, vertices: list[np.ndarray], alphas: np.ndarray,
     return c + gamma * (target - c)
 
 
-def oracle(cos: np.ndarray, granularity: str) -> np.ndarray:
+def oracle(cos: np.ndarray, granularity: str, base_score: float | None = None) -> np.ndarray:
     """One-hot vertex ``[sources, tensors]`` from cosines ``[sources, tensors]``: the source
-    with the least summed cosine everywhere (task) or per tensor (layer)."""
+    with the least summed cosine everywhere (task) or per tensor (layer).  With
+    ``base_score`` the base (no task vector) competes with that score per tensor (summed
+    over tensors at task granularity); where it wins the vertex is all zeros."""
+    n = cos.shape[0]
+    if base_score is not None:
+        cos = np.vstack([cos, np.full((1, cos.shape[1]), base_score)])
     vertex = np.zeros_like(cos)
     if granularity == "task":
         vertex[int(np.argmin(cos.sum(axis=1))), :] = 1.0
     else:
         vertex[np.argmin(cos, axis=0), np.arange(cos.shape[1])] = 1.0
-    return vertex
+    return vertex[:n]
 
 
 @register
@@ -162,6 +171,8 @@ class FrankWolfe(Strategy):
 
     def _vertex_recipe(self, vertex: np.ndarray) -> dict[str, Any] | str:
         """The oracle's pick as a model: a pool checkpoint, or per tensor a recipe."""
+        if not vertex.any():  # the base won everywhere
+            return self.base
         if vertex.shape[1] == 1 or np.all(vertex == vertex[:, :1]):
             return self.pool[int(np.argmax(vertex[:, 0]))]
         return recipe_ref(self._coefficients_recipe(vertex))
@@ -258,9 +269,10 @@ class FrankWolfe(Strategy):
         vertices = []
         for key in keys:
             cos = np.asarray(payload["cos"][key], dtype=float)  # [sources, tensors]
-            v = oracle(cos, o.granularity)
+            v = oracle(cos, o.granularity, -o.min_cosine if o.base_vertex else None)
             vertices.append(v if self.c.shape[1] > 1 else v[:, :1])
-        picks = [[self.pool[i] for i in np.argmax(v, axis=0)] for v in vertices]
+        picks = [[self.pool[i] if v[i, p] else "base" for p, i in
+                  enumerate(np.argmax(v, axis=0))] for v in vertices]
         self.history.append({"iteration": self.t, "gamma": gamma, "keys": keys,
                              "picks": [sorted(set(p)) for p in picks],
                              "loss": payload.get("loss", {})})

@@ -65,6 +65,10 @@ def test_step_formula():
     cos = np.array([[0.1, -0.5], [-0.2, 0.1], [0.0, 0.3]])
     assert oracle(cos, "task").tolist() == [[1, 1], [0, 0], [0, 0]]  # sums: -0.4, -0.1, 0.3
     assert oracle(cos, "layer").tolist() == [[0, 1], [1, 0], [0, 0]]
+    # the base as one more vertex, scored -0.15 / -0.3 per tensor
+    assert oracle(cos, "layer", -0.15).tolist() == [[0, 1], [1, 0], [0, 0]]
+    assert oracle(cos, "layer", -0.3).tolist() == [[0, 1], [0, 0], [0, 0]]  # base: col 0
+    assert oracle(cos, "task", -0.3).tolist() == [[0, 0], [0, 0], [0, 0]]  # -0.6 < -0.4
 
 
 def run_iteration(s: FrankWolfe, cos, acc=0.5, per_task=None):
