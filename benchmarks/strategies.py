@@ -89,13 +89,33 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pymoo": {"algorithm": "ga", "options": {"pop_size": 12}},
     # weights only in these spaces: its beta stage alone, from 1/N (the paper's start)
     "evo_merging": {"evaluations": 100},
+    "merge_moea": {"initial": 10, "batch": 4},
+    "map": {"front_points": 8},
+    "bayesian_map": {"front_points": 8},
+    "nested_map": {"front_points": 3},
+}
+
+# MAP's design is (N+1)(N+2) points: one weight per expert, not per layer group
+_PER_EXPERT = {"zoo": ("space=search_spaces/task_arithmetic.yaml",),
+               "hard": ("space={method: task_arithmetic, fixed: {normalize: false}, parameters: "
+                        "{weight: {per: source, granularity: global, bounds: [-0.5, 1.5], "
+                        "init: 0.5}}}",)}
+
+#: Registered strategies the league leaves out unless named in --strategies, and why.
+NOT_BY_DEFAULT: dict[str, str] = {
+    "asha": "its budget is evaluation cost, not trials: benchmarks/estimators.py --league "
+            "runs it at equal cost",
 }
 
 #: Extra overrides a strategy runs a testbed with, by strategy then testbed: for one that
 #: searches its own kind of space (a categorical component space, its own hyperparameters)
 #: on the testbed's models and evaluator.  Its row then compares best scores on the same
 #: objective at the same evaluation budget, over a different space: the table says so.
-OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {}
+OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
+    "merge_moea": {"zoo": ("space=search_spaces/components.yaml",),
+                   "hard": ("space=search_spaces/components.yaml",)},
+    "map": _PER_EXPERT, "bayesian_map": _PER_EXPERT, "nested_map": _PER_EXPERT,
+}
 BASELINES = ("random", "cmaes")
 
 FULL = {"seeds": 5, "evaluations": 100, "budgets": "25,50,100", "out": "/tmp/strategies.json"}
@@ -526,7 +546,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     known = list(registered())
     strategies = args.strategies.split(",") if args.strategies else \
-        [*[s for s in PRESETS if s in known], *[s for s in known if s not in PRESETS]]
+        [*[s for s in PRESETS if s in known],
+         *[s for s in known if s not in PRESETS and s not in NOT_BY_DEFAULT]]
+    if not args.strategies:
+        for s, why in NOT_BY_DEFAULT.items():
+            print(f"note: leaving out {s} ({why}); name it in --strategies to run it",
+                  file=sys.stderr)
     testbeds = args.testbeds.split(",")
     bad = [t for t in testbeds if t not in TESTBEDS]
     if bad:

@@ -463,6 +463,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         done = [t for t in store.trials() if t.state == "ok"]
         if not done:
             raise UsageError("the study has no completed trial yet")
+        top = max(t.fidelity for t in done)  # as the front: the highest fidelity scored
+        done = [t for t in done if t.fidelity >= top]
         trial = min(done, key=lambda t: (objective.sign * t.values[objective.name], t.number))
         why = f"the best {objective.name} ({objective.direction}) of {len(done)} trial(s)"
     else:

@@ -169,6 +169,10 @@ class BoundExperiment:
             if suite is None:
                 raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
             evaluator["suite"] = str(suite)
+            estimator = evaluator.get("estimator")
+            if isinstance(estimator, dict) and estimator.get("sources"):  # paths as the models'
+                estimator["sources"] = [r if r.startswith("zoo:") else str(exp.find(r) or r)
+                                        for r in estimator["sources"]]
         else:  # a function by import path: checked here, before the workers start
             from mergesearch.models.generic import import_function
 
@@ -501,7 +505,8 @@ class SearchLoop:
             self.spent += r.cost
             if r.state == "ok":
                 self.ok += 1
-                self._track_best(r.values)
+                if r.fidelity >= 1:  # the best shown is a full-fidelity one, as the front's
+                    self._track_best(r.values)
                 if r.recipe is not None and r.cached_from is None and r.epoch == epoch:
                     self.cache.setdefault(_key(r.recipe, r.fidelity), _Scored(
                         r.values, r.scores, r.correct, r.items, number=r.number))
@@ -679,7 +684,8 @@ class SearchLoop:
                     log.warning("probe %d (%s) failed: %s", cand.id, cand.kind, result.reason)
             elif result.ok:
                 self.ok += 1
-                self._track_best(result.values)
+                if cand.fidelity >= 1:
+                    self._track_best(result.values)
                 if source is None and key is not None and key not in self.cache:
                     entry = self.cache[key] = _Scored(dict(result.values), result.scores,
                                                       result.correct, result.items)

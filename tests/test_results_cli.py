@@ -175,3 +175,14 @@ def test_pareto_formats(tmp_path, capsys):
         main(["pareto", str(exp), "--format", "xml"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_front_table_shows_categorical_choices_by_name():
+    from mergesearch.report.pareto import format_front
+    from mergesearch.storage.trials import TrialRecord
+
+    front = [TrialRecord(number=3, candidate_id=3, state="ok", values={"mean": 0.7},
+                         params={"attention@L0": "srt", "weight[rev]": 0.25}, recipe=None,
+                         fidelity=1.0, scores={}, reason=None, cached_from=None, timings={})]
+    text = format_front(front, [Objective("mean", "maximize")])
+    assert "trial 3: attention@L0=srt, weight[rev]=0.25" in text

@@ -112,7 +112,8 @@ def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
         lines.append("")
     for t in with_params:
         lines.append(f"trial {t.number}: " + ", ".join(
-            f"{k}={v:.3g}" for k, v in t.params.items()))
+            f"{k}={v:.3g}" if isinstance(v, int | float) else f"{k}={v}"
+            for k, v in t.params.items()))
     return "\n".join(lines)
 
 

@@ -15,6 +15,9 @@ from .base import (
 )
 from .cmaes import CMAES
 from .evo_merging import EvoMerging
+from .map import BayesianMap, Map, NestedMap
+from .merge_moea import MergeMOEA
+from .multi_fidelity import SuccessiveHalving
 from .optuna_samplers import NSGA2, TPE
 from .pymoo_strategy import Pymoo
 from .random_search import RandomSearch
@@ -23,12 +26,17 @@ from .sakana import SakanaDFS, SakanaPS
 __all__ = [
     "CMAES",
     "EvoMerging",
+    "BayesianMap",
+    "Map",
+    "NestedMap",
+    "MergeMOEA",
     "NSGA2",
     "TPE",
     "Pymoo",
     "RandomSearch",
     "SakanaDFS",
     "SakanaPS",
+    "SuccessiveHalving",
     "Dimension",
     "Objective",
     "Problem",
