@@ -93,6 +93,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "map": {"front_points": 8},
     "bayesian_map": {"front_points": 8},
     "nested_map": {"front_points": 3},
+    # stops itself at 100 evaluations counting each gradient probe as 3 (forward + backward)
+    "frank_wolfe": {"variant": "soft", "granularity": "layer", "iterations": 100,
+                    "step_size": 1.0, "scaling": 0.5, "soft_trials": 4, "evaluations": 100,
+                    "probe_cost": 3.0},
 }
 
 # MAP's design is (N+1)(N+2) points: one weight per expert, not per layer group

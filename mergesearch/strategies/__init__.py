@@ -15,6 +15,7 @@ from .base import (
 )
 from .cmaes import CMAES
 from .evo_merging import EvoMerging
+from .frank_wolfe import FrankWolfe
 from .map import BayesianMap, Map, NestedMap
 from .merge_moea import MergeMOEA
 from .multi_fidelity import SuccessiveHalving
@@ -26,6 +27,7 @@ from .sakana import SakanaDFS, SakanaPS
 __all__ = [
     "CMAES",
     "EvoMerging",
+    "FrankWolfe",
     "BayesianMap",
     "Map",
     "NestedMap",
