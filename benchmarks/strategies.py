@@ -97,6 +97,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "frank_wolfe": {"variant": "soft", "granularity": "layer", "iterations": 100,
                     "step_size": 1.0, "scaling": 0.5, "soft_trials": 4, "evaluations": 100,
                     "probe_cost": 3.0},
+    "bmm": {"n_startup_trials": 10},
+    "m2n2": {"granularity": "rows"},
 }
 
 # MAP's design is (N+1)(N+2) points: one weight per expert, not per layer group
@@ -119,6 +121,11 @@ OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
     "merge_moea": {"zoo": ("space=search_spaces/components.yaml",),
                    "hard": ("space=search_spaces/components.yaml",)},
     "map": _PER_EXPERT, "bayesian_map": _PER_EXPERT, "nested_map": _PER_EXPERT,
+    # data-free Grams: a calibrating worker would calibrate on the report items when the
+    # league re-scores the best trial there
+    "bmm": {"zoo": ("space=search_spaces/bmm_data_free.yaml",),
+            "hard": ("space=search_spaces/bmm_weights_data_free.yaml",),
+            "digits": ("space=search_spaces/bmm_layers_data_free.yaml",)},
 }
 BASELINES = ("random", "cmaes")
 

@@ -4,7 +4,15 @@ Nothing here knows about recipes, checkpoints or models; adding a method is
 one small module that calls :func:`register`.
 """
 
-from mergesearch.merging import evo, linear, passthrough, slerp, task_arithmetic  # noqa: F401
+from mergesearch.merging import (  # noqa: F401
+    bmm,
+    evo,
+    linear,
+    passthrough,
+    regions,
+    slerp,
+    task_arithmetic,
+)
 from mergesearch.merging.base import (
     MergeMethod,
     Param,

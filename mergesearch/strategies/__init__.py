@@ -13,9 +13,11 @@ from .base import (
     register,
     strategies,
 )
+from .bmm import BMM
 from .cmaes import CMAES
 from .evo_merging import EvoMerging
 from .frank_wolfe import FrankWolfe
+from .m2n2 import M2N2
 from .map import BayesianMap, Map, NestedMap
 from .merge_moea import MergeMOEA
 from .multi_fidelity import SuccessiveHalving
@@ -25,9 +27,11 @@ from .random_search import RandomSearch
 from .sakana import SakanaDFS, SakanaPS
 
 __all__ = [
+    "BMM",
     "CMAES",
     "EvoMerging",
     "FrankWolfe",
+    "M2N2",
     "BayesianMap",
     "Map",
     "NestedMap",
