@@ -35,6 +35,15 @@ NAMES = list(strategies())
 SINGLE = [n for n, cls in strategies().items() if not cls.multi_objective]
 MULTI = [n for n, cls in strategies().items() if cls.multi_objective]
 
+#: Strategies that fit a model at every ask (GPs, forests, quadratic surrogates with
+#: NSGA-III on them): seconds per ask, so their conformance runs with the slow tests (the
+#: full suite, CI); their own test files keep quick checks.
+HEAVY = {"bmm", "map", "bayesian_map", "nested_map", "merge_moea", "mm_mo"}
+
+
+def params(names: Iterable[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+
 Objective_fn = Callable[[np.ndarray], dict[str, float]]
 
 # -- problems -----------------------------------------------------------------------------
@@ -131,7 +140,7 @@ def losses(history: list[tuple[Candidate, Result]], problem: Problem) -> np.ndar
     return np.array([problem.losses(r.values) for _, r in history if r.ok])
 
 
-@pytest.fixture(params=NAMES)
+@pytest.fixture(params=params(NAMES))
 def name(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -318,7 +327,7 @@ def test_default_options_round_trip(name: str) -> None:
 
 # -- optimisation -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", SINGLE)
+@pytest.mark.parametrize("name", params(SINGLE))
 def test_single_objective_uses_the_weighted_sum(name: str) -> None:
     s = create_strategy(name, WEIGHTED, seed=0)
     history = drive(s, weighted, 200, batches=(6,))
@@ -328,7 +337,7 @@ def test_single_objective_uses_the_weighted_sum(name: str) -> None:
     assert np.linalg.norm(np.asarray(best) - WEIGHTED_OPT) < 0.1
 
 
-@pytest.mark.parametrize("name", MULTI)
+@pytest.mark.parametrize("name", params(MULTI))
 def test_multi_objective_spreads_a_front(name: str) -> None:
     history = drive(create_strategy(name, ZDT, seed=0), zdt1, 300, batches=(10,))
     assert len(front(losses(history, ZDT))) >= 5
@@ -369,7 +378,8 @@ def test_hypervolume_beats_random_search(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", [n for n, cls in strategies().items() if "include_init" in cls.Options.model_fields])
+    "name", params(n for n, cls in strategies().items()
+                   if "include_init" in cls.Options.model_fields))
 def test_include_init_proposes_the_start_point_first(name: str) -> None:
     for seed in (0, 1):
         first = create_strategy(name, MIXED, seed=seed).ask(3)[0]
@@ -393,10 +403,14 @@ json.dump(out, sys.stdout)
 """
 
 
-def test_resume_in_a_fresh_process() -> None:
+@pytest.mark.parametrize("group", [
+    "light", pytest.param("heavy", marks=pytest.mark.slow)])
+def test_resume_in_a_fresh_process(group: str) -> None:
     """A state replays identically in another interpreter (other hash seed: a resumed run)."""
     states, expected = {}, {}
     for name in NAMES:
+        if (name in HEAVY) != (group == "heavy"):
+            continue
         s = create_strategy(name, MIXED, seed=5)
         drive(s, mixed, 25, batches=(4, 3), fail=lambda i: i % 6 == 2)
         s.ask(2)
@@ -408,7 +422,7 @@ def test_resume_in_a_fresh_process() -> None:
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONHASHSEED": "4321", "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", _RESUME], input=json.dumps(data), env=env,
-                          cwd=root, capture_output=True, text=True, check=True, timeout=120)
+                          cwd=root, capture_output=True, text=True, check=True, timeout=600)
     assert json.loads(done.stdout) == expected
 
 
