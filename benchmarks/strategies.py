@@ -18,15 +18,19 @@ budget are overridden per run):
   on the training images, reported on the test images.
 * ``digits-mo``: the same with two objectives, accuracy (maximise) and the L2 norm of
   merged - base (``delta_l2``, minimise); only multi-objective strategies run it.
+* ``zoo-mo``: ``experiments/zoo/mm_mo.yaml``, the zoo with DARE-TIES weight and density
+  per expert (8 dimensions), two objectives: mean char accuracy and ``delta_l1``
+  (minimise); multi-objective strategies only, run at small budgets
+  (``--testbeds zoo-mo --evaluations 30 --budgets 10,20``).
 
 Figures, per testbed and strategy (mean ± std over seeds, std with n - 1):
 
 * best after each budget: the best search-item value among the first b trials (for
-  ``digits-mo``: of the first objective, accuracy);
+  the multi-objective testbeds: of the first objective);
 * report items: the final best trial (the one with the best search value of the first
   objective over the whole budget, the earliest on ties) re-scored on the report items by
   the controller's own worker;
-* hypervolume after each budget (``digits-mo`` only), on search values, against one
+* hypervolume after each budget (``digits-mo``, ``zoo-mo``), on search values, against one
   reference point derived from all runs of the testbed (printed once under its table);
 * the uniform merge (the space's init point) scored on search and report items, as a
   reference row.
@@ -99,6 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                     "probe_cost": 3.0},
     "bmm": {"n_startup_trials": 10},
     "m2n2": {"granularity": "rows"},
+    "mm_mo": {},  # the paper's settings: 10 random, then batches of 5
 }
 
 # MAP's design is (N+1)(N+2) points: one weight per expert, not per layer group
@@ -168,6 +173,11 @@ TESTBEDS = {t.name: t for t in (
             "(minimize); search: training images; report: test images",
             search=(f"evaluator.objectives={MO_OBJECTIVES}",),
             report=("evaluator.split=test",)),
+    Testbed("zoo-mo", "experiments/zoo/mm_mo.yaml",
+            "tiny LM zoo, DARE-TIES weight and density per expert (8 dims), two objectives: "
+            "mean char accuracy (maximize) and delta_l1 = sum |merged - base| (minimize); "
+            "search: 100 items per skill; report: 200 other items per skill",
+            report=("evaluator.suite=evaluators/zoo_report", "evaluator.limit=null")),
 )}
 
 

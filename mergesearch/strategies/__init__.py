@@ -20,6 +20,7 @@ from .frank_wolfe import FrankWolfe
 from .m2n2 import M2N2
 from .map import BayesianMap, Map, NestedMap
 from .merge_moea import MergeMOEA
+from .mm_mo import MMMO
 from .multi_fidelity import SuccessiveHalving
 from .optuna_samplers import NSGA2, TPE
 from .pymoo_strategy import Pymoo
@@ -36,6 +37,7 @@ __all__ = [
     "Map",
     "NestedMap",
     "MergeMOEA",
+    "MMMO",
     "NSGA2",
     "TPE",
     "Pymoo",
