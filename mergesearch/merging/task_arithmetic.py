@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 _OFFSET = 1 << 31  # cached bits are stored as int32: the 32-bit hash minus 2**31
 
-FUSE_MIN_NUMEL = 1 << 16
+FUSE_MIN_NUMEL = 1 << 12
 """Tensors at least this large go through the compiled core (smaller: eager)."""
 
 def _core(

@@ -46,7 +46,6 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from mergesearch.models.recipe_model import recipe_ref
 from mergesearch.strategies.base import Proposal, Strategy, StrategyError, StrategyOptions, register
 
 PROBE = "mergesearch.execution.fw_probe:gradient_cosines"
@@ -175,10 +174,14 @@ class FrankWolfe(Strategy):
             return self.base
         if vertex.shape[1] == 1 or np.all(vertex == vertex[:, :1]):
             return self.pool[int(np.argmax(vertex[:, 0]))]
+        from mergesearch.models.recipe_model import recipe_ref  # here: listing stays light
+
         return recipe_ref(self._coefficients_recipe(vertex))
 
     def _ties_recipe(self, target: np.ndarray, gamma: float) -> dict[str, Any]:
         """``x_t + gamma * TIES-trim(target - x_t)``: ``target`` merged onto the iterate."""
+        from mergesearch.models.recipe_model import recipe_ref
+
         here = self.recipe or self._coefficients_recipe(self.c)
         return {"method": "ties", "base": recipe_ref(here),
                 "models": [{"model": self._vertex_recipe(target),

@@ -393,19 +393,11 @@ class _SurrogateProblem:
 
     def __new__(cls, strategy: MergeMOEA, surrogate: Surrogate, kappa: float):
         from pymoo.core.problem import Problem as PymooProblem
-        from pymoo.core.variable import Binary, Choice, Integer, Real
+
+        from mergesearch.strategies.pymoo_strategy import pymoo_variables
 
         dims = strategy.problem.dims
-        variables: dict[str, Any] = {}
-        for d in dims:
-            if d.kind == "real":
-                variables[d.name] = Real(bounds=(d.low, d.high))
-            elif d.kind == "int":
-                variables[d.name] = Integer(bounds=(int(d.low), int(d.high)))
-            elif d.kind == "binary":
-                variables[d.name] = Binary()
-            else:
-                variables[d.name] = Choice(options=list(range(len(d.choices))))
+        variables = pymoo_variables(dims)
 
         class Optimistic(PymooProblem):
             def _evaluate(self, x: Any, out: dict[str, Any], *args: Any, **kwargs: Any) -> None:

@@ -77,7 +77,13 @@ from typing import Any
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from mergesearch.strategies.base import Strategy, StrategyError, StrategyOptions, register
+from mergesearch.strategies.base import (
+    Dimension,
+    Strategy,
+    StrategyError,
+    StrategyOptions,
+    register,
+)
 from mergesearch.trial import Candidate, Result
 
 
@@ -293,19 +299,7 @@ class Pymoo(Strategy):
 
         if not self._mixed:
             return Told(n_var=p.n_dims, n_obj=n_obj, xl=p.low, xu=p.high)
-        from pymoo.core.variable import Binary, Choice, Integer, Real
-
-        variables: dict[str, Any] = {}
-        for d in p.dims:
-            if d.kind == "real":
-                variables[d.name] = Real(bounds=(d.low, d.high))
-            elif d.kind == "int":
-                variables[d.name] = Integer(bounds=(int(d.low), int(d.high)))
-            elif d.kind == "binary":
-                variables[d.name] = Binary()
-            else:
-                variables[d.name] = Choice(options=list(range(len(d.choices))))
-        return Told(vars=variables, n_obj=n_obj)
+        return Told(vars=pymoo_variables(p.dims), n_obj=n_obj)
 
     def _build_algorithm(self, spec: _Algorithm) -> Any:
         cls = _algorithm_class(self.options.algorithm)
@@ -477,6 +471,24 @@ class Pymoo(Strategy):
                                            algorithm=self._algorithm)
             self._algorithm.tell(infills=self._infills)
         self._sample()
+
+
+def pymoo_variables(dims: Sequence[Dimension]) -> dict[str, Any]:
+    """pymoo's mixed-variable declaration of ``dims``, by name (a categorical's choices as
+    their indices, as genomes hold them)."""
+    from pymoo.core.variable import Binary, Choice, Integer, Real
+
+    variables: dict[str, Any] = {}
+    for d in dims:
+        if d.kind == "real":
+            variables[d.name] = Real(bounds=(d.low, d.high))
+        elif d.kind == "int":
+            variables[d.name] = Integer(bounds=(int(d.low), int(d.high)))
+        elif d.kind == "binary":
+            variables[d.name] = Binary()
+        else:
+            variables[d.name] = Choice(options=list(range(len(d.choices))))
+    return variables
 
 
 def _value(value: Any) -> Any:
