@@ -36,13 +36,15 @@ SINGLE = [n for n, cls in strategies().items() if not cls.multi_objective]
 MULTI = [n for n, cls in strategies().items() if cls.multi_objective]
 
 #: Strategies that fit a model at every ask (GPs, forests, quadratic surrogates with
-#: NSGA-III on them): seconds per ask, so their conformance runs with the slow tests (the
-#: full suite, CI); their own test files keep quick checks.
+#: NSGA-III on them): seconds per ask, ~10-40 minutes for this suite each, so it runs on
+#: its own (`pytest -m expensive`, last result in benchmarks/RESULTS.md), not in the
+#: default run; their own test files keep quick checks and a SIGKILL resume.
 HEAVY = {"bmm", "map", "bayesian_map", "nested_map", "merge_moea", "mm_mo"}
+EXPENSIVE = (pytest.mark.slow, pytest.mark.expensive)
 
 
 def params(names: Iterable[str]) -> list:
-    return [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in names]
+    return [pytest.param(n, marks=EXPENSIVE) if n in HEAVY else n for n in names]
 
 Objective_fn = Callable[[np.ndarray], dict[str, float]]
 
@@ -403,8 +405,7 @@ json.dump(out, sys.stdout)
 """
 
 
-@pytest.mark.parametrize("group", [
-    "light", pytest.param("heavy", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("group", ["light", pytest.param("heavy", marks=EXPENSIVE)])
 def test_resume_in_a_fresh_process(group: str) -> None:
     """A state replays identically in another interpreter (other hash seed: a resumed run)."""
     states, expected = {}, {}
