@@ -263,12 +263,17 @@ class Bench:
         except StrategyError as err:
             return str(err)
         problem = self.problem
-        if self.extra(strategy):
+        if self.extra(strategy):  # its own space: bound with the strategy itself
             from mergesearch import controller
+            from mergesearch.errors import MergesearchError
 
-            problem = controller.BoundExperiment(self._load(
-                [*self.extra(strategy), f"output={self.work / self.bed.name / 'scorer'}"]),
-                progress=False).problem
+            try:
+                problem = controller.BoundExperiment(self._load(
+                    [*self.extra(strategy), f"output={self.work / self.bed.name / 'scorer'}",
+                     f"strategy.name={strategy}", f"strategy.options={json.dumps(options)}"]),
+                    progress=False).problem
+            except MergesearchError as err:
+                return str(err)
         kinds = {d.kind for d in problem.dims} - set(cls.kinds)
         if kinds:
             return (f"searches {', '.join(sorted(cls.kinds))} variables only; this space has "
