@@ -610,6 +610,10 @@ def main(argv: list[str] | None = None) -> int:
     benches: dict[str, Bench] = {}
     broken: dict[str, str] = {}
     skipped: dict[str, dict[str, str]] = {t: {} for t in testbeds}
+    if not args.strategies:  # left out, and said so in every table: never silently absent
+        for t in testbeds:
+            skipped[t].update({s: f"left out by default: {why}" for s, why in NOT_BY_DEFAULT.items()
+                               if s in known})
 
     def bench(t: str) -> Bench | None:
         if t not in benches and t not in broken:
