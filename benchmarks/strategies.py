@@ -118,6 +118,12 @@ NOT_BY_DEFAULT: dict[str, str] = {
             "runs it at equal cost",
 }
 
+#: Testbeds a strategy cannot run, and why (a skip note in the table).
+CANNOT: dict[str, dict[str, str]] = {
+    "frank_wolfe": {"digits": "its gradient probe needs token rows; the digits evaluator is "
+                              "a python function without them"},
+}
+
 #: Extra overrides a strategy runs a testbed with, by strategy then testbed: for one that
 #: searches its own kind of space (a categorical component space, its own hyperparameters)
 #: on the testbed's models and evaluator.  Its row then compares best scores on the same
@@ -262,6 +268,8 @@ class Bench:
             cls.parse_options(options)
         except StrategyError as err:
             return str(err)
+        if self.bed.name in CANNOT.get(strategy, {}):
+            return CANNOT[strategy][self.bed.name]
         problem = self.problem
         if self.extra(strategy):  # its own space: bound with the strategy itself
             from mergesearch import controller
