@@ -164,11 +164,12 @@ class BoundExperiment:
             log.info("%s optimises one scalar: the weighted sum of %d objectives",
                      self.strategy.name, len(objectives))
         evaluator, suite = exp.evaluator.model_dump(mode="json"), None
-        if exp.evaluator.backend == "hf":
-            suite = exp.find(exp.evaluator.suite)
-            if suite is None:
-                raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
-            evaluator["suite"] = str(suite)
+        if exp.evaluator.backend != "python":  # hf, vllm, lm_eval: a tokenizer, maybe a suite
+            if exp.evaluator.suite is not None:
+                suite = exp.find(exp.evaluator.suite)
+                if suite is None:
+                    raise ExperimentError(f"evaluator.suite: {exp.evaluator.suite!r} not found")
+                evaluator["suite"] = str(suite)
             estimator = evaluator.get("estimator")
             if isinstance(estimator, dict) and estimator.get("sources"):  # paths as the models'
                 estimator["sources"] = [r if r.startswith("zoo:") else str(exp.find(r) or r)
@@ -183,7 +184,8 @@ class BoundExperiment:
         start = self.space.start
         dtype = exp.execution.dtype or start.dtype
         self.worker_spec = WorkerSpec(
-            tokenizer=first if suite is not None else None,  # the python backend needs none
+            # the python backend needs no tokenizer
+            tokenizer=None if exp.evaluator.backend == "python" else first,
             evaluator=evaluator, device=exp.execution.device, dtype=dtype,
             hold_sources=exp.execution.hold_sources,
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,

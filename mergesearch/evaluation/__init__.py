@@ -1,5 +1,6 @@
-"""Evaluator backends: score a merged model on a suite of lm-eval task YAMLs (``hf``) or
-with a scoring function named by import path (``python``).
+"""Evaluator backends: score a merged model on a suite of lm-eval task YAMLs (``hf``, or
+``vllm`` with the candidate merged inside the engine), with lm-eval itself (``lm_eval``),
+or with a scoring function named by import path (``python``).
 
 >>> from mergesearch.evaluation import EvaluatorConfig, ObjectiveConfig, make_evaluator
 >>> cfg = EvaluatorConfig(suite="evaluators/zoo",
@@ -19,8 +20,9 @@ from .tasks import FILTERS, METRICS, TaskSpec, load_suite
 
 def make_evaluator(config: EvaluatorConfig, tokenizer: Any = None, *,
                    base_dir: str | Path | None = None, **options: Any) -> Evaluator:
-    """The evaluator of ``config.backend``: ``hf`` needs the tokenizer, ``python``
-    (:class:`~mergesearch.evaluation.python.PythonEvaluator`) takes none."""
+    """The evaluator of ``config.backend``: ``hf``, ``vllm`` and ``lm_eval`` need the
+    tokenizer, ``python`` (:class:`~mergesearch.evaluation.python.PythonEvaluator`) takes
+    none."""
     if config.backend == "python":
         from .python import PythonEvaluator
 

@@ -54,4 +54,12 @@ def make_evaluator(config: EvaluatorConfig, tokenizer: Any, *,
         from .hf import HFEvaluator
 
         return HFEvaluator(config, tokenizer, base_dir=base_dir, **options)
+    if config.backend == "vllm":
+        from .vllm_backend import VLLMEvaluator
+
+        return VLLMEvaluator(config, tokenizer, base_dir=base_dir, **options)
+    if config.backend == "lm_eval":
+        from .lm_eval_backend import LMEvalEvaluator
+
+        return LMEvalEvaluator(config, tokenizer, base_dir=base_dir, **options)
     raise EvaluationError(f"evaluator backend {config.backend!r} is not available; use 'hf'")

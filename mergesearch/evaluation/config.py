@@ -18,6 +18,9 @@ from pydantic import (
 
 from mergesearch.objectives import metric_problem
 
+from .lm_eval_config import LMEvalOptions
+from .vllm_config import VLLMOptions
+
 
 class ObjectiveConfig(BaseModel):
     """One objective: a metric averaged over some tasks of the suite (``source:
@@ -113,14 +116,17 @@ class EstimatorConfig(BaseModel):
 
 
 class EvaluatorConfig(BaseModel):
-    """A suite of lm-eval task YAMLs (``backend: hf``) or a scoring function named by
-    import path (``backend: python``, see :mod:`mergesearch.evaluation.python`), the
-    objectives read from it and how much of it to use."""
+    """A suite of lm-eval task YAMLs scored by our own loop over the resident model
+    (``backend: hf``) or by a vLLM engine the candidate is merged into (``backend: vllm``);
+    lm-eval tasks run by lm-eval itself on the in-memory model (``backend: lm_eval``); or a
+    scoring function named by import path (``backend: python``, see
+    :mod:`mergesearch.evaluation.python`). Also the objectives read from it, the metrics
+    tracked beside them, and how much of it to use."""
 
     model_config = ConfigDict(extra="forbid")
 
-    backend: Literal["hf", "python"] = "hf"
-    suite: str | None = None  # hf: a folder of lm-eval task YAMLs
+    backend: Literal["hf", "vllm", "lm_eval", "python"] = "hf"
+    suite: str | None = None  # hf, vllm: a folder of lm-eval task YAMLs; lm_eval: an include path
     function: str | None = None  # python: "package.module:function"
     split: str = "test"  # python: passed to the function
     options: dict[str, Any] = Field(default_factory=dict)  # python: keywords for the function
@@ -130,12 +136,27 @@ class EvaluatorConfig(BaseModel):
     subset_seed: int = 0
     batch_size: int = Field(64, gt=0)
     estimator: EstimatorConfig | None = None  # None: every item, as kind full
+    vllm: VLLMOptions | None = None  # backend vllm: engine and sampling settings
+    lm_eval: LMEvalOptions | None = None  # backend lm_eval: tasks and pass-through arguments
+    track: list[str] = Field(default_factory=list)  # metrics recorded and shown, not optimised
 
     @model_validator(mode="after")
     def _backend_fields(self) -> EvaluatorConfig:
-        if self.backend == "hf":
+        for name in ("vllm", "lm_eval"):
+            if getattr(self, name) is not None and self.backend != name:
+                raise ValueError(f"evaluator.{name} is only for backend: {name}, "
+                                 f"not {self.backend}")
+        if self.backend == "lm_eval":
+            if self.lm_eval is None:
+                raise ValueError("backend lm_eval needs lm_eval: {tasks: [...]} (task names, "
+                                 "or task configs as mappings)")
+            used = [k for k in ("function", "options") if getattr(self, k)]
+            if used or self.split != "test":
+                raise ValueError(f"{', '.join(used) or 'split'}: only for backend: python")
+        elif self.backend in ("hf", "vllm"):
             if self.suite is None:
-                raise ValueError("backend hf needs a suite (a folder of lm-eval task YAMLs)")
+                raise ValueError(f"backend {self.backend} needs a suite (a folder of lm-eval "
+                                 "task YAMLs)")
             used = [k for k in ("function", "options") if getattr(self, k)]
             if used or self.split != "test":
                 raise ValueError(f"{', '.join(used) or 'split'}: only for backend: python")
@@ -159,9 +180,12 @@ class EvaluatorConfig(BaseModel):
         """The python backend's fields are left out of an hf evaluator's dump, so its
         studies fingerprint as they did before the backend existed."""
         data = handler(self)
-        if data.get("estimator") is None:  # studies fingerprint as before estimators
-            data.pop("estimator", None)
-        if data.get("backend") == "hf":
+        for key in ("estimator", "vllm", "lm_eval"):  # studies fingerprint as before them
+            if data.get(key) is None:
+                data.pop(key, None)
+        if not data.get("track"):
+            data.pop("track", None)
+        if data.get("backend") != "python":
             for key in ("function", "split", "options"):
                 data.pop(key, None)
         return data

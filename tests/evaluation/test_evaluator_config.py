@@ -46,7 +46,9 @@ def test_defaults_and_dispatch(tok: PreTrainedTokenizerFast) -> None:
     ({"objectives": [{"name": "a", "metric": "acc", "weight": 0}]}, "weight"),
     ({"objectives": [{"name": "a", "metric": "acc", "direction": "up"}]}, "direction"),
     ({"limit": 0}, "limit"),
-    ({"backend": "vllm"}, "backend"),
+    ({"backend": "sglang"}, "backend"),
+    ({"backend": "lm_eval"}, "lm_eval: {tasks"),
+    ({"vllm": {"engine": {}}}, "only for backend: vllm"),
 ])
 def test_config_errors_name_the_field(overrides: dict, match: str) -> None:
     with pytest.raises(ValidationError, match=match):
