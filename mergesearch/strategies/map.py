@@ -50,6 +50,8 @@ Our choices:
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -241,12 +243,21 @@ class _MapBase(Strategy):
         if skip_onehot:
             Z = Z[k:]
         Z = np.clip(Z, frame.low, frame.high)
+        return self._fresh((frame.u(z), {"phase": "design"}, frame, z) for z in Z)
+
+    def _fresh(self, rows: Iterable[tuple], k: int | None = None) -> list[tuple]:
+        """The first ``k`` (all, when None) of ``rows`` (``(u, meta, frame, z)``) whose
+        genome is new: not evaluated, not planned, not an earlier row.  ``rows`` may be a
+        generator; it is drawn from only until ``k`` are found."""
         out, known = [], self._known()
-        for z in Z:
-            u = frame.u(z)
-            if self._is_new(u, known):
-                out.append((u, {"phase": "design"}, frame, z))
-                known = np.vstack([known, u])
+        if k == 0:
+            return out
+        for row in rows:
+            if self._is_new(row[0], known):
+                out.append(row)
+                known = np.vstack([known, row[0]])
+            if k is not None and len(out) == k:
+                break
         return out
 
     def _explore(self, frame: _Frame) -> tuple:
@@ -277,17 +288,10 @@ class _MapBase(Strategy):
                             "preferred": best})
         order = (list(np.argsort(-score, kind="stable")) if self.options.select == "preference"
                  else ms.spread(V, best, len(V)))
-        out, known = [], self._known()
-        for i in order:
-            if len(out) == k:
-                break
-            u = frame.u(FZ[i])
-            if self._is_new(u, known):
-                meta = {"phase": "front", "predicted": self._predicted(models, objs, FZ[i]),
-                        "preference_score": float(score[i]), "preferred": bool(i == best)}
-                out.append((u, meta, frame, FZ[i]))
-                known = np.vstack([known, u])
-        return out
+        return self._fresh(((frame.u(FZ[i]),
+                             {"phase": "front", "predicted": self._predicted(models, objs, FZ[i]),
+                              "preference_score": float(score[i]), "preferred": bool(i == best)},
+                             frame, FZ[i]) for i in order), k)
 
 
 @register
@@ -401,18 +405,15 @@ class BayesianMap(_MapBase):
         prob = np.exp((s - 1.0) / self.options.temperature)
         prob /= prob.sum()
         fitted = self._fit(Z, Y, objs)
-        out, known = [], self._known()
-        tries = 0
-        while len(out) < k and tries < 50 * k:
-            tries += 1
-            b = every[int(self._rng.choice(len(every), p=prob))]
-            u = lo + (hi - lo) * self._in_bin(b, len(lo))
-            if self._is_new(u, known):
-                meta = {"phase": "adaptive", "bin": [int(x) for x in b],
-                        "predicted": self._predicted(fitted, objs, u)}
-                out.append((u, meta, frame, u))
-                known = np.vstack([known, u])
-        return out
+
+        def draws():  # a bin by the softmax, then a point in it; at most 50 k tries
+            for _ in range(50 * k):
+                b = every[int(self._rng.choice(len(every), p=prob))]
+                u = lo + (hi - lo) * self._in_bin(b, len(lo))
+                yield (u, {"phase": "adaptive", "bin": [int(x) for x in b],
+                           "predicted": self._predicted(fitted, objs, u)}, frame, u)
+
+        return self._fresh(draws(), k)
 
     def _in_bin(self, b: tuple, n: int) -> np.ndarray:
         """A random point of the unit cube whose direction from the origin lies in bin
@@ -434,6 +435,87 @@ class NestedMapOptions(MapOptions):
     """Front points of each pair's 2-D MAP evaluated for real."""
     polish_points: int = Field(8, ge=1)
     """Front points per round once one model remains (its last 2-D MAP refining)."""
+    experts: dict[str, list[str]] | None = None
+    """The space's dimensions by expert: expert name -> the names of the dimensions that
+    scale its task vector (``*`` and ``?`` are wildcards, brackets are literal, so
+    ``weight[rev]@*`` is every layer group of ``rev``); every dimension in exactly one
+    expert.  None: from the names, ``<param>[<expert>]`` or ``<param>[<expert>]@<layers>``
+    (the task-arithmetic spaces, per expert or per layer) grouped by expert; a space with
+    no bracketed names, one expert per dimension."""
+
+    @model_validator(mode="after")
+    def _experts_named(self) -> NestedMapOptions:
+        if self.experts is not None:
+            empty = [e for e, names in self.experts.items() if not names]
+            if not self.experts or empty:
+                raise ValueError("experts: give each expert one or more dimension names"
+                                 + (f" ({', '.join(empty)} has none)" if empty else ""))
+        return self
+
+
+#: a dimension of a task-arithmetic space: ``weight[rev]``, ``weight[rev]@L0-1``
+_EXPERT_DIM = re.compile(r"^(?P<param>[^\[\]@]+)\[(?P<expert>[^\[\]]+)\](?:@.*)?$")
+
+
+def _pattern(text: str) -> re.Pattern:
+    """``*`` and ``?`` as wildcards, everything else (brackets too) literal."""
+    return re.compile("^" + re.escape(text).replace(r"\*", ".*").replace(r"\?", ".") + "$")
+
+
+def expert_groups(names: list[str], experts: dict[str, list[str]] | None = None,
+                  ) -> list[tuple[str, list[int]]]:
+    """The dimensions (by index) of each expert, in the order the experts come: from
+    ``experts`` (expert -> dimension names or patterns), else from the names (see
+    :attr:`NestedMapOptions.experts`).  Raises :class:`StrategyError` saying what nested MAP
+    needs when the space does not say which dimensions belong to which expert."""
+    need = ("nested_map merges experts by scaling each expert's task vector (task "
+            "arithmetic, whose merges of merges compose): it needs the dimensions grouped "
+            "by expert")
+    if experts is not None:
+        owner: dict[int, str] = {}
+        groups = []
+        for expert, given in experts.items():
+            dims = sorted({i for g in given for i, n in enumerate(names)
+                           if _pattern(g).match(n)})
+            if not dims:
+                raise StrategyError(f"nested_map options: experts.{expert} ({', '.join(given)}) "
+                                    f"names no dimension of this space ({_some(names)})")
+            twice = [i for i in dims if i in owner]
+            if twice:
+                raise StrategyError(f"nested_map options: {_some([names[i] for i in twice])} "
+                                    f"in experts {owner[twice[0]]} and {expert}: each "
+                                    "dimension belongs to one expert")
+            owner.update({i: expert for i in dims})
+            groups.append((expert, dims))
+        left = [n for i, n in enumerate(names) if i not in owner]
+        if left:
+            raise StrategyError(f"nested_map options: experts leaves out {_some(left)}: "
+                                "every dimension belongs to exactly one expert")
+        return groups
+    found = [_EXPERT_DIM.match(n) for n in names]
+    if not any(found):  # plain names: each dimension is one expert's weight
+        return [(n, [i]) for i, n in enumerate(names)]
+    odd = [n for n, m in zip(names, found, strict=True) if m is None]
+    if odd:
+        raise StrategyError(f"{need}; the dimensions {_some(odd)} name no expert "
+                            "(<param>[<expert>]): give options.experts, expert -> its "
+                            "dimension names")
+    params = sorted({m["param"] for m in found})
+    if len(params) > 1:
+        raise StrategyError(f"{need}, one weight parameter per expert (weight[rev] or "
+                            f"weight[rev]@L0-1); this space has the parameters "
+                            f"{', '.join(params)}: search a task-arithmetic space, or give "
+                            "options.experts (expert -> the dimensions that scale its task "
+                            "vector) if you mean every one of them to")
+    groups: dict[str, list[int]] = {}
+    for i, m in enumerate(found):
+        groups.setdefault(m["expert"], []).append(i)
+    return list(groups.items())
+
+
+def _some(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 @register
@@ -447,22 +529,22 @@ class NestedMap(_MapBase):
     options: NestedMapOptions
 
     def _start(self) -> None:
-        n = self.problem.n_dims
+        self._groups = expert_groups(self.problem.names, self.options.experts)
         self._models: list[dict[str, Any]] = []  # each: u, tasks, values, name
         self._stage: _Frame | None = None
         self._pair: list[dict[str, Any]] = []
         self._step = "experts"  # experts -> design -> front -> (design -> front)... -> polish
         self.merges: list[dict[str, Any]] = []
-        self._n = n
+        self._n = len(self._groups)  # experts
 
     def _next_round(self) -> list[tuple]:
-        if self._step == "experts":
+        if self._step == "experts":  # each expert alone: weight 1 on its dimensions, 0 else
             self._step = "pair"
             out = []
-            for i in range(self._n):
-                u = np.eye(self._n)[i] * np.clip(1.0, self._ul[i], self._uh[i])
-                out.append((u, {"phase": "experts", "model": self.problem.dims[i].name},
-                            None, None))
+            for name, dims in self._groups:
+                u = np.zeros(self.problem.n_dims)
+                u[dims] = np.clip(1.0, self._ul[dims], self._uh[dims])
+                out.append((u, {"phase": "experts", "model": name}, None, None))
             return out
         if self._step == "pair":
             if not self._models:
@@ -477,8 +559,7 @@ class NestedMap(_MapBase):
             self._pair = self._closest()
             self._stage = self._frame(self._pair)
             self._step = "front"
-            return [(u, {**m, "stage": len(self.merges), "pair": [p["name"] for p in self._pair]},
-                     f, z) for u, m, f, z in self._design_round(self._stage, skip_onehot=True)]
+            return self._noted(self._design_round(self._stage, skip_onehot=True))
         if self._step == "front":
             out = self._stage_front(self.options.front_points)
             self._step = "merge" if len(self._models) > 1 else "polish"
@@ -491,14 +572,15 @@ class NestedMap(_MapBase):
 
     def _stage_front(self, k: int) -> list[tuple]:
         pref = self._pref * np.isin(np.arange(len(self._pref)), self._stage.objectives)
+        return self._noted(self._front_round(self._stage, k, pref))
+
+    def _noted(self, rows: list[tuple]) -> list[tuple]:
+        """The rows with the pair's stage and names in their notes."""
         meta = {"stage": len(self.merges), "pair": [p["name"] for p in self._pair]}
-        return [(u, {**m, **meta}, f, z) for u, m, f, z in self._front_round(self._stage, k, pref)]
+        return [(u, {**m, **meta}, f, z) for u, m, f, z in rows]
 
     def _init_models(self) -> None:
-        values = []
-        for i in range(self._n):
-            cid = i  # the experts are candidates 0..n-1
-            values.append(self._values.get(cid))
+        values = [self._values.get(i) for i in range(self._n)]  # experts: candidates 0..n-1
         got = [v for v in values if v is not None]
         worst = (np.max(np.array(got) * self._signs, axis=0) * self._signs if got
                  else np.zeros(len(self._signs)))
@@ -507,7 +589,7 @@ class NestedMap(_MapBase):
             for j in range(len(self._signs)):
                 loss = [self._signs[j] * v[j] if v is not None else np.inf for v in values]
                 owner[int(np.argmin(loss))].add(j)
-        self._models = [{"name": self.problem.dims[i].name, "u": self._u[i],
+        self._models = [{"name": self._groups[i][0], "u": self._u[i],
                          "tasks": owner[i], "values": values[i] if values[i] is not None
                          else worst} for i in range(self._n)]
 

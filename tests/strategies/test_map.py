@@ -219,6 +219,87 @@ def test_nested_map_merges_the_closest_pairs_and_composes_their_weights() -> Non
     assert final.shape == (2,) and np.all(np.isfinite(final))
 
 
+def _expert_fn(block: int):
+    """Three experts' task vectors, each objective best at its expert alone (weight 1 on
+    its dimensions); ``block`` dimensions per expert (1: per expert, 2: per layer pair)."""
+    target = np.array([[1.0, 0.3, 0.0], [0.3, 1.0, 0.0], [0.0, 0.2, 1.0]])
+
+    def fn(x: np.ndarray) -> dict[str, float]:
+        w = np.asarray(x, dtype=float).reshape(3, block).mean(axis=1)  # per-expert weight
+        return {f"m{i}": float(np.exp(-2.0 * np.sum((w - target[i]) ** 2))) for i in range(3)}
+
+    return fn
+
+
+def _expert_problem(block: int, bounds=(-0.5, 1.5)) -> Problem:
+    names = [f"weight[{e}]" + (f"@L{k}" if block > 1 else "") for e in ("rev", "srt", "dup")
+             for k in range(block)]
+    return Problem(tuple(Dimension(n, *bounds, 0.5) for n in names),
+                   tuple(Objective(f"m{i}") for i in range(3)))
+
+
+def test_expert_groups_read_the_task_arithmetic_names() -> None:
+    names = [d.name for d in _expert_problem(2).dims]
+    assert mergesearch.strategies.map.expert_groups(names) == \
+        [("rev", [0, 1]), ("srt", [2, 3]), ("dup", [4, 5])]
+    given = {"R": ["weight[rev]@*"], "S": ["weight[srt]@L0", "weight[srt]@L1"],
+             "D": ["weight[dup]@L?"]}  # brackets literal, * and ? wildcards
+    assert mergesearch.strategies.map.expert_groups(names, given) == \
+        [("R", [0, 1]), ("S", [2, 3]), ("D", [4, 5])]
+    assert mergesearch.strategies.map.expert_groups(["a", "b"]) == [("a", [0]), ("b", [1])]
+
+
+def test_nested_map_on_a_per_layer_space_runs_as_on_its_per_expert_space() -> None:
+    """Two layer groups per expert: the experts are scored with weight 1 on all of their
+    layers, and every later merge keeps an expert's layers at one weight (merges compose
+    per expert), so the search is the per-expert one, genome for genome."""
+    runs = {}
+    for block, opts in ((1, {}), (2, {}), (2, {"experts": {"rev": ["weight[rev]@*"],
+                                                          "srt": ["weight[srt]@*"],
+                                                          "dup": ["weight[dup]@*"]}})):
+        s = create_strategy("nested_map", _expert_problem(block), {"front_points": 2, **opts},
+                            seed=2)
+        history = run_rounds(s, _expert_fn(block), 1 + 2 * 2 + 1)  # experts, 2 merges, polish
+        runs[(block, bool(opts))] = (history, s)
+    flat, _ = runs[(1, False)]
+    for key in ((2, False), (2, True)):
+        history, s = runs[key]
+        assert [c.meta["phase"] for c in history[:3]] == ["experts"] * 3
+        assert [c.meta["model"] for c in history[:3]] == ["rev", "srt", "dup"]
+        assert [c.genome for c in history[:3]] == [[1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 0, 0],
+                                                   [0, 0, 0, 0, 1, 1]]
+        g = np.array([c.genome for c in history])
+        np.testing.assert_array_equal(g[:, 0::2], g[:, 1::2])  # layers of an expert tied
+        np.testing.assert_allclose(g[:, 0::2], np.array([c.genome for c in flat]), atol=1e-12)
+        assert [c.meta for c in history] == [c.meta for c in flat]
+        assert s.merges[0]["pair"] == ["rev", "srt"]  # the two alike experts pair first
+        assert len(s.merges) == 2 and s.merges[1]["name"] == "(dup+(rev+srt))"
+
+
+def test_nested_map_refuses_a_space_it_cannot_group_by_expert() -> None:
+    dare = Problem((Dimension("weight[rev]", 0.0, 1.0, 0.5), Dimension("weight[srt]", 0.0, 1.0, 0.5),
+                    Dimension("density[rev]", 0.1, 1.0, 0.5),
+                    Dimension("density[srt]", 0.1, 1.0, 0.5)), toy_problem().objectives)
+    with pytest.raises(StrategyError, match="one weight parameter per expert.*parameters "
+                                            "density, weight.*options.experts"):
+        create_strategy("nested_map", dare)
+    mixed = Problem((Dimension("weight[rev]", 0.0, 1.0, 0.5), Dimension("lam", 0.0, 1.0, 0.5)),
+                    toy_problem().objectives)
+    with pytest.raises(StrategyError, match="dimensions lam name no expert"):
+        create_strategy("nested_map", mixed)
+    names = _expert_problem(2)
+    with pytest.raises(StrategyError, match="experts leaves out weight\\[dup\\]@L0, "
+                                            "weight\\[dup\\]@L1"):
+        create_strategy("nested_map", names, {"experts": {"a": ["weight[rev]@*"],
+                                                          "b": ["weight[srt]@*"]}})
+    with pytest.raises(StrategyError, match="in experts a and b"):
+        create_strategy("nested_map", names, {"experts": {"a": ["weight[rev]@*"],
+                                                          "b": ["weight[*]@L1"]}})
+    with pytest.raises(StrategyError, match="experts.c \\(weight\\[evn\\]\\) names no "
+                                            "dimension"):
+        create_strategy("nested_map", names, {"experts": {"c": ["weight[evn]"]}})
+
+
 # -- state -------------------------------------------------------------------------------
 
 #: in a fresh interpreter: replay each state, tell its pending candidates, ask on
