@@ -234,7 +234,8 @@ def _run(args: argparse.Namespace, exp, same: str, started) -> int:
         return EXIT_FAILED
     kind = "Pareto front" if len(summary.objectives) > 1 else "best trial"
     print(f"\n{kind} ({len(summary.front)} point(s)):")
-    print(format_front(summary.front, summary.objectives, limit=10, params=3))
+    print(format_front(summary.front, summary.objectives, limit=10, params=3,
+                       tracked=_tracked_names(exp, summary.front)))
     if len(summary.front) > 10:
         print(f"(all of it: mergesearch pareto {args.experiment}{same})")
     front_dir = front_path(summary.run_dir, args.study, exp.name)
@@ -302,7 +303,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from mergesearch.report import best_values
+    from mergesearch.report import best_values, choose
+    from mergesearch.report.pareto import format_tracked
     from mergesearch.storage.trials import REPORT
 
     exp, store = _store(args)
@@ -312,6 +314,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     budget = (_ran_with(store).get("budget") or {}).get("evaluations", exp.budget.evaluations)
     best = best_values(trials, store.objectives)
     failed = [t for t in trials if t.state == "failed"]
+    tracked = store.tracked_names(trials)
+    front = store.pareto_front() if tracked else []
+    # the tracked values of the trial export chooses: the best, or the front's best by weights
+    chosen = choose(front, store.objectives) if front else None
     if args.format == "json":
         import json
 
@@ -319,6 +325,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             "study": store.study.study_name, "storage": exp.storage_url, "trials": count,
             "budget": {"evaluations": budget},
             "best": {o.name: best[o.name] for o in store.objectives if o.name in best},
+            **({"tracked": {"names": tracked, "trial": chosen and chosen.number,
+                            "values": chosen.tracked if chosen else {}}} if tracked else {}),
             "failed": [{"trial": t.number, "reason": t.reason} for t in failed],
             "report": store.study.user_attrs.get(REPORT),
         }, indent=2))
@@ -329,10 +337,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         names = [o.name for o in store.objectives]
         writer = csv.writer(sys.stdout, lineterminator="\n")
         writer.writerow(["study", "storage", "ok", "failed", "running", "budget",
-                         *(f"best_{n}" for n in names)])
+                         *(f"best_{n}" for n in names),
+                         *(["tracked_trial"] if tracked else []),
+                         *(f"tracked_{n}" for n in tracked)])
         writer.writerow([store.study.study_name, exp.storage_url, count["ok"], count["failed"],
                          count["running"], "" if budget is None else budget,
-                         *(best.get(n, "") for n in names)])
+                         *(best.get(n, "") for n in names),
+                         *([chosen.number if chosen else ""] if tracked else []),
+                         *((chosen.tracked.get(n, "") if chosen else "") for n in tracked)])
         return 0
     print(f"study {store.study.study_name!r} in {exp.storage_url}")
     print(f"  trials: {count['ok']} ok, {count['failed']} failed, {count['running']} in flight"
@@ -340,6 +352,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for o in store.objectives:
         if o.name in best:
             print(f"  best {o.name} ({o.direction}): {best[o.name]:.4f}")
+    if chosen is not None:
+        which = "the best trial" if len(store.objectives) == 1 else \
+            "the front point export chooses"
+        values = ", ".join(f"{k} {v:.4f}" for k, v in chosen.values.items())
+        print(f"  tracked at trial {chosen.number} ({which}; {values}): "
+              f"{format_tracked(chosen, tracked)}")
     for t in failed[-3:]:
         print(f"  trial {t.number} failed: {t.reason}")
     report = store.study.user_attrs.get(REPORT)
@@ -356,6 +374,15 @@ def _report_line(report: dict) -> str:
     return f"trial {report['trial']} on the report items: {values} (search items: {search})"
 
 
+def _tracked_names(exp, trials) -> list[str]:
+    """The tracked metrics to show: the experiment's ``evaluator.track``, then any other a
+    trial holds."""
+    names = list(exp.evaluator.track)
+    for t in trials:
+        names += [n for n in t.tracked if n not in names]
+    return names
+
+
 def _ran_with(store) -> dict:
     """The experiment (with its overrides) the study was last run with; {} if unrecorded."""
     try:
@@ -367,6 +394,7 @@ def _ran_with(store) -> dict:
 def _cmd_pareto(args: argparse.Namespace) -> int:
     _, store = _store(args)
     front = store.pareto_front()
+    tracked = store.tracked_names(front)
     if args.recipes and args.format != "table":
         raise UsageError("--recipes is for --format table (json includes each recipe)")
     if args.format == "json":
@@ -375,8 +403,10 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         print(json.dumps({
             "study": store.study.study_name,
             "objectives": [vars(o) for o in store.objectives],
-            "front": [{"trial": t.number, "values": t.values, "params": t.params,
-                       "recipe": t.recipe} for t in front],
+            **({"tracked": tracked} if tracked else {}),
+            "front": [{"trial": t.number, "values": t.values}
+                      | ({"tracked": t.tracked} if tracked else {})
+                      | {"params": t.params, "recipe": t.recipe} for t in front],
         }, indent=2))
     elif args.format == "csv":
         import csv
@@ -384,20 +414,23 @@ def _cmd_pareto(args: argparse.Namespace) -> int:
         names = [o.name for o in store.objectives]
         params = list(dict.fromkeys(k for t in front for k in t.params))
         writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["trial", *names, *params])
+        writer.writerow(["trial", *names, *tracked, *params])
         for t in front:
             writer.writerow([t.number, *(t.values.get(n, "") for n in names),
+                             *(t.tracked.get(n, "") for n in tracked),
                              *(t.params.get(k, "") for k in params)])
     elif args.recipes:
         from mergesearch.recipe import Recipe
+        from mergesearch.report.pareto import format_tracked
 
         for t in front:
-            print(f"# trial {t.number}: " + ", ".join(f"{k}={v:.4f}" for k, v in t.values.items()))
+            print(f"# trial {t.number}: " + ", ".join(f"{k}={v:.4f}" for k, v in t.values.items())
+                  + (f"; tracked {format_tracked(t, tracked)}" if tracked else ""))
             print(Recipe.from_dict(t.recipe).to_yaml())
     else:
         from mergesearch.report import format_front
 
-        print(format_front(front, store.objectives))
+        print(format_front(front, store.objectives, tracked=tracked))
     return 0
 
 
@@ -553,6 +586,122 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("dashboard stopped", file=sys.stderr)
     return 0
+
+
+#: What each metric of the hf backend measures (``mergesearch metrics``).
+METRIC_DOCS = {
+    "char_accuracy": "share of the target's tokens the model predicts (teacher-forced argmax)",
+    "answer_logprob": "mean log-probability per target token",
+    "greedy_match": "1 when every target token is the argmax (teacher-forced)",
+    "exact_match": "greedy generation (cut at the stop strings, filtered) equals the target, "
+                   "as lm-eval's exact_match*",
+    "acc": "the choice with the highest log-likelihood is the right one",
+    "acc_norm": "the same with log-likelihoods divided by the choices' lengths in characters",
+}
+
+
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    from mergesearch.evaluation.tasks import find_suite, load_suite
+    from mergesearch.objectives import known_metrics
+
+    if (args.experiment is None) == (args.suite is None):
+        raise UsageError("metrics: give an experiment file or --suite DIR (one of them)")
+    exp = None
+    if args.experiment is not None:
+        exp = _experiment(argparse.Namespace(experiment=args.experiment, set=args.set,
+                                             study=None))
+        config = exp.evaluator
+        if config.backend in ("python", "lm_eval"):
+            where = config.function if config.backend == "python" else "lm-eval's tasks"
+            print(f"backend {config.backend}: the metrics are those {where} returns per "
+                  "task; mergesearch cannot list them before it scores")
+            suite = None
+        else:
+            suite = exp.find(config.suite)
+            if suite is None:
+                raise UsageError(f"evaluator.suite: {config.suite!r} not found")
+    else:
+        suite = find_suite(args.suite)
+    specs = {}
+    if suite is not None:
+        specs = load_suite(suite)
+        if exp is not None and exp.evaluator.tasks:
+            from mergesearch.controller import check_evaluator
+
+            check_evaluator(exp.evaluator, suite)  # names unknown tasks, with the choices
+            specs = {n: specs[n] for n in exp.evaluator.tasks}
+    every = [m for m in dict.fromkeys(m for spec in specs.values() for m in spec.metrics)
+             if all(m in spec.metrics for spec in specs.values())]
+    sources = {src: known_metrics(src) for src in ("recipe", "weights")}
+    used = _metrics_used(exp, suite, list(specs)) if exp is not None else {}
+    if args.format == "json":
+        import json
+
+        print(json.dumps({
+            "suite": None if suite is None else str(suite),
+            "tasks": {n: {"output_type": spec.output_type, "metrics": list(spec.metrics)}
+                      for n, spec in specs.items()},
+            "every_task": every, **sources, **used}, indent=2))
+        return 0
+    if specs:
+        width = max(len(n) for n in specs) + 2
+        print(f"metrics of the {len(specs)} task(s) of {suite}:")
+        for name, spec in specs.items():
+            print(f"  {name:{width}} {spec.output_type:16} {', '.join(spec.metrics)}")
+        if every and len(specs) > 1:
+            print(f"every task: {', '.join(every)}")
+        print("\nwhat they measure:")
+        names = list(dict.fromkeys(m for spec in specs.values() for m in spec.metrics))
+        width = max(len(m) for m in names) + 2
+        for metric in names:
+            base, _, pipeline = metric.partition(",")
+            doc = f"exact_match after the filter pipeline {pipeline!r}" if pipeline and \
+                base == "exact_match" else METRIC_DOCS.get(metric, "")
+            if not doc and any(metric in spec.scorers for spec in specs.values()
+                               if hasattr(spec, "scorers")):
+                doc = "the task's own scorer of each generation (metric_list: scorer)"
+            print(f"  {metric:{width}} {doc}")
+        print("  * greedy generation runs only for the tasks an objective or evaluator.track "
+              "asks it of;\n    the other metrics come from one teacher-forced pass")
+        print("\nobjectives: {metric: M} is the mean of M over the evaluator's tasks, "
+              "{metric: M, tasks: [T]} over those")
+        print("evaluator.track: [M] is the mean of M over the tasks that produce it, [T/M] "
+              "task T's M")
+    print("\nrecipe metrics (objectives with source: recipe): "
+          + (", ".join(sources["recipe"]) or "none"))
+    print("weights metrics (objectives with source: weights): "
+          + (", ".join(sources["weights"]) or "none"))
+    if used:
+        print(f"\nin {args.experiment}:")
+        width = max(len(n) for n in [*used["objectives"], *used["tracked"]]) + 2
+        for name, what in used["objectives"].items():
+            print(f"  objective {name:{width}} {what}")
+        for name, what in used["tracked"].items():
+            print(f"  tracked   {name:{width}} {what}")
+    return 0
+
+
+def _metrics_used(exp, suite, tasks: list[str]) -> dict:
+    """What an experiment's objectives and tracked metrics read: ``name -> "metric over
+    tasks"`` (each checked against the suite, as a run checks it)."""
+    from mergesearch.controller import check_evaluator
+
+    tracked = check_evaluator(exp.evaluator, suite)
+
+    def over(metric: str, tasks) -> str:
+        if not tasks:
+            return f"{metric}, mean over the tasks whose scores hold it"
+        return f"{metric} of {tasks[0]}" if len(tasks) == 1 else \
+            f"{metric}, mean over {', '.join(tasks)}"
+
+    objectives = {}
+    for o in exp.evaluator.objectives:
+        if o.source != "evaluator":
+            objectives[o.name] = f"{o.metric} ({o.source} metric), {o.direction}"
+            continue
+        objectives[o.name] = over(o.metric, o.tasks or tasks) + f", {o.direction}"
+    return {"objectives": objectives,
+            "tracked": {n: over(n.rpartition("/")[2], t) for n, t in tracked.items()}}
 
 
 def _cmd_strategies(args: argparse.Namespace) -> int:
@@ -749,6 +898,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--artifacts", metavar="DIR", help="artifact folder (default: "
                    "artifacts/ beside study.db; required for non-SQLite storage URLs)")
     p.set_defaults(func=_cmd_dashboard)
+
+    p = sub.add_parser("metrics", help="list the metrics an experiment's evaluator can "
+                       "compute (for objectives and evaluator.track)",
+                       description="Every metric the evaluator computes for each task of a "
+                       "suite (an experiment's, or --suite DIR), the recipe and weights "
+                       "metrics objectives may use, and what the experiment's objectives and "
+                       "tracked metrics read (checked as a run checks them).")
+    p.add_argument("experiment", nargs="?", help="experiment YAML file")
+    p.add_argument("--suite", metavar="DIR", help="a folder of lm-eval task YAMLs instead")
+    _set_arg(p)
+    p.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default); json: per task its output type and metrics, the "
+                   "metrics of every task, recipe and weights metrics, and the experiment's "
+                   "use of them")
+    p.set_defaults(func=_cmd_metrics)
 
     p = sub.add_parser("strategies", help="list the search strategies")
     p.set_defaults(func=_cmd_strategies)

@@ -34,6 +34,9 @@ from tqdm.auto import tqdm
 
 from mergesearch import fingerprint
 from mergesearch.errors import MergesearchError
+from mergesearch.evaluation import EvaluatorConfig, make_evaluator
+from mergesearch.evaluation.base import EvaluationError
+from mergesearch.execution.worker import Worker, WorkerSpec
 from mergesearch.experiment import Experiment, ExperimentError
 from mergesearch.merging.layers import layer_key
 from mergesearch.models.checkpoint import ModelLoadError
@@ -43,7 +46,7 @@ from mergesearch.spaces import read_space
 from mergesearch.storage import StorageError, StudyExists, TrialRecord, TrialStore, lease
 from mergesearch.storage.trials import REPORT
 from mergesearch.strategies import Objective, Problem, Strategy, create_strategy
-from mergesearch.trial import Candidate, Result
+from mergesearch.trial import Candidate, Result, split_tracked, tracked_metric_names, tracked_values
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +119,6 @@ class BoundExperiment:
     """
 
     def __init__(self, exp: Experiment, *, study: str | None = None, progress: bool = True):
-        from mergesearch.execution.worker import WorkerSpec
-
         self.exp = exp
         self.study_name = study or exp.name
         device = check_device(exp.execution.device, local=exp.execution.backend == "local")
@@ -181,6 +182,8 @@ class BoundExperiment:
                 import_function(exp.evaluator.function, "evaluator.function")
             except ModelLoadError as err:
                 raise ExperimentError(str(err)) from None
+        # tasks, data files, objective and tracked metrics: checked before any worker starts
+        self.tracked = check_evaluator(exp.evaluator, suite)
         start = self.space.start
         dtype = exp.execution.dtype or start.dtype
         self.worker_spec = WorkerSpec(
@@ -190,7 +193,8 @@ class BoundExperiment:
             hold_sources=exp.execution.hold_sources,
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
             check_recipe=start.to_dict(),
-            worker_class=exp.execution.worker_class, loader=models.loader)
+            worker_class=exp.execution.worker_class or _tracking_worker(exp.evaluator, suite),
+            loader=models.loader)
         self.device_type = "cuda" if exp.execution.gpus_per_worker > 0 else device.type
         self.suite = suite
 
@@ -303,6 +307,120 @@ class BoundExperiment:
                 "strategy (its trials kept)")
         elif store.fingerprint is None:
             store.set_fingerprint(now)
+
+
+def check_evaluator(config: EvaluatorConfig, suite: Path | None
+                    ) -> dict[str, list[str] | None]:
+    """Check what the evaluator is asked for against its suite, before any worker starts,
+    and resolve ``evaluator.track``: each tracked name -> the tasks its mean is over.
+
+    ``track`` names a metric (its mean over every task of the evaluator that produces it)
+    or ``task/metric`` (one task's).  With the hf backend the suite's task files are read
+    (their data files found, not loaded) and checked: ``evaluator.tasks``, each
+    objective's tasks and metric, and each tracked name; other backends' metrics are only
+    known once they score (a tracked bare name is then the mean over the tasks whose scores
+    hold it: None)."""
+    objectives = {o.name for o in config.objectives}
+    tracked: dict[str, list[str] | None] = {}
+    for name in config.track:
+        task, metric = split_tracked(name)
+        if not metric or task == "" or name != name.strip():
+            raise EvaluationError(f"evaluator.track: {name!r} is not a metric name; give a "
+                                  "metric (its mean over the tasks that produce it) or "
+                                  "task/metric (one task's)")
+        if name in tracked:
+            raise EvaluationError(f"evaluator.track names {name!r} twice")
+        if name in objectives:
+            raise EvaluationError(f"evaluator.track: {name!r} is also the name of an "
+                                  "objective (its values are recorded already); rename the "
+                                  "objective or drop it from track")
+        tracked[name] = None if task is None else [task]
+    if config.backend != "hf" or suite is None:
+        return tracked
+    from mergesearch.evaluation.tasks import load_suite
+
+    specs = load_suite(suite)  # a task file that cannot be read, or data not found: here
+    names = list(dict.fromkeys(config.tasks or sorted(specs)))
+    unknown = [n for n in names if n not in specs]
+    if unknown:
+        raise EvaluationError(f"evaluator.tasks names unknown tasks {unknown}; the suite "
+                              f"{config.suite!r} has {sorted(specs)}")
+    loaded = {n: specs[n] for n in names}
+    for o in config.objectives:
+        if o.source != "evaluator":
+            continue
+        tasks = o.tasks or names
+        missing = [t for t in tasks if t not in loaded]
+        if missing:
+            raise EvaluationError(f"objective {o.name!r} names tasks {missing} that the "
+                                  f"evaluator does not load; choose from {names} (or add "
+                                  "them to evaluator.tasks)")
+        for t in tasks:
+            if o.metric not in loaded[t].metrics:
+                raise EvaluationError(
+                    f"objective {o.name!r}: metric {o.metric!r} cannot be computed for task "
+                    f"{t!r} ({loaded[t].output_type}); choose one of "
+                    f"{list(loaded[t].metrics)}")
+    for name, tasks in tracked.items():
+        metric = split_tracked(name)[1]
+        if tasks is None:
+            tracked[name] = [t for t, spec in loaded.items() if metric in spec.metrics]
+            if not tracked[name]:
+                produced = sorted({m for spec in loaded.values() for m in spec.metrics})
+                raise EvaluationError(f"evaluator.track: no task of the evaluator produces "
+                                      f"{metric!r}{_other_source(metric)}; its tasks produce "
+                                      f"{produced} (mergesearch metrics EXPERIMENT lists them "
+                                      "per task)")
+            continue
+        task = tasks[0]
+        if task not in loaded:
+            raise EvaluationError(f"evaluator.track: {name!r} names task {task!r}, which the "
+                                  f"evaluator does not load; choose from {names}")
+        if metric not in loaded[task].metrics:
+            raise EvaluationError(f"evaluator.track: {name!r}: task {task!r} "
+                                  f"({loaded[task].output_type}) does not produce {metric!r}"
+                                  f"{_other_source(metric)}; it produces "
+                                  f"{list(loaded[task].metrics)}")
+    return tracked
+
+
+def _other_source(metric: str) -> str:
+    """`` (... is a recipe metric ...)`` when ``metric`` is one, else empty."""
+    from mergesearch.objectives import SOURCES, known_metrics
+
+    for source in SOURCES[1:]:
+        if metric in known_metrics(source):
+            return (f" ({metric!r} is a {source} metric: only evaluator metrics can be "
+                    f"tracked; make it an objective with source: {source})")
+    return ""
+
+
+# -- until the worker passes evaluator.track to the evaluator itself ------------------------
+
+class TrackingWorker(Worker):
+    """A worker whose hf evaluator also computes the tracked metrics it computes only when
+    asked (``exact_match``: greedy generation), which no objective asks it for."""
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec)
+        config = EvaluatorConfig.model_validate(spec.evaluator)
+        self.evaluator = make_evaluator(config, self.tokenizer,
+                                        metrics=tracked_metric_names(config.track))
+
+
+def _tracking_worker(config: EvaluatorConfig, suite: Path | None) -> str | None:
+    """``TrackingWorker``'s import path when a tracked metric needs generation on a task
+    that the objectives do not generate for (hf backend), else None."""
+    if config.backend != "hf" or suite is None or not config.track:
+        return None
+    wanted = [m for m in tracked_metric_names(config.track) if m.startswith("exact_match")]
+    if not wanted:
+        return None
+    generated = [o for o in config.objectives
+                 if o.source == "evaluator" and o.metric.startswith("exact_match")]
+    if generated and all(o.tasks is None for o in generated):
+        return None  # every task generates already
+    return f"{__name__}:TrackingWorker"
 
 
 def check_device(device: str, *, local: bool):
@@ -493,6 +611,7 @@ class SearchLoop:
         self.best: dict[str, float] = {}
         self.ok = self.failed = self.cached = self.evaluated_now = self.probes = 0
         self.spent = 0.0  # evaluation cost (items scored) of every trial and probe so far
+        self._untracked: set[str] = set()  # tracked metrics a result lacked (said once)
 
     # -- resume -------------------------------------------------------------------------
 
@@ -728,14 +847,30 @@ class SearchLoop:
                     trial_id = self.store.add_probe(cand, result, started=started,
                                                     finished=finished)
                 else:
+                    tracked = self._tracked(cand, result)
                     trial_id = self.store.add(cand, result, cached_from=cached_from,
-                                              started=started, finished=finished)
+                                              started=started, finished=finished,
+                                              tracked=tracked)
                 self.unwritten.pop(0)
                 self.clock.pop(cand.id, None)
                 if entry is not None:
                     entry.trial_id = trial_id
             self.store.save_state(self.strategy.state_dict(), in_flight=list(self.in_flight))
             self.asked = False
+
+    def _tracked(self, cand: Candidate, result: Result) -> dict[str, float] | None:
+        """The tracked metrics of a completed trial, from its scores (a name the scores
+        lack is said once, and left out)."""
+        if not (result.ok and self.search.tracked):
+            return None
+        values = tracked_values(result.scores, self.search.tracked)
+        for name in self.search.tracked:
+            if name not in values and name not in self._untracked:
+                self._untracked.add(name)
+                log.warning("evaluator.track: %r is not in the scores of candidate %d (tasks "
+                            "and metrics: %s); it is left out where missing", name, cand.id,
+                            {t: sorted(m) for t, m in result.scores.items()})
+        return values
 
     def _track_best(self, values: dict[str, float]) -> None:
         for o in self.search.problem.objectives:

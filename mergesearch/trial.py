@@ -140,3 +140,36 @@ def unpack_ids(text: str) -> list[int]:
         a, _, b = part.partition("-")
         out += range(int(a), int(b or a) + 1)
     return out
+
+
+# -- tracked metrics (``evaluator.track``) ---------------------------------------------------
+
+def split_tracked(name: str) -> tuple[str | None, str]:
+    """A tracked metric's name as ``(task, metric)``: ``zoo_rev/exact_match`` is task
+    ``zoo_rev``'s ``exact_match``; a bare ``exact_match`` is ``(None, "exact_match")``,
+    the mean over every task that produces it."""
+    task, sep, metric = name.rpartition("/")
+    return (task if sep else None), metric
+
+
+def tracked_metric_names(track: list[str] | tuple[str, ...]) -> list[str]:
+    """The metric names a list of tracked metrics needs computed (each once, in order)."""
+    return list(dict.fromkeys(split_tracked(n)[1] for n in track))
+
+
+def tracked_values(scores: dict[str, dict[str, float]],
+                   track: dict[str, list[str] | None]) -> dict[str, float]:
+    """The tracked metrics of one result, from its per-task ``scores``.
+
+    ``track`` maps each tracked name to the tasks its mean is over (as the controller
+    resolved them against the suite), or to None: every task whose scores hold the
+    metric.  A name whose tasks do not all hold the metric (not computed this time, e.g.
+    a backend that does not produce it) is left out rather than averaged over fewer."""
+    out: dict[str, float] = {}
+    for name, tasks in track.items():
+        metric = split_tracked(name)[1]
+        over = tasks if tasks is not None else [t for t, s in scores.items() if metric in s]
+        values = [scores[t][metric] for t in over if metric in scores.get(t, {})]
+        if over and len(values) == len(over):
+            out[name] = float(sum(values) / len(values))
+    return out

@@ -1,10 +1,10 @@
 """The static report: one self-contained HTML file per run (``mergesearch report``).
 
 Per study (or stage): the Pareto front, best so far / hypervolume per evaluation, the
-front's recipes as a table with their scores (and the report items' scores when the run
-scored them), per-layer heatmaps of the front's recipes (the chosen one first), data-flow
-paths as diagrams, and the settings the study was run with.  With several studies, the
-``compare`` table and curves come first.
+front's recipes as a table with their scores and tracked metrics (and the report items'
+scores when the run scored them), per-layer heatmaps of the front's recipes (the chosen
+one first), data-flow paths as diagrams, and the settings the study was run with.  With
+several studies, the ``compare`` table and curves come first.
 
 plotly.js is written once into the page (no network needed to open it); the figures are
 those of :mod:`mergesearch.report.plots`, so the page and the dashboard agree.  Reading
@@ -200,7 +200,7 @@ def _study(page: _Page, store: TrialStore, trials: list[TrialRecord]) -> None:
     page.figure(front_figure(trials, objectives, front), f"{slug}-front")
     page.figure(history_figure(trials, objectives), f"{slug}-history")
     report = store.study.user_attrs.get(REPORT)
-    _front_table(page, ordered, objectives, chosen, report)
+    _front_table(page, ordered, objectives, chosen, report, store.tracked_names(ordered))
     heat = layer_heatmap_figure(ordered[:MAX_HEATMAP_TRIALS])
     if heat is not None:
         page.add("<h3>Per-layer values of the front's recipes</h3>")
@@ -228,10 +228,14 @@ def _study(page: _Page, store: TrialStore, trials: list[TrialRecord]) -> None:
 
 
 def _front_table(page: _Page, ordered: Sequence[TrialRecord], objectives: Sequence[Objective],
-                 chosen: TrialRecord | None, report: dict | None) -> None:
+                 chosen: TrialRecord | None, report: dict | None,
+                 tracked: Sequence[str] = ()) -> None:
     if not ordered:
         return
     page.add(f"<h3>Front recipes ({len(ordered)})</h3>")
+    if tracked:
+        page.add("<p class='note'>tracked (recorded, not optimised): "
+                 f"{_e(', '.join(tracked))}</p>")
     if chosen is not None:
         page.add(f"<p class='note'>chosen (first row): trial {chosen.number}, the best "
                  "weighted sum of objectives rescaled over the front (mergesearch export's "
@@ -243,14 +247,15 @@ def _front_table(page: _Page, ordered: Sequence[TrialRecord], objectives: Sequen
                  f"(search items: {_e(search)})</p>")
     tasks = list(dict.fromkeys(k for t in ordered for k in t.scores))
     has_report = bool(report) and any(t.number == report.get("trial") for t in ordered)
-    head = ["trial", *(o.name for o in objectives)]
+    head = ["trial", *(o.name for o in objectives), *(f"{n} (tracked)" for n in tracked)]
     if has_report:
         head.append("report items")
     head += [f"task {k}" for k in tasks]
     rows = ["<tr>" + "".join(f"<th>{_e(h)}</th>" for h in head)
             + "<th class='left'>recipe</th></tr>"]
     for t in ordered:
-        cells = [str(t.number), *(_num(t.values.get(o.name)) for o in objectives)]
+        cells = [str(t.number), *(_num(t.values.get(o.name)) for o in objectives),
+                 *(_num(t.tracked.get(n)) for n in tracked)]
         if has_report:
             cells.append(", ".join(f"{k} {v:.4f}" for k, v in report["values"].items())
                          if t.number == report["trial"] else "")

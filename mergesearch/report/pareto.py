@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -91,10 +92,12 @@ def choose(front: Sequence[TrialRecord], objectives: Sequence[Objective],
 
 
 def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
-                 *, limit: int | None = None, params: int | None = None) -> str:
+                 *, limit: int | None = None, params: int | None = None,
+                 tracked: Sequence[str] = ()) -> str:
     """A text table of the front, best first by the objectives' weighted sum; at most
     ``limit`` rows, and the genome (the searched values) of the first ``params`` rows
-    (all shown rows when None)."""
+    (all shown rows when None); the ``tracked`` metrics (``evaluator.track``) as columns
+    after the objectives ("-" where a trial has no value)."""
     import pandas as pd  # here only: reading a study should not pay for pandas
 
     if not front:
@@ -103,8 +106,11 @@ def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
                                              for o in objectives))
     shown = order[:limit] if limit else order
     frame = pd.DataFrame([{"trial": t.number} | {o.name: t.values[o.name] for o in objectives}
+                          | {n: t.tracked.get(n, math.nan) for n in tracked}
                           for t in shown]).set_index("trial")
-    lines = [frame.to_string(float_format=lambda v: f"{v:.4f}")]
+    lines = [frame.to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")]
+    if tracked:
+        lines.append(f"(tracked, not optimised: {', '.join(tracked)})")
     if len(shown) < len(order):
         lines.append(f"... and {len(order) - len(shown)} more")
     with_params = shown if params is None else shown[:params]
@@ -115,6 +121,15 @@ def format_front(front: Sequence[TrialRecord], objectives: Sequence[Objective],
             f"{k}={v:.3g}" if isinstance(v, int | float) else f"{k}={v}"
             for k, v in t.params.items()))
     return "\n".join(lines)
+
+
+def format_tracked(trial: TrialRecord, tracked: Sequence[str]) -> str:
+    """``exact_match 0.5000, zoo_rev/exact_match -`` (the trial's tracked values)."""
+    return ", ".join(f"{n} {_value(trial.tracked.get(n))}" for n in tracked)
+
+
+def _value(v: float | None) -> str:
+    return "-" if v is None else f"{v:.4f}"
 
 
 def export_trial(trial: TrialRecord, out: str | Path, *, checkpoint: bool = False,
@@ -149,5 +164,7 @@ def write_trial(trial: TrialRecord, out: Path, recipe: Recipe | None = None) -> 
         (out / "mergekit.yml").write_text(to_mergekit_yaml(recipe))
     except NotExpressible as err:
         (out / "mergekit.txt").write_text(f"not expressible in mergekit: {err}\n")
+    tracked = {"tracked": trial.tracked} if trial.tracked else {}
     (out / "scores.json").write_text(json.dumps(
-        {"trial": trial.number, "values": trial.values, "scores": trial.scores}, indent=2) + "\n")
+        {"trial": trial.number, "values": trial.values} | tracked | {"scores": trial.scores},
+        indent=2) + "\n")

@@ -67,6 +67,7 @@ ATTEMPTS = "attempts"
 GENOME = "genome"  # kept when storage refused the params, so nothing evaluated is lost
 META = "meta"  # the strategy's JSON notes on a candidate (parents, generation, predictions)
 EPOCH = "epoch"  # the search epoch a trial belongs to (written only after the first)
+TRACKED = "tracked"  # evaluator.track: metrics recorded beside the objectives, not optimised
 # probe records (in the search's probe study, never among its trials)
 KIND = "kind"
 PAYLOAD = "payload"
@@ -99,6 +100,7 @@ class TrialRecord:
     cost: float = 0.0
     finished_at: float = 0.0  # when it was written (seconds since the epoch)
     epoch: int = 0  # the search epoch it was run in (see TrialStore.start_epoch)
+    tracked: dict[str, float] = field(default_factory=dict)  # evaluator.track's values
 
     def result(self) -> Result:
         """The result as the strategy was told it."""
@@ -269,13 +271,15 @@ class TrialStore:
     # -- trials -------------------------------------------------------------------------
 
     def add(self, candidate: Candidate, result: Result, *, cached_from: int | None = None,
-            started: float | None = None, finished: float | None = None) -> int:
+            started: float | None = None, finished: float | None = None,
+            tracked: dict[str, float] | None = None) -> int:
         """Write a finished candidate as one trial, in one transaction; returns its id.
 
         ``started`` and ``finished`` (seconds since the epoch) are when the candidate was
         dispatched and its result arrived: the trial's ``datetime_start`` and
         ``datetime_complete``.  Without them it finished now, and started the sum of its
-        result's timings earlier.
+        result's timings earlier.  ``tracked`` holds the values of the metrics the
+        experiment tracks (``evaluator.track``), kept in the ``tracked`` user attr.
 
         If Optuna refuses the trial (a param outside its distribution: a strategy bug the
         ask-time checks should have caught), the result is still kept, as a failed trial
@@ -297,6 +301,8 @@ class TrialStore:
             attrs[META] = candidate.meta
         if result.scores:
             attrs[SCORES] = result.scores
+        if tracked:
+            attrs[TRACKED] = dict(tracked)
         if result.correct:
             attrs[CORRECT] = {t: {"correct": pack_bits(v), "items": pack_ids(result.items[t])}
                               if t in result.items else pack_bits(v)
@@ -407,8 +413,21 @@ class TrialStore:
             scores=a.get(SCORES, {}), reason=a.get(REASON), cached_from=a.get(CACHED_FROM),
             timings=a.get(TIMINGS, {}), attempts=int(a.get(ATTEMPTS, 1)), meta=a.get(META, {}),
             correct=correct, items=items, kind=kind, payload=a.get(PAYLOAD), cost=cost,
-            epoch=int(a.get(EPOCH, 0)),
+            epoch=int(a.get(EPOCH, 0)), tracked=dict(a.get(TRACKED) or {}),
             finished_at=t.datetime_complete.timestamp() if t.datetime_complete else 0.0)
+
+    def tracked_names(self, trials: Sequence[TrialRecord] | None = None) -> list[str]:
+        """The metrics this study tracks, in the experiment's order (``evaluator.track`` of
+        the experiment it was last run with), then any other a trial of ``trials`` holds
+        (tracked by an earlier run)."""
+        try:
+            evaluator = self.experiment.get("evaluator") or {}
+        except KeyError:
+            evaluator = {}
+        names = list(evaluator.get("track") or [])
+        for t in trials or ():
+            names += [n for n in t.tracked if n not in names]
+        return names
 
     def trial_number(self, trial_id: int) -> int:
         return self._storage.get_trial_number_from_id(trial_id)
