@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteriaList, StopStri
 from .base import Evaluation, EvaluationError
 from .config import EvaluatorConfig
 from .estimators import NEEDS_CALIBRATION, Estimator, make_estimator
-from .scorers import RowStats, greedy_generate, pad_right, score_rows
+from .scorers import RowStats, custom_scores, greedy_generate, load_scorer, pad_right, score_rows
 from .tasks import Rendered, TaskSpec, find_suite, load_suite
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class _Task:
     starts: torch.Tensor  # [rows]: context length - 1
     row_ptr: list[int]  # item i owns rows row_ptr[i]:row_ptr[i + 1]
     doc_ids: list[int] = field(default_factory=list)  # item i is document doc_ids[i] of the file
+    docs: list[dict] = field(default_factory=list)  # item i's document (custom scorers read it)
     targets: list[str] = field(default_factory=list)  # generate_until
     prompts: list[list[int]] = field(default_factory=list)  # generate_until, for generation
     gold: list[int] = field(default_factory=list)  # multiple_choice
@@ -91,7 +93,10 @@ class HFEvaluator:
                                   f"{sorted(known)}")
         wanted = {(t, o.metric) for o in self._objectives for t in self._objective_tasks[o.name]}
         wanted |= {(t, m) for t, s in self.tasks.items() for m in metrics if m in s.metrics}
-        self._generate = {t for t, m in wanted if m.startswith("exact_match")}
+        self._generate = {t for t, m in wanted if _generated(self.tasks[t], m)}
+        # (task, metric) -> the custom scorer of a task that generates, imported once
+        self._scorers = {(t, m): load_scorer(path, t, m) for t in sorted(self._generate)
+                         for m, path in self.tasks[t].scorers.items()}
         if self.tokenizer.eos_token_id is None and any(
                 s.output_type == "generate_until" for s in self.tasks.values()):
             raise EvaluationError("generate_until tasks need a tokenizer with an eos token "
@@ -197,6 +202,8 @@ class HFEvaluator:
         items = [spec.render(docs[i], i) for i in keep]
         task = self._tokenise(spec, items)
         task.doc_ids = list(keep)
+        if spec.scorers:
+            task.docs = [docs[i] for i in keep]
         return task
 
     def _tokenise(self, spec: TaskSpec, items: list[Rendered]) -> _Task:
@@ -264,23 +271,30 @@ class HFEvaluator:
                 f"estimator {self.estimator.kind} has no calibration answers: list the "
                 "source models in evaluator.estimator.sources, or call calibrate()")
         out = Evaluation(values={}, scores={}, correct={}, n_items={})
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                device = next(model.parameters()).device
-                for name, task in self._data.items():
-                    items = self._estimator_items(name) if estimate else None
-                    self._score_task(model, name, task, self._batches(
-                        name, task, fidelity, seed, device, items), out)
-        finally:
-            model.train(was_training)
+        with self._scoring(model) as device:
+            for name, task in self._data.items():
+                items = self._estimator_items(name) if estimate else None
+                self._score_task(model, name, task, self._batches(
+                    name, task, fidelity, seed, device, items), out)
         if estimate:
             self._estimate(out)
         for obj in self._objectives:
             out.values[obj.name] = _mean([out.scores[t][obj.metric]
                                           for t in self._objective_tasks[obj.name]])
         return out
+
+    @contextmanager
+    def _scoring(self, model: nn.Module) -> Iterator[torch.device]:
+        """While the tasks are scored: ``model`` in eval mode, no gradients; its device.
+        (With :meth:`_teacher_forced` and :meth:`_generate_texts`, what another backend
+        that scores the same rows replaces.)"""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield next(model.parameters()).device
+        finally:
+            model.train(was_training)
 
     def _estimator_items(self, task: str) -> list[int] | None:
         """The items the estimators of ``task`` score (None: the task is not estimated)."""
@@ -348,6 +362,12 @@ class HFEvaluator:
                 scores["exact_match"] = _mean(correct)
                 per["exact_match"] = [float(c) for c in correct]
                 scores |= {f"exact_match,{p}": _mean(ok) for p, ok in matches.items() if p}
+                for metric, path in task.spec.scorers.items():
+                    per[metric] = custom_scores(
+                        self._scorers[name, metric], path, metric, name, texts,
+                        [task.targets[i] for i in idx], [task.docs[i] for i in idx],
+                        out.indices[name])
+                    scores[metric] = _mean(per[metric])
         else:
             acc, acc_norm, pos = [], [], 0
             for i in idx:
@@ -361,7 +381,7 @@ class HFEvaluator:
             per = {"acc": [float(a) for a in acc], "acc_norm": [float(a) for a in acc_norm]}
         if not finite:  # NaN/inf logits: the scores mean nothing, and generation was skipped
             scores = {m: _NAN for m in task.spec.metrics
-                      if not m.startswith("exact_match") or name in self._generate}
+                      if not _generated(task.spec, m) or name in self._generate}
             correct = [False] * len(idx)
             per = {m: [_NAN] * len(idx) for m in scores}
         out.scores[name], out.correct[name], out.item_scores[name] = scores, correct, per
@@ -404,6 +424,11 @@ def _exact(spec: TaskSpec, texts: Sequence[str], targets: Sequence[str]
     filtered = [spec.filtered(t) for t in texts]
     return {pipe: [spec.matches(f[pipe], t) for f, t in zip(filtered, targets, strict=True)]
             for pipe in filtered[0]}
+
+
+def _generated(spec: TaskSpec, metric: str) -> bool:
+    """Whether ``metric`` of ``spec`` is read from generations (exact match, custom scorers)."""
+    return metric.startswith("exact_match") or metric in spec.scorers
 
 
 def _subset(n: int, fidelity: float, key: str) -> list[int]:

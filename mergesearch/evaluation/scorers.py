@@ -6,12 +6,21 @@ prediction and sums their log-probabilities: enough for char accuracy, mean answ
 log-probability, "greedy match" (every target token is the argmax, which is exactly
 greedy decoding's exact match when the continuation ends with ``<eos>``) and
 lm-eval's multiple-choice loglikelihoods. :func:`greedy_generate` is real decoding.
+
+Custom scorers (:func:`load_scorer`, :func:`custom_scores`): a task YAML's ``metric_list``
+entry ``{metric: <name>, scorer: "package.module:function"}`` scores each generation with
+``function(prediction, target, doc) -> float`` (a bool counts as 0 or 1): ``prediction``
+is the generated text cut at the task's stop strings (before filters), ``target`` the
+rendered target and ``doc`` the item's document. Every backend that generates (hf,
+vllm) calls it the same way; a scorer that raises fails the candidate's trial with its
+message.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -106,3 +115,43 @@ def greedy_generate(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_n
                          stopping_criteria=stopping)
     new = out[:, ids.shape[1]:].tolist()
     return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in new]
+
+
+Scorer = Callable[[str, str, Mapping], "float | bool"]
+
+
+def load_scorer(path: str, task: str, metric: str) -> Scorer:
+    """The custom scorer ``"package.module:function"`` of ``task``'s ``metric``, imported."""
+    from mergesearch.models.checkpoint import ModelLoadError
+    from mergesearch.models.generic import import_function
+
+    from .base import EvaluationError
+
+    try:
+        return import_function(path, f"task {task!r}, metric {metric!r}: scorer")
+    except ModelLoadError as err:
+        raise EvaluationError(str(err)) from None
+
+
+def custom_scores(scorer: Scorer, path: str, metric: str, task: str,
+                  texts: Sequence[str], targets: Sequence[str], docs: Sequence[Mapping],
+                  ids: Sequence[int]) -> list[float]:
+    """``scorer`` on every generation: one float per item. A scorer that raises, or returns
+    something that is not a finite number, raises EvaluationError naming the item
+    (``ids``: document positions) and the scorer's own message."""
+    from .base import EvaluationError
+
+    out = []
+    for text, target, doc, i in zip(texts, targets, docs, ids, strict=True):
+        try:
+            value = scorer(text, target, doc)
+        except Exception as err:
+            raise EvaluationError(f"custom scorer {path!r} (task {task!r}, metric {metric!r}) "
+                                  f"raised on item {i}: {type(err).__name__}: {err}") from err
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise EvaluationError(f"custom scorer {path!r} (task {task!r}, metric {metric!r}) "
+                                  f"returned {value!r} on item {i}, not a finite number")
+        out.append(float(value))
+    return out

@@ -3,6 +3,12 @@
 The same class runs in process (local executor) and, later, as a Ray actor:
 everything it needs arrives as a :class:`WorkerSpec` of plain data, and only
 recipes come in and results go out.
+
+An evaluator that merges recipes itself (``merges_recipes = True``, e.g. the vllm
+backend, which merges inside its engine) is started with the spec and given each
+trial's recipe (``evaluate_recipe``); the worker then holds no models. Recipe and
+weight objectives still work (the evaluator reduces weight objectives where it
+merges); probes, which read the merged model in this process, are refused.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 from mergesearch.evaluation import EvaluatorConfig, make_evaluator
 from mergesearch.execution import probes
 from mergesearch.models.resident import Hold, ResidentMerger
-from mergesearch.objectives import extra_objective_values, weight_sink
+from mergesearch.objectives import extra_objective_values, recipe_values, weight_sink
 from mergesearch.recipe import Recipe
 from mergesearch.trial import Candidate, Result
 
@@ -61,9 +67,6 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self.merger = ResidentMerger(device=spec.device, dtype=getattr(torch, spec.dtype),
-                                     hold=spec.hold_sources, allow_pickle=spec.allow_pickle,
-                                     loader=spec.loader)
         self.tokenizer = None
         if spec.tokenizer is not None:  # the python evaluator backend needs none
             from transformers import AutoTokenizer
@@ -74,12 +77,23 @@ class Worker:
         self.evaluator = make_evaluator(config, self.tokenizer)
         # recipe and weight objectives, computed after each merge (mergesearch.objectives)
         self.extra_objectives = [o for o in config.objectives if o.source != "evaluator"]
+        self.merges_itself = bool(getattr(self.evaluator, "merges_recipes", False))
+        if self.merges_itself:  # it opens the models where it merges
+            self.merger = None
+            self.evaluator.start(spec, [o for o in self.extra_objectives
+                                        if o.source == "weights"])
+            return
+        self.merger = ResidentMerger(device=spec.device, dtype=getattr(torch, spec.dtype),
+                                     hold=spec.hold_sources, allow_pickle=spec.allow_pickle,
+                                     loader=spec.loader)
         if spec.check_recipe is not None:
             self.merger.plan(Recipe.from_dict(spec.check_recipe))
 
     def evaluate(self, candidate: Candidate) -> Result:
         """Merge one candidate, then score it (a trial) or answer its probe; any exception
         becomes a failed result."""
+        if self.merges_itself:
+            return self._evaluate_recipe(candidate)
         t0 = time.perf_counter()
         merged = t0
         try:
@@ -110,3 +124,28 @@ class Worker:
                       correct=ev.correct, items=dict(ev.indices),
                       cost=float(sum(len(v) for v in ev.correct.values())),
                       timings={"merge": merged - t0, "evaluate": done - merged}).check_finite()
+
+    def _evaluate_recipe(self, candidate: Candidate) -> Result:
+        """A trial scored by an evaluator that merges the recipe itself."""
+        t0 = time.perf_counter()
+        try:
+            if candidate.recipe is None:
+                raise ValueError("candidate has no recipe")
+            if candidate.is_probe:
+                raise ValueError(f"probe {candidate.kind!r}: backend "
+                                 f"{self.evaluator.config.backend} merges each candidate "
+                                 "inside its engine, and probes read the merged model in the "
+                                 "worker; use evaluator.backend: hf for strategies that probe")
+            extra = recipe_values(candidate.recipe, self.extra_objectives)
+            ev = self.evaluator.evaluate_recipe(candidate.recipe, fidelity=candidate.fidelity,
+                                                seed=0)
+        except Exception as err:  # a bad candidate must not stop the search
+            log.debug("candidate %d failed", candidate.id, exc_info=True)
+            return Result.failed(candidate.id, f"{type(err).__name__}: {err}",
+                                 evaluate=time.perf_counter() - t0)
+        timings = dict(getattr(self.evaluator, "timings", None) or
+                       {"evaluate": time.perf_counter() - t0})
+        return Result(candidate_id=candidate.id, values=dict(ev.values) | extra,
+                      scores=ev.scores, correct=ev.correct, items=dict(ev.indices),
+                      cost=float(sum(len(v) for v in ev.correct.values())),
+                      timings=timings).check_finite()
