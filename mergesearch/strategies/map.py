@@ -40,10 +40,16 @@ Our choices:
   merges of task vectors is again a task-arithmetic merge whose coefficients compose
   (``x (a_1 tau_1 + a_2 tau_2) + y (b_3 tau_3 + b_4 tau_4)``), so each 2-D MAP searches
   ``c = x a + y b`` for the pair's coefficient vectors ``a``, ``b``.  The experts are
-  scored first (the one-hot points); each objective belongs to the expert best on it; a
-  pair's 2-D MAP prefers the sum of the pair's objectives, and the merged model is the
-  pair's validated point that scored best on them for real.  Once one model remains, its
-  last 2-D MAP goes on refining.
+  scored first (each alone: weight 1 on its dimensions, 0 on the others); each objective
+  belongs to the expert best on it; a pair's 2-D MAP prefers the sum of the pair's
+  objectives, and the merged model is the pair's validated point that scored best on them
+  for real.  Once one model remains, its last 2-D MAP goes on refining.
+- Nested MAP's experts are groups of dimensions: ``options.experts`` (expert -> dimension
+  names, ``*`` / ``?`` wildcards), else read from task-arithmetic names (``weight[rev]``
+  per expert, ``weight[rev]@L0-1`` per layer group: an expert's layers move together,
+  so a per-layer space runs as its per-expert space), else one expert per dimension when
+  no name is bracketed.  A space with several bracketed parameters (DARE-TIES weight and
+  density) or unbracketed dimensions among bracketed ones is refused with what it needs.
 - State: the base class's replay (every refit and NSGA-III run is seeded by the round).
 """
 
