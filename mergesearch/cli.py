@@ -799,15 +799,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="trials done, failed and in flight; best so far")
     _study_args(p)
-    _format_arg(p, "table (default); json: counts, budget, best values, failures and the "
-                "report items' scores; csv: one row of counts and best values")
+    _format_arg(p, "table (default); json: counts, budget, best values, the tracked metrics "
+                "of the chosen trial, failures and the report items' scores; csv: one row of "
+                "counts, best values and tracked values")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("pareto", help="the Pareto front (or best trial) of a study")
     _study_args(p)
     p.add_argument("--recipes", action="store_true", help="print each point's full recipe")
     _format_arg(p, "table (default); json: each point's trial number, objective values, "
-                "params and recipe; csv: a row per point, trial, objectives and params")
+                "tracked metrics, params and recipe; csv: a row per point, trial, "
+                "objectives, tracked metrics and params")
     p.set_defaults(func=_cmd_pareto)
 
     p = sub.add_parser("compare", help="compare searches (strategies x seeds) at fixed budgets",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,26 @@ class FailingWorker(Worker):
 
     def evaluate(self, candidate):
         return Result.failed(candidate.id, "RuntimeError: the evaluator broke")
+
+
+class NaNWorker(Worker):
+    """Candidate 1's merged model has NaN embeddings: its logits (and generations) are NaN."""
+
+    def evaluate(self, candidate):
+        if candidate.id != 1:
+            return super().evaluate(candidate)
+        apply = self.merger.apply
+
+        def poisoned(recipe, **kwargs):
+            model = apply(recipe, **kwargs)
+            model.get_input_embeddings().weight.data.fill_(float("nan"))
+            return model
+
+        self.merger.apply = poisoned
+        try:
+            return super().evaluate(candidate)
+        finally:
+            del self.merger.apply  # the class's method again
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +119,23 @@ class Ctx:
         text = yaml.safe_dump(experiment(self.models, self.tmp), sort_keys=False)
         assert old in text
         return self.write("exp.yaml", text.replace(old, new, 1))
+
+    def evaluator(self, **changes) -> str:
+        data = experiment(self.models, self.tmp)
+        return self.exp(evaluator=data["evaluator"] | changes)
+
+    def suite(self, data: str, rows: list[dict] | None = None) -> str:
+        """A suite of one generation task whose data file is ``data`` (holding ``rows``;
+        not written without them)."""
+        (self.tmp / "suite").mkdir()
+        self.write("suite/mine.yaml", {
+            "task": "mine", "dataset_path": "json", "test_split": "test",
+            "dataset_kwargs": {"data_files": {"test": data}}, "target_delimiter": "",
+            "generation_kwargs": {"max_gen_toks": 4},
+            "doc_to_text": "{{prompt}}", "doc_to_target": "{{answer}}"})
+        if rows is not None:
+            self.write(f"suite/{data}", "".join(json.dumps(r) + "\n" for r in rows))
+        return str(self.tmp / "suite")
 
     def with_models(self, allow_pickle: bool = False, **refs: Path) -> str:
         names = {"base": self.models["base"], "a": self.models["src1"],
@@ -251,6 +289,33 @@ CASES: dict[str, tuple[Case, str]] = {
     "base claims more layers than its tensors": (
         lambda c: ["run", c.with_models(base=more_layers_than_tensors(c))],
         "config says 4 layers, tensors have 3"),
+    # --- the evaluator (hf backend): checked against the suite before any worker starts
+    "unknown task": (lambda c: ["run", c.evaluator(tasks=["zoo_rev", "zoo_mul"])],
+                     "evaluator.tasks names unknown tasks ['zoo_mul']; the suite"),
+    "objective: unknown task": (
+        lambda c: ["run", c.evaluator(objectives=[{"name": "o", "metric": "char_accuracy",
+                                                   "tasks": ["zoo_mul"]}])],
+        "objective 'o' names tasks ['zoo_mul'] that the evaluator does not load"),
+    "objective: a metric the task does not produce": (
+        lambda c: ["run", c.evaluator(objectives=[{"name": "o", "metric": "acc",
+                                                   "tasks": ["zoo_rev"]}])],
+        "objective 'o': metric 'acc' cannot be computed for task 'zoo_rev' (generate_until)"),
+    "track: a metric the task does not produce": (
+        lambda c: ["run", c.evaluator(track=["zoo_rev/acc_norm"])],
+        "evaluator.track: 'zoo_rev/acc_norm': task 'zoo_rev' (generate_until) does not "
+        "produce 'acc_norm'"),
+    "track: a metric no task produces": (
+        lambda c: ["run", c.evaluator(track=["exact_match", "bleu"])],
+        "evaluator.track: no task of the evaluator produces 'bleu'"),
+    "track: unknown task": (
+        lambda c: ["run", c.evaluator(track=["zoo_mul/exact_match"])],
+        "evaluator.track: 'zoo_mul/exact_match' names task 'zoo_mul', which the evaluator "
+        "does not load"),
+    "data file missing": (
+        lambda c: ["run", c.evaluator(suite=c.suite(data="missing.jsonl"))],
+        "task 'mine' ({tmp}/suite/mine.yaml): data file 'missing.jsonl' not found"),
+    "unknown suite": (lambda c: ["run", c.evaluator(suite=str(c.tmp / "no-suite"))],
+                      "evaluator.suite: "),
     # --- recipes and mergekit configs (`convert`, `merge`)
     "density .nan": (lambda c: ["convert", c.recipe(TIES % ".nan")],
                      "models.0.parameters.density: nan is not a usable value"),
@@ -433,3 +498,36 @@ def test_a_run_where_every_trial_failed_exits_1_with_the_last_reason(models, tmp
     assert "0 ok, 2 failed" in captured.out
     assert (tmp_path / "run" / "study.db").exists()  # the failures are recorded ...
     assert not (tmp_path / "run" / "front").exists()  # ... and there is no front to export
+
+
+@pytest.mark.slow  # four candidates, with generation
+def test_a_candidate_with_nan_logits_is_a_failed_trial_and_the_search_goes_on(
+        models, tmp_path, monkeypatch, capsys):
+    """Its generations (exact match needs them) are skipped, its objective is NaN: the trial
+    is recorded as failed with the reason, and the other candidates complete."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    ctx = Ctx(tmp_path, models, None, monkeypatch)
+    rows = [{"prompt": f"rev {w}=", "answer": w[::-1]} for w in ("ab", "abc", "ba")]
+    evaluator = experiment(models, tmp_path)["evaluator"] | {
+        "suite": ctx.suite("mine.jsonl", rows),
+        "objectives": [{"name": "em", "metric": "exact_match"}],
+        "track": ["mine/char_accuracy"]}
+    path = ctx.exp(evaluator=evaluator, budget={"evaluations": 4},
+                   execution={"worker_class": "test_bad_inputs:NaNWorker"})
+    assert main(["run", path, "-q"]) == 0
+    assert "4 trials (3 ok, 1 failed" in capsys.readouterr().out
+    from mergesearch.storage import TrialStore
+
+    trials = {t.candidate_id: t for t in TrialStore.open(
+        f"sqlite:///{tmp_path / 'run' / 'study.db'}", "tiny").trials()}
+    assert trials[1].state == "failed"
+    assert trials[1].reason == "non-finite objective values: em"
+    assert trials[1].tracked == {}
+    assert all(math.isnan(v) for v in trials[1].scores["mine"].values())
+    for i in (0, 2, 3):  # the next merge overwrote the NaN weights
+        assert trials[i].state == "ok" and math.isfinite(trials[i].values["em"])
+        assert trials[i].tracked == {
+            "mine/char_accuracy": trials[i].scores["mine"]["char_accuracy"]}
+    assert main(["status", path]) == 0
+    assert "trial 1 failed: non-finite objective values: em" in capsys.readouterr().out
