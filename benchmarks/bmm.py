@@ -19,7 +19,7 @@ lambda 1) as a reference, and the mean items scored per run (trials plus calibra
 Runs are resumable: each finished run is appended to ``--out`` (JSON) and skipped when
 the script runs again.  Prints one markdown table per testbed for benchmarks/RESULTS.md.
 
-    python benchmarks/bmm.py [--seeds 5] [--evaluations 30] [--testbeds zoo,hard]
+    python benchmarks/bmm.py [--seeds 5] [--first-seed 0] [--evaluations 30] [--testbeds zoo,hard]
         [--out /tmp/bmm-bench.json] [--work /tmp/bmm-bench]
 """
 
@@ -34,18 +34,43 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+def log_space(bed: str, activations: bool) -> str:
+    """BMM's space with a log-scale ridge strength (``lambda_log2`` in [-4, 8]: lambda from
+    1/16, near the pure fit, to 256, near the anchor) and ``scale`` over the range the
+    task-arithmetic arm searches its lambda in ([0.5, 3]): at large lambda the space holds
+    that arm's whole space.  Zoo: per 2 layers x module kind, weights fixed at 0.5; hard: a
+    weight per source, lambda and scale per module kind."""
+    where = "{groups: 2, modules: [self_attn, mlp]}" if bed == "zoo" else \
+        "{modules: [self_attn, mlp]}"
+    weight = "weight: 0.5, " if bed == "zoo" else ""
+    params = (f"lambda_log2: {{per: shared, granularity: {where}, bounds: [-4.0, 8.0], "
+              f"init: 0.0}}, scale: {{per: shared, granularity: {where}, bounds: [0.5, 3.0], "
+              f"init: 1.0}}")
+    if bed != "zoo":
+        params = ("weight: {per: source, granularity: global, bounds: [0.0, 1.0], "
+                  "init: 0.5}, " + params)
+    return (f"space={{method: bmm, fixed: {{activations: {str(activations).lower()}, "
+            f"{weight}normalize: false}}, parameters: {{{params}}}}}")
+
+
 ARMS = {
     "zoo": {
         "task_arithmetic": ("space=search_spaces/bmm_task_arithmetic.yaml",),
-        "bmm_activations": ("space=search_spaces/bmm.yaml",),
-        "bmm_data_free": ("space=search_spaces/bmm_data_free.yaml",),
+        "bmm_activations": (log_space("zoo", True),),
+        "bmm_data_free": (log_space("zoo", False),),
+        # the first version's spaces: lambda in [0, 4] (linear), scale in [0.5, 2]
+        "bmm_activations_linear": ("space=search_spaces/bmm.yaml",),
+        "bmm_data_free_linear": ("space=search_spaces/bmm_data_free.yaml",),
     },
     "hard": {
         "task_arithmetic": ("space=search_spaces/bmm_task_arithmetic_weights.yaml",),
-        "bmm_activations": ("space=search_spaces/bmm_weights.yaml",),
-        "bmm_data_free": ("space=search_spaces/bmm_weights_data_free.yaml",),
+        "bmm_activations": (log_space("hard", True),),
+        "bmm_data_free": (log_space("hard", False),),
+        "bmm_activations_linear": ("space=search_spaces/bmm_weights.yaml",),
+        "bmm_data_free_linear": ("space=search_spaces/bmm_weights_data_free.yaml",),
     },
 }
+DEFAULT_ARMS = "task_arithmetic,bmm_activations,bmm_data_free"
 FILES = {"zoo": "experiments/zoo/bmm.yaml", "hard": "experiments/hard/bmm.yaml"}
 
 
@@ -112,16 +137,18 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="run seeds first-seed .. seeds - 1 (to split a sweep over processes)")
     ap.add_argument("--evaluations", type=int, default=30)
     ap.add_argument("--testbeds", default="zoo,hard")
-    ap.add_argument("--arms", default=",".join(ARMS["zoo"]))
+    ap.add_argument("--arms", default=DEFAULT_ARMS)
     ap.add_argument("--out", default="/tmp/bmm-bench.json")
     ap.add_argument("--work", default="/tmp/bmm-bench")
     args = ap.parse_args(argv)
     work, out = Path(args.work), Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"runs": [], "uniform": {}}
     beds = args.testbeds.split(",")
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.seeds):
         for bed in beds:
             for arm in args.arms.split(","):
                 if any(r["testbed"] == bed and r["arm"] == arm and r["seed"] == seed

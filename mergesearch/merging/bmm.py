@@ -21,7 +21,17 @@ source; ``scale`` then scales the merged change from the base,
 ``base + scale (W* - base)``, the second hyperparameter the outer search tunes.
 Each source's ``weight`` scales its anchor task vector and, clipped at zero, its Gram
 (how much its outputs count in the fit); equal weights leave the fit unchanged,
-since ``lambda`` is relative.
+since ``lambda`` is relative.  ``lambda_log2`` multiplies ``lambda`` by ``2 **
+lambda_log2``: a space searches it for a log-scale ridge strength, which reaches both
+ends, the pure fit (RegMean-like) and the anchor (task arithmetic with the searched
+weights), where a linear ``lambda`` in [0, 4] reaches neither the anchor nor much of the
+low end.  Two options of the fit, off by default: ``weighted_targets`` fits each
+source's *weighted* change ``base + w_t tau_t`` instead of the source itself (with inputs
+in separate directions and ``lambda`` 0 the fit is then task arithmetic with those
+weights; by default a weight only sets a source's say, so its size hardly matters in the
+fit), and ``gram_norm`` scales each source's Gram to mean eigenvalue 1 before its
+weight (a source with a large task vector, data-free, or large activations no longer
+dominates the fit).
 The anchor is task arithmetic, or TIES with ``ties: true``, computed by those
 methods' own functions.  Tensors that are not linear weights (norms, embeddings,
 biases) take the anchor.  Which tensors are linear: those with an ``input_gram``
@@ -130,7 +140,9 @@ def _anchor(base: torch.Tensor, models: Sequence[torch.Tensor], *, ties: bool,
 def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: float = 1.0,
               scale: float = 1.0, activations: bool = True, ties: bool = False,
               weight: Sequence[float] | None = None, density: Sequence[float] | None = None,
-              normalize: bool = False, context: TensorContext | None = None,
+              normalize: bool = False, lambda_log2: float = 0.0,
+              weighted_targets: bool = False,
+              gram_norm: bool = False, context: TensorContext | None = None,
               seed: int = 0) -> torch.Tensor:
     """BMM's inner merge of one tensor (see the module docstring).  Without activation
     Grams (a plain function call, or a merge on a worker that does not calibrate: logged
@@ -151,10 +163,17 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
             grams = [t.T @ t for t in taus]
     merged = anchor
     if grams is not None:  # each source's outputs count by its (non-negative) weight
-        grams = [max(w, 0.0) * g.to(base.device, base.dtype)
-                 for w, g in zip(weight, grams, strict=True)]
+        grams = [g.to(base.device, base.dtype) for g in grams]
+        if gram_norm:  # every source's Gram to mean eigenvalue 1: its say is its weight
+            grams = [g / t if (t := float(torch.diagonal(g).mean())) > 0 else g
+                     for g in grams]
+        grams = [max(w, 0.0) * g for w, g in zip(weight, grams, strict=True)]
+        targets = models
+        if weighted_targets:  # fit each source's weighted task vector, base + w tau
+            targets = [base + w * (m - base) for w, m in zip(weight, models, strict=True)]
         if any(bool(g.any()) for g in grams):  # all zero: no direction to fit, the anchor
-            merged = ridge_solve(models, grams, anchor, relative_lambda(grams, lambda_))
+            lam = relative_lambda(grams, lambda_ * 2.0 ** lambda_log2)
+            merged = ridge_solve(targets, grams, anchor, lam)
     return base + scale * (merged - base)
 
 
@@ -184,6 +203,9 @@ BMM = register(
         params=(
             Param("lambda", 1.0, low=0.0,
                   doc="ridge strength toward the anchor, in mean eigenvalues of sum_t G_t"),
+            Param("lambda_log2", 0.0,
+                  doc="the ridge strength times 2 ** this: searched, a log-scale lambda "
+                      "that reaches both the pure fit and the anchor"),
             Param("scale", 1.0, doc="scale of the merged change from the base"),
             Param("activations", True, kind=bool,
                   doc="Grams from calibration activations (false: data-free, tau^T tau)"),
@@ -193,6 +215,12 @@ BMM = register(
             Param("density", 1.0, per_model=True, low=0.0, high=1.0,
                   doc="anchor (TIES): fraction of the task vector kept"),
             Param("normalize", False, kind=bool, doc="anchor: divide by the summed weights"),
+            Param("weighted_targets", False, kind=bool,
+                  doc="fit: each source's target is base + weight * task vector (false: "
+                      "the source itself; its weight then only sets its say)"),
+            Param("gram_norm", False, kind=bool,
+                  doc="fit: each source's Gram scaled to mean eigenvalue 1 before its "
+                      "weight (its say no longer grows with its task vector or activations)"),
         ),
         task_vectors=True,
         context=True,

@@ -84,6 +84,46 @@ def test_scale_scales_the_merged_change_and_large_lambda_gives_the_anchor():
     torch.testing.assert_close(fit, stacked_ridge(xs[:2], ws[:2], base, 0.0))
 
 
+def test_log_lambda_weighted_targets_and_normalised_grams_against_the_stacked_solve():
+    base, ws, xs = problem(3)
+    ctx = Grams({(f"s{i}", "w"): x.T @ x for i, x in enumerate(xs)})
+    weight = [0.8, 0.3, 0.6]
+    anchor = base + sum(w_ * (m - base) for w_, m in zip(weight, ws, strict=True))
+    # lambda_log2: the ridge strength times 2 ** it (0.5 * 2 ** 3 = 4)
+    got = bmm_merge(base, ws, lambda_=0.5, lambda_log2=3.0, weight=weight,
+                    context=ctx.tensor("w"))
+    torch.testing.assert_close(
+        got, bmm_merge(base, ws, lambda_=4.0, weight=weight, context=ctx.tensor("w")))
+    # weighted targets: each source's rows fit base + w_t tau_t instead of W_t
+    rows = [w_ ** 0.5 * x for w_, x in zip(weight, xs, strict=True)]
+    lam = 0.7 * sum(float((x * x).sum()) for x in rows) / base.shape[1]
+    targets = [base + w_ * (m - base) for w_, m in zip(weight, ws, strict=True)]
+    got = bmm_merge(base, ws, lambda_=0.7, weight=weight, weighted_targets=True,
+                    context=ctx.tensor("w"))
+    torch.testing.assert_close(got, stacked_ridge(rows, targets, anchor, lam),
+                               rtol=1e-9, atol=1e-9)
+    # ... so with lambda 0 and inputs in separate coordinates, the fit is task arithmetic
+    split = Grams({(f"s{i}", "w"): torch.diag(torch.eye(3, 4, dtype=torch.float64)[i] * 5)
+                   for i in range(3)})
+    taus = [torch.zeros(5, 4, dtype=torch.float64) for _ in range(3)]
+    for i, t in enumerate(taus):
+        t[:, i] = torch.arange(1.0, 6.0) * (i + 1)
+    sep = [base + t for t in taus]
+    fit = bmm_merge(base, sep, lambda_=0.0, weight=weight, weighted_targets=True,
+                    context=split.tensor("w"))
+    want = base + sum(w_ * t for w_, t in zip(weight, taus, strict=True))
+    torch.testing.assert_close(fit[:, :3], want[:, :3])
+    # gram_norm: every source's Gram to mean eigenvalue 1 before its weight
+    scaled = Grams({(f"s{i}", "w"): (10.0 ** i) * x.T @ x for i, x in enumerate(xs)})
+    normed = [x / (float((x * x).sum()) / base.shape[1]) ** 0.5 for x in xs]
+    rows = [w_ ** 0.5 * x for w_, x in zip(weight, normed, strict=True)]
+    lam = 0.7 * sum(float((x * x).sum()) for x in rows) / base.shape[1]
+    got = bmm_merge(base, ws, lambda_=0.7, weight=weight, gram_norm=True,
+                    context=scaled.tensor("w"))
+    torch.testing.assert_close(got, stacked_ridge(rows, ws, anchor, lam),
+                               rtol=1e-9, atol=1e-9)
+
+
 def test_data_free_grams_are_the_task_vectors_own():
     base, ws, _ = problem(2, out=6)
     taus = [w - base for w in ws]
