@@ -26,6 +26,7 @@ fine-tune gone wrong), built on the fly into a temporary folder (never committed
    device costs), which shows the measure sees a pool that is held rather than streamed.
 
     python benchmarks/frank_wolfe.py [--skip-search] [--skip-memory] [--threads 1]
+        [--seeds 0,1,2] [--counts 0,2,4,8] [--options JSON] [--out runs.json]
 
 Prints markdown for benchmarks/RESULTS.md on stdout, progress on stderr.
 """
@@ -92,8 +93,10 @@ def pool(zoo, k: int, cache: Path) -> dict[str, str]:
 
 # -- 1. robustness -----------------------------------------------------------------------
 
-def search(zoo, k: int, cache: Path, work: Path) -> dict[str, Any]:
-    """One frank_wolfe search over the clean pool plus ``k`` distractors."""
+def search(zoo, k: int, cache: Path, work: Path, seed: int = 0,
+           options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One frank_wolfe search over the clean pool plus ``k`` distractors (``options`` on
+    top of :data:`OPTIONS`; the seed draws the soft variant's coefficient candidates)."""
     import yaml
 
     import mergesearch.strategies.frank_wolfe  # noqa: F401  (registers it)
@@ -104,9 +107,12 @@ def search(zoo, k: int, cache: Path, work: Path) -> dict[str, Any]:
 
     data = yaml.safe_load((ROOT / "experiments/hard/frank_wolfe.yaml").read_text())
     data["models"]["sources"] = pool(zoo, k, cache)
-    data["name"] = f"fw-distractors-{k}"
-    data["strategy"] = {"name": "frank_wolfe", "options": OPTIONS}
-    data["output"] = str(work / f"k{k}")
+    opts = OPTIONS | (options or {})
+    label = option_label(options)
+    data["name"] = f"fw-distractors-{k}-s{seed}-{label}"
+    data["seed"] = seed
+    data["strategy"] = {"name": "frank_wolfe", "options": opts}
+    data["output"] = str(work / data["name"])
     data["space"] = str(ROOT / data["space"])
     for part in ("evaluator", "report"):
         data[part]["suite"] = str(ROOT / data[part]["suite"])
@@ -116,15 +122,48 @@ def search(zoo, k: int, cache: Path, work: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     report = controller.score_report(exp, summary)
     store = TrialStore.open(exp.storage_url, summary.study)
-    s = FrankWolfe(controller.BoundExperiment(exp, progress=False).problem, OPTIONS)
+    s = FrankWolfe(controller.BoundExperiment(exp, progress=False).problem, opts)
     s.load_state_dict(store.load_state())
     names = list(data["models"]["sources"])
     mass = abs(s.c).sum(axis=1)
     bad = sum(m for n, m in zip(names, mass, strict=True) if n not in RELEVANT)
     best = max(t.values["mean"] for t in store.trials() if t.state == "ok")
-    return {"k": k, "best": best, "report": report["values"]["mean"] if report else None,
+    return {"k": k, "seed": seed, "label": label, "best": best, "report": report["values"]["mean"] if report else None,
             "distractor_mass": float(bad / max(mass.sum(), 1e-12)), "trials": summary.ok,
             "probes": summary.probes, "wall": wall}
+
+
+def option_label(options: dict[str, Any] | None) -> str:
+    """A short name for the options on top of :data:`OPTIONS` ("default": none)."""
+    if not options:
+        return "default"
+    return ",".join(f"{key}={value}" for key, value in sorted(options.items()))
+
+
+def robustness_table(searches: list[dict]) -> list[str]:
+    """Per oracle setting and pool: mean ± std over seeds of the best search and report
+    scores, and the mean margin to the clean pool at the same seeds."""
+    import statistics
+
+    def spread(values: list[float]) -> str:
+        sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+        return f"{statistics.mean(values):.4f} ± {sd:.4f}"
+
+    lines = ["| oracle options | distractors | seeds | best mean (search) | report mean | "
+             "search minus clean, same seed (mean / worst) | distractor share |",
+             "|---|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["label"] for r in searches):
+        rows = [r for r in searches if r["label"] == label]
+        clean = {r["seed"]: r["best"] for r in rows if r["k"] == 0}
+        for k in sorted({r["k"] for r in rows}):
+            at = sorted((r for r in rows if r["k"] == k), key=lambda r: r["seed"])
+            margins = [r["best"] - clean[r["seed"]] for r in at if r["seed"] in clean]
+            margin = (f"{statistics.mean(margins):+.4f} / {min(margins):+.4f}"
+                      if margins and k else "-")
+            lines.append(f"| {label} | {k} | {len(at)} | {spread([r['best'] for r in at])} | "
+                         f"{spread([r['report'] for r in at])} | {margin} | "
+                         f"{statistics.mean(r['distractor_mass'] for r in at):.3f} |")
+    return lines
 
 
 # -- 2. memory ---------------------------------------------------------------------------
@@ -229,11 +268,13 @@ def mib(b: float) -> str:
 def markdown(searches: list[dict], streamed: list[dict], held: list[dict]) -> str:
     lines = []
     if searches:
-        lines += ["| distractors | trials + probes | best mean (search) | report mean | "
+        lines += robustness_table(searches) + [""]
+        lines += ["| distractors | seed | oracle options | trials + probes | best mean (search) | report mean | "
                   "distractor share of the final coefficients | s/run |",
-                  "|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for r in searches:
-            lines.append(f"| {r['k']} | {r['trials']} + {r['probes']} | {r['best']:.4f} | "
+            lines.append(f"| {r['k']} | {r['seed']} | {r['label']} | {r['trials']} + "
+                         f"{r['probes']} | {r['best']:.4f} | "
                          f"{r['report']:.4f} | {r['distractor_mass']:.3f} | {r['wall']:.0f} |")
         lines.append("")
     if streamed:
@@ -260,6 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--materialise", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "fw-distractors")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds of the searches")
+    ap.add_argument("--counts", default="0,2,4,8", help="distractor counts searched")
+    ap.add_argument("--options", default="{}",
+                    help="JSON options on top of the search's (e.g. the previous default: "
+                         '\'{"base_vertex": false, "min_cosine": 0.0}\')')
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON of finished searches: appended to, and skipped when run again")
     args = ap.parse_args(argv)
     if args.memory_child is not None:
         print(json.dumps(memory_child(args.memory_child, args.materialise)))
@@ -277,10 +325,19 @@ def main(argv: list[str] | None = None) -> int:
         streamed = memory(args.cache, False)
         held = memory(args.cache, True)
     if not args.skip_search:
+        options = json.loads(args.options)
+        done = json.loads(args.out.read_text()) if args.out and args.out.exists() else []
+        searches = list(done)
         with tempfile.TemporaryDirectory() as work:
-            for k in (0, *COUNTS):
-                searches.append(search(zoo, k, args.cache, Path(work)))
-                print(f"search k={k}: {searches[-1]}", file=sys.stderr)
+            for seed in map(int, args.seeds.split(",")):
+                for k in map(int, args.counts.split(",")):
+                    if any(r["k"] == k and r["seed"] == seed
+                           and r["label"] == option_label(options) for r in done):
+                        continue
+                    searches.append(search(zoo, k, args.cache, Path(work), seed, options))
+                    print(f"search k={k} seed={seed}: {searches[-1]}", file=sys.stderr)
+                    if args.out:
+                        args.out.write_text(json.dumps(searches, indent=1))
     print(markdown(searches, streamed, held))
     return 0
 

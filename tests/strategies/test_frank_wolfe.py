@@ -107,6 +107,20 @@ def test_hard_variant_at_layer_granularity_picks_per_tensor():
     assert weights(scored.recipe)[0] == pytest.approx([1, g, g, g])
 
 
+def test_by_default_a_source_must_align_by_min_cosine_else_the_tensor_keeps_the_base():
+    # tensor 1: the best cosine is -0.05, above the default -min_cosine = -0.1
+    cos = [[-0.5, -0.05, 0.1, 0.0], [0.1, 0.02, -0.4, 0.0], [0.1, 0.1, 0.1, -0.3]]
+    opts = {"granularity": "layer", "step_size": 1.0, "scaling": 1.0}
+    s = FrankWolfe(pool_problem(), opts)
+    assert s.options.base_vertex and s.options.min_cosine == 0.1
+    _, (scored,) = run_iteration(s, cos)
+    assert weights(scored.recipe).tolist() == [[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    assert s.history[0]["picks"] == [["base", "m/a", "m/b", "m/c"]]
+    plain = FrankWolfe(pool_problem(), opts | {"base_vertex": False})  # the paper's argmin
+    _, (scored,) = run_iteration(plain, cos)
+    assert weights(scored.recipe).tolist() == [[1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+
+
 def test_soft_variant_searches_coefficients_over_one_pick_per_task():
     s = FrankWolfe(pool_problem(), {"variant": "soft", "step_size": 1.0, "scaling": 0.4,
                                     "soft_trials": 3}, seed=1)
