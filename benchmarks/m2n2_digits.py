@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -189,6 +190,7 @@ class LeanDigits:
         self.shapes = [(256, 64), (256,), (10, 256), (10,)]
         self.data = {s: tuple(t.numpy() for t in digits.load_split(s)) for s in ("train",
                                                                                   "test")}
+        self.members: dict[int, np.ndarray] = {}  # lineage members by key (never evicted)
 
     def weights(self, recipe: dict[str, Any]) -> np.ndarray:
         n = next(iter(self.flat.values())).size
@@ -201,10 +203,17 @@ class LeanDigits:
         for e in recipe["models"]:
             p = e["parameters"]
             lo, hi = int(p.get("start", 0)), int(min(p.get("end", n), n))
+            if not p.get("weight", 1.0):
+                continue
             if p.get("noise_term"):
                 out[lo:hi] += p["weight"] * self.noise(int(p["noise_term"]), recipe)[lo:hi]
+            elif p.get("member"):  # a lineage entry: an earlier member, kept by its key
+                out[lo:hi] += p["weight"] * self.members[int(p["member"])][lo:hi]
             else:
                 out[lo:hi] += p["weight"] * self.flat[e["model"]][lo:hi]
+        key = int(recipe.get("parameters", {}).get("key", 0))
+        if key:
+            self.members[key] = out
         return out
 
     def noise(self, k: int, recipe: dict[str, Any]) -> np.ndarray:
@@ -216,8 +225,9 @@ class LeanDigits:
                                      int(np.prod(shape))).double().numpy()
                                for name, shape in zip(self.names, self.shapes, strict=True)])
 
-    def correct(self, recipe: dict[str, Any], split: str) -> np.ndarray:
-        flat = self.weights(recipe)
+    def correct(self, recipe: dict[str, Any] | None, split: str,
+                flat: np.ndarray | None = None) -> np.ndarray:
+        flat = self.weights(recipe) if flat is None else flat
         parts, at = [], 0
         for shape in self.shapes:
             size = int(np.prod(shape))
@@ -229,12 +239,15 @@ class LeanDigits:
         return logits.argmax(1) == y
 
 
-def lean_run(options: dict[str, Any], seed: int, budget: int) -> dict[str, Any]:
+def lean_run(options: dict[str, Any], seed: int, budget: int,
+             models: list[str] | None = None) -> dict[str, Any]:
+    """The strategy driven in this process on the digits models ``models`` (default the
+    two pretrained halves), each recipe scored by :class:`LeanDigits`."""
     from mergesearch.recipe import Recipe
     from mergesearch.strategies import Dimension, Objective, Problem
     from mergesearch.trial import Result
 
-    models = ["low", "high"]
+    models = models or ["low", "high"]
     scorer = LeanDigits(models)
 
     def decode(x):
@@ -244,24 +257,33 @@ def lean_run(options: dict[str, Any], seed: int, budget: int) -> dict[str, Any]:
     problem = Problem((Dimension("x", 0.0, 1.0, 0.5),), (Objective("accuracy", "maximize"),),
                       decode=decode)
     s = m2n2.M2N2(problem, {"granularity": "rows", **options}, seed=seed)
-    done, best, best_recipe, values = 0, -1.0, None, []
+    done, best, best_flat, values = 0, -1.0, None, []
+    t0 = time.time()
     while done < budget:
+        if done and done % 5000 == 0:
+            log.info("lean seed %d: %d passes, best train %.3f (%.0f s)", seed, done, best,
+                     time.time() - t0)
         for c in s.ask(1):
             recipe = c.recipe.to_dict()
             if c.is_probe:
                 s.tell([Result(c.id, payload=lean_probe(scorer, c))])
                 continue
-            correct = scorer.correct(recipe, "train")
+            flat = scorer.weights(recipe)
+            correct = scorer.correct(None, "train", flat)
             acc = float(correct.mean())
             values.append(acc)
             if acc > best:
-                best, best_recipe = acc, recipe
+                best, best_flat = acc, flat
             s.tell([Result(c.id, {"accuracy": acc}, correct={"digits": correct.tolist()},
                            items={"digits": list(range(len(correct)))})])
             done += 1
-    return {"best_train": best, "test": float(scorer.correct(best_recipe, "test").mean()),
-            "curve": {b: float(max(values[:b])) for b in (1000, 2500, 5000, 10000)
-                      if len(values) >= b}}
+            if scorer.members and done % 200 == 0:  # keep the live members only
+                live = {m.key for m in [*s.archive, *s._pending_members.values()]}
+                scorer.members = {k: v for k, v in scorer.members.items() if k in live}
+    return {"best_train": best, "test": float(scorer.correct(None, "test", best_flat).mean()),
+            "curve": {b: float(max(values[:b])) for b in (1000, 2500, 5000, 10000, 25000,
+                                                            50000) if len(values) >= b},
+            "wall_s": time.time() - t0}
 
 
 def lean_probe(scorer: LeanDigits, cand) -> dict[str, Any]:
@@ -297,6 +319,102 @@ def ablation_leg(args) -> dict[str, list[dict]]:
                                                  **row})
             log.info("%s seed %d: %s", variant, seed, rows[variant][-1])
     return rows
+
+
+# -- the dense reference --------------------------------------------------------------------
+
+def dense_run(seed: int, budget: int, *, split_unit: str = "flattened", mutation: float = 0.01,
+              archive: int = 20, noise_cap: int | None = None, log_every: int = 5000,
+              ) -> dict[str, Any]:
+    """M2N2 from scratch as plainly as it can be written: the archive holds ``archive`` flat
+    weight vectors (the ``scratch:<k>`` MLPs), the paper's competition, attraction,
+    split-point crossover with one global SLERP angle and N(0, ``mutation``^2) per
+    parameter; ``budget`` forward passes over the training images, the initial members
+    included.  ``split_unit``: ``flattened`` (the paper: any index), or ``tensors``, ``rows``,
+    ``block:<N>`` (the index snapped to the nearest boundary of those units, as the
+    strategy with that ``granularity`` does).  ``noise_cap``: emulate a bounded recipe: each member
+    keeps only its ``noise_cap`` most recent mutations (older ones are subtracted again),
+    ``None`` keeps everything.  The reference the strategy is compared against."""
+    scorer = LeanDigits([f"scratch:{k}" for k in range(archive)])
+    rng = np.random.default_rng(seed)
+    members = [scorer.flat[f"scratch:{k}"].copy() for k in range(archive)]
+    n = members[0].size
+    cuts = np.cumsum([0] + [int(np.prod(s)) for s in scorer.shapes])
+
+    def forward(flat: np.ndarray, split: str) -> np.ndarray:
+        parts = [flat[a:b].reshape(s).astype(np.float32) for a, b, s in
+                 zip(cuts[:-1], cuts[1:], scorer.shapes, strict=True)]
+        x, y = scorer.data[split]
+        logits = np.maximum(x @ parts[0].T + parts[1], 0) @ parts[2].T + parts[3]
+        return logits.argmax(1) == y
+
+    if split_unit != "flattened":  # tensors, rows or block:<N>: the strategy's units
+        layout = [[nm, list(sh), int(nm.split(".")[1])] for nm, sh in
+                  zip(scorer.names, scorer.shapes, strict=True)]
+        gran, _, block = split_unit.partition(":")
+        inner = m2n2.units(layout, "flattened" if gran == "block" else gran,
+                           int(block or 1))[1:-1]
+    scores = [forward(m, "train") for m in members]
+    noises: list[list[tuple[float, np.ndarray]]] = [[] for _ in members]
+    values = [float(s.mean()) for s in scores]
+    best, best_flat = max(values), members[int(np.argmax(values))].copy()
+    t0 = time.time()
+    for step in range(archive, budget):
+        s = np.stack(scores).astype(float)
+        z = s.sum(0)
+        shared = s / np.where(z > 0, z, 1.0)
+        f = shared.sum(1)
+        a = int(rng.choice(len(f), p=f / f.sum()) if f.sum() > 0 else rng.integers(len(f)))
+        g = np.maximum(0.0, shared - shared[a]).sum(1)
+        g[a] = 0.0
+        if g.sum() <= 0:
+            g = f.copy()
+            g[a] = 0.0
+        if g.sum() <= 0:
+            g = np.ones(len(f))
+            g[a] = 0.0
+        b = int(rng.choice(len(g), p=g / g.sum()))
+        w = rng.uniform()
+        k = int(rng.integers(1, n))
+        if split_unit != "flattened":
+            k = int(inner[np.argmin(np.abs(inner - k))])
+        t = np.where(np.arange(n) < k, w, 1.0 - w)
+        xa, xb = members[a], members[b]
+        cos = float(xa @ xb / max(np.linalg.norm(xa) * np.linalg.norm(xb), 1e-30))
+        omega = math.acos(min(1.0, max(-1.0, cos)))
+        if math.sin(omega) <= 1e-6:
+            fa, fb = 1.0 - t, t
+        else:
+            fa, fb = np.sin((1 - t) * omega) / math.sin(omega), np.sin(t * omega) / math.sin(omega)
+        child = fa * xa + fb * xb
+        kept: list[tuple[float, np.ndarray]] = []
+        if noise_cap is not None:  # each inherited mutation, at its coefficient in the child
+            for idx, fac in ((a, fa), (b, fb)):
+                for c, eps in noises[idx]:
+                    kept.append((c, fac * eps))
+        eps = rng.normal(0.0, mutation, n) if mutation > 0 else np.zeros(n)
+        child = child + eps
+        if noise_cap is not None:
+            kept.append((0.0, eps))
+            for _, dropped in kept[:-noise_cap]:
+                child = child - dropped
+            kept = kept[-noise_cap:]
+        sc = forward(child, "train")
+        values.append(float(sc.mean()))
+        if values[-1] > best:
+            best, best_flat = values[-1], child.copy()
+        pool_s = np.stack([*scores, sc]).astype(float)
+        z = pool_s.sum(0)
+        fit = (pool_s / np.where(z > 0, z, 1.0)).sum(1)
+        drop = min(range(len(fit)), key=lambda i: (fit[i], -i))
+        if drop < len(members):
+            members[drop], scores[drop], noises[drop] = child, sc, kept
+        if log_every and (step + 1) % log_every == 0:
+            log.info("dense seed %d: %d passes, best train %.3f (%.0f s)", seed, step + 1,
+                     best, time.time() - t0)
+    return {"seed": seed, "best_train": best, "test": float(forward(best_flat, "test").mean()),
+            "curve": {bb: float(max(values[:bb])) for bb in (1000, 5000, 10000, 25000, 50000)
+                      if len(values) >= bb}, "wall_s": time.time() - t0}
 
 
 # -- diversity on the zoo and the hard zoo ----------------------------------------------------

@@ -363,9 +363,17 @@ def uniform_recipe(
     )
 
 
+#: methods already looked up, by name (a name is registered once and never replaced, so a
+#: hit stays right; ``Recipe.resolve`` asks for every parameter of every tensor)
+_METHODS: dict[str, Any] = {}
+
+
 def _method(name: str):
     """The merge method registered as ``name`` (imported here: the registry needs torch,
     reading a recipe or a study does not)."""
-    from mergesearch.merging import get_method
+    hit = _METHODS.get(name)
+    if hit is None:
+        from mergesearch.merging import get_method
 
-    return get_method(name)
+        hit = _METHODS[name] = get_method(name)
+    return hit

@@ -104,6 +104,11 @@ class M2N2Options(StrategyOptions):
     """Coefficients below this magnitude are dropped from a child's recipe."""
     max_noise_terms: int | None = Field(None, ge=1)
     """Keep at most this many noise terms per child (largest energy first); None: all."""
+    representation: Literal["terms", "lineage"] = "terms"
+    """How a child's recipe says what it is: ``terms``, per-region coefficients of the
+    sources and noise terms (self-contained, bounded by ``prune``/``max_noise_terms``);
+    ``lineage``, its two parents (by key) plus its split, SLERP factors and noise term,
+    exact and a few entries long, merged from the worker's cache of earlier members."""
     use_base: bool = False
     """Put the space's base model in the initial archive too."""
     genome_mutation: float = Field(0.05, ge=0)
@@ -208,6 +213,9 @@ class Member:
     genome: np.ndarray | None = None
     bounds: np.ndarray | None = None
     coef: dict[str, np.ndarray] = field(default_factory=dict)
+    source: int | None = None  # an initial member: the index of its source model
+    key: int = 0  # a lineage child: its key (the ``regions`` recipe's ``key``)
+    recipe: dict[str, Any] | None = None  # a lineage child: its recipe
 
 
 @register
@@ -236,6 +244,8 @@ class M2N2(Strategy):
         self._layout = None
         self._probe_id: int | None = None
         self._n_terms = 0
+        self._unit_gram = None  # the sources' Gram on every unit, [U, S, S]
+        self._rows: dict[int, dict[int, np.ndarray]] = {}  # lineage: member Grams by unit
         p = self.problem
         if p.decode is None:
             self._mode = "genome"
@@ -307,7 +317,7 @@ class M2N2(Strategy):
             genome = self.problem.clip(what)
             self._pending_members[cid] = Member(cid, genome=np.asarray(genome))
             return Proposal(genome=genome, meta={"role": "initial"})
-        member = Member(cid, bounds=None, coef={what: np.ones(1)})
+        member = Member(cid, bounds=None, coef={what: np.ones(1)}, source=int(what[1:]))
         self._pending_members[cid] = member
         index = int(what[1:])
         recipe = {"method": "linear",
@@ -369,6 +379,8 @@ class M2N2(Strategy):
             # the nearest unit boundary strictly inside (0, U)
             near = min((pos - 1, pos), key=lambda u: abs(int(self._elems[u]) - flat))
             k = min(max(near, 1), n_units - 1)
+        if self.options.representation == "lineage":
+            return self._lineage_child(cid, pa, pb, k, w, meta)
         bounds = np.union1d(np.union1d(self._bounds(pa), self._bounds(pb)), [0, k, n_units])
         ca, cb = self._refine(pa, bounds), self._refine(pb, bounds)
         omega = self._angle(ca, cb, bounds)
@@ -390,6 +402,101 @@ class M2N2(Strategy):
         meta.update(split=int(self._elems[k]), omega=omega, terms=len(coef),
                     regions=len(bounds) - 1, entries=len(recipe["models"]))
         return Proposal(recipe=recipe, meta=meta)
+
+    # -- lineage children ---------------------------------------------------------------
+
+    def _gram_of(self, a: Member, b: Member) -> np.ndarray:
+        """Per-unit inner products of two live members (sources: the probe's Gram)."""
+        if a.source is not None and b.source is not None:
+            return self._unit_gram[:, a.source, b.source]
+        return self._rows[a.id][b.id]
+
+    def _lineage_child(self, cid: int, pa: Member, pb: Member, k: int, w: float,
+                       meta: dict[str, Any]) -> Proposal:
+        """A child as a lineage recipe: its parents' values (a source model, or an earlier
+        member by key) times their SLERP factors on each side of the split, plus its own
+        noise term.  Exact: nothing is pruned.  The angle comes from per-unit inner
+        products of the live members, carried forward by bilinearity from the sources'
+        Gram (a noise term counts by its expectation, ``std^2`` per parameter on itself
+        and 0 against everything else), so no probe per child."""
+        o = self.options
+        n_units = len(self._elems) - 1
+        t = np.where(np.arange(n_units) < k, w, 1.0 - w)
+        gab, gaa, gbb = (self._gram_of(pa, pb), self._gram_of(pa, pa), self._gram_of(pb, pb))
+        ab, aa, bb = float(gab.sum()), float(gaa.sum()), float(gbb.sum())
+        cos = ab / max(math.sqrt(max(aa, 0.0) * max(bb, 0.0)), 1e-30)
+        omega = math.acos(min(1.0, max(-1.0, cos)))
+        s = math.sin(omega)
+        if s <= 1e-6:
+            fa, fb = 1.0 - t, t
+        else:
+            fa, fb = np.sin((1.0 - t) * omega) / s, np.sin(t * omega) / s
+        # the new member's inner products with every live one, and with itself
+        live = {m.id: m for m in [*self.archive, *self._pending_members.values()]}
+        child = Member(cid, bounds=None)
+        rows: dict[int, np.ndarray] = {}
+        for m in live.values():
+            if m.source is None and m.id not in self._rows:
+                continue  # a terms-made member (never in a lineage search)
+            rows[m.id] = fa * self._gram_of(pa, m) + fb * self._gram_of(pb, m)
+        sizes = np.diff(self._elems).astype(float)
+        rows[cid] = (fa * fa * gaa + 2.0 * fa * fb * gab + fb * fb * gbb
+                     + o.mutation_std ** 2 * sizes)
+        self._rows[cid] = rows
+        for other, row in rows.items():
+            if other != cid:
+                self._rows.setdefault(other, {})[cid] = row
+        # the recipe: anchors (the sources, weight 0), the parents' runs, the noise term
+        from mergesearch.merging.regions import publish
+
+        edges = [0, k, n_units] if k < n_units else [0, n_units]
+        ops, entries = [], [{"model": m, "parameters": {"weight": 0.0}} for m in self._models]
+        for parent, factor in ((pa, fa), (pb, fb)):
+            for u0, u1 in zip(edges, edges[1:], strict=False):
+                c = float(factor[u0])
+                if c == 0.0:
+                    continue
+                start, end = float(self._elems[u0]), float(self._elems[u1])
+                params = {"weight": c, "start": start, "end": end}
+                if parent.source is not None:
+                    ops.append((0, parent.source, c, start, end))
+                    model = self._models[parent.source]
+                else:
+                    ops.append((1, parent.key, c, start, end))
+                    model = self._models[0]
+                    params["member"] = float(parent.key)
+                entries.append({"model": model, "parameters": params})
+        if o.mutation_std > 0:
+            total = float(self._elems[-1])
+            ops.append((2, cid + 1, o.mutation_std, 0.0, total))
+            entries.append({"model": self._models[0], "parameters": {
+                "weight": o.mutation_std, "start": 0.0, "end": total,
+                "noise_term": float(cid + 1)}})
+        child.key = lineage_key(self._models, ops)
+        publish(child.key, len(self._models), ops)
+        offsets = layout_offsets(self._layout)
+        order = sorted(range(len(self._layout)), key=lambda i: -len(self._layout[i][0]))
+        child.recipe = {"method": "regions", "models": entries,
+                        "parameters": {"normalize": False, "key": float(child.key),
+                                       "anchors": float(len(self._models)),
+                                       "offset": [{"filter": self._layout[i][0],
+                                                   "value": float(offsets[i])}
+                                                  for i in order]},
+                        **self._template}
+        self._pending_members[cid] = child
+        meta.update(split=int(self._elems[k]), omega=omega, key=child.key,
+                    entries=len(entries) - len(self._models))
+        return Proposal(recipe=child.recipe, meta=meta)
+
+    def _discard(self, member: Member, joined: bool) -> None:
+        """A member leaves for good: its Gram rows go; one that never joined the archive is
+        nobody's parent, so its lineage entry goes too."""
+        for other in self._rows.pop(member.id, {}):
+            self._rows.get(other, {}).pop(member.id, None)
+        if member.key and not joined:
+            from mergesearch.merging.regions import forget
+
+            forget(member.key)
 
     def _genome_child(self, cid: int, pa: Member, pb: Member, w: float,
                       meta: dict[str, Any]) -> Proposal:
@@ -501,7 +608,10 @@ class M2N2(Strategy):
                     self._probe_id = None  # ask it again
                 continue
             member = self._pending_members.pop(cand.id, None)
-            if member is None or not result.ok:
+            if member is None:
+                continue
+            if not result.ok:
+                self._discard(member, joined=False)
                 continue
             member.loss = self.problem.scalar_loss(result.values)
             if result.correct:
@@ -522,6 +632,7 @@ class M2N2(Strategy):
         full[:, iu[0], iu[1]] = tri
         full[:, iu[1], iu[0]] = tri
         self._gram = np.concatenate([np.zeros((1, s, s)), np.cumsum(full, axis=0)])
+        self._unit_gram = full
         self._elems = bounds
 
     def _join(self, child: Member) -> None:
@@ -538,7 +649,9 @@ class M2N2(Strategy):
             f, _ = self._fitness(self._score_matrix(pool))
             # lowest fitness leaves; on ties the newest (the child first)
             drop = min(range(len(pool)), key=lambda i: (f[i], -pool[i].id))
-            pool.pop(drop)
+            gone = pool.pop(drop)
+            if self._mode == "recipe":
+                self._discard(gone, joined=gone is not child)
         self.archive = pool
         self.history.append([m.id for m in pool])
 
@@ -551,6 +664,19 @@ class M2N2(Strategy):
 
     def recipe_of(self, member: Member) -> dict[str, Any] | None:
         """A member's recipe (recipe mode, after the probe)."""
-        if self._mode != "recipe" or member.bounds is None:
+        if self._mode != "recipe":
             return None
-        return self._recipe(member)
+        if member.recipe is not None:
+            return member.recipe
+        return None if member.bounds is None else self._recipe(member)
+
+
+def lineage_key(models: list[str], ops: list[tuple]) -> int:
+    """A lineage member's key: a digest of its source models and its entries (which name
+    its parents by their keys), so of its whole lineage; in [1, 2^52]."""
+    import hashlib
+    import json
+
+    text = json.dumps([models, [list(op) for op in ops]], separators=(",", ":"))
+    digest = int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+    return digest % (2**52 - 1) + 1
