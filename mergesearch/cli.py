@@ -633,7 +633,8 @@ def _cmd_metrics(args: argparse.Namespace) -> int:
     every = [m for m in dict.fromkeys(m for spec in specs.values() for m in spec.metrics)
              if all(m in spec.metrics for spec in specs.values())]
     sources = {src: known_metrics(src) for src in ("recipe", "weights")}
-    used = _metrics_used(exp, suite, list(specs)) if exp is not None else {}
+    used = {} if exp is None else \
+        _metrics_used(exp, suite, list(specs) or list(exp.evaluator.tasks or ()))
     if args.format == "json":
         import json
 
@@ -688,9 +689,9 @@ def _metrics_used(exp, suite, tasks: list[str]) -> dict:
 
     tracked = check_evaluator(exp.evaluator, suite)
 
-    def over(metric: str, tasks) -> str:
+    def over(metric: str, tasks, unknown: str = "the tasks whose scores hold it") -> str:
         if not tasks:
-            return f"{metric}, mean over the tasks whose scores hold it"
+            return f"{metric}, mean over {unknown}"
         return f"{metric} of {tasks[0]}" if len(tasks) == 1 else \
             f"{metric}, mean over {', '.join(tasks)}"
 
@@ -699,7 +700,8 @@ def _metrics_used(exp, suite, tasks: list[str]) -> dict:
         if o.source != "evaluator":
             objectives[o.name] = f"{o.metric} ({o.source} metric), {o.direction}"
             continue
-        objectives[o.name] = over(o.metric, o.tasks or tasks) + f", {o.direction}"
+        objectives[o.name] = over(o.metric, o.tasks or tasks,
+                                  "every task the evaluator returns") + f", {o.direction}"
     return {"objectives": objectives,
             "tracked": {n: over(n.rpartition("/")[2], t) for n, t in tracked.items()}}
 

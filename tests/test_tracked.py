@@ -216,6 +216,25 @@ def test_status_shows_the_tracked_values_of_the_best_trial(tracked_run, capsys):
     assert float(rows[0]["tracked_errors"]) == pytest.approx(best.tracked["errors"])
 
 
+def test_with_two_objectives_status_tracks_the_point_export_chooses(tmp_path, capsys):
+    from mergesearch.report import choose
+
+    second = {"name": "l1", "metric": "delta_l1", "source": "weights",
+              "direction": "minimize"}
+    path = digits(tmp_path, objectives=[{"name": "accuracy", "metric": "accuracy"}, second])
+    cli(["run", str(path), "-q"], capsys)
+    store = store_of(tmp_path)
+    chosen = choose(store.pareto_front(), store.objectives)
+    out = cli(["status", str(path)], capsys)
+    assert f"tracked at trial {chosen.number} (the front point export chooses; accuracy " \
+        f"{chosen.values['accuracy']:.4f}, l1 {chosen.values['l1']:.4f}): errors " \
+        f"{chosen.tracked['errors']:.4f}" in out
+    assert f"chose trial {chosen.number}" in cli(["export", str(path), "--out",
+                                                 str(tmp_path / "x")], capsys)
+    exported = json.loads((tmp_path / "x" / "scores.json").read_text())
+    assert exported["tracked"] == pytest.approx(chosen.tracked)
+
+
 def test_pareto_shows_the_tracked_columns_in_every_format(tracked_run, capsys):
     tmp, path, _ = tracked_run
     front = store_of(tmp).pareto_front()
