@@ -51,6 +51,7 @@ def _core(
     consensus: bool,
     normalize: bool,
     bits: list[torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparsify, weight, elect, sum, normalise, scale and add: elementwise only.
 
@@ -58,7 +59,8 @@ def _core(
     ``"random"`` (keep where the hash is below ``keep_below``, times ``scale``),
     ``"bits"`` (the same with the hash precomputed: ``bits[i]`` is model ``i``'s hash minus
     2**31 as int32, kept where it is at most ``keep_below[i]``, the cut-off moved alike),
-    ``"deltas"`` (inputs are already sparsified task vectors).
+    ``"deltas"`` (inputs are already sparsified task vectors).  ``out``: written with the
+    result and returned (compiled, the one pass stores straight into it).
     """
     index = None
     if mode == "random":
@@ -92,7 +94,10 @@ def _core(
         divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
     if normalize:
         mixed = mixed / divisor
-    return base + mixed * lambda_
+    merged = base + mixed * lambda_
+    if out is None:
+        return merged
+    return out.copy_(merged)
 
 
 _compiled = None
@@ -115,15 +120,83 @@ def _compiled_core():
 
 
 def run_core(base: torch.Tensor, inputs: list[torch.Tensor], **kwargs) -> torch.Tensor:
-    """The core, compiled for large tensors; eager on small ones or if compiling fails."""
+    """The core, compiled for large tensors; eager on small ones or if compiling fails.
+
+    Compiled on the CPU, the result goes into a recycled buffer (:class:`OutputBuffers`)
+    when one is free: no fresh memory to fault in per merged tensor.
+    """
     global _compiled
     if base.numel() >= FUSE_MIN_NUMEL and (fn := _compiled_core()) is not None:
         try:
-            return fn(base, inputs, **kwargs)
+            return fn(base, inputs, out=output_buffers().take(base), **kwargs)
         except Exception as err:  # no C++ compiler, unsupported backend, ...
             log.warning("torch.compile failed (%s); merging eagerly from now on", err)
             _compiled = False
     return _core(base, inputs, **kwargs)
+
+
+def _use_count(t: torch.Tensor) -> int | None:
+    """How many tensors hold ``t``'s memory (None where torch cannot say)."""
+    try:
+        return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+class OutputBuffers:
+    """Buffers for merged tensors, reused across merges on the CPU, up to a budget.
+
+    On the CPU every fresh large allocation is fresh memory the kernel must fault in
+    (on a VM about as slow as the merge itself), while a merge stream hands each merged
+    tensor to a sink that copies it and drops it.  So merged tensors are views of kept
+    buffers, at most :data:`per_size` per (size, dtype): a buffer is handed out again only
+    when nothing else holds its memory any more (torch's count of the tensors on its
+    storage is back to the buffer's own), so a result the caller keeps is never
+    overwritten, and a caller keeping many just gets fresh tensors.  The budget is
+    ``MERGESEARCH_OUTPUT_CACHE_MB`` (default 512; 0 turns reuse off).  Not used on
+    accelerators, whose allocators already reuse memory (and run asynchronously).
+    """
+
+    per_size = 2  # a stream's consumer holds the previous tensor while the next is merged
+
+    def __init__(self, budget_bytes: int):
+        self.budget = budget_bytes
+        self.used = 0
+        self._bufs: dict[tuple[int, torch.dtype], list[tuple[torch.Tensor, int]]] = {}
+
+    def take(self, like: torch.Tensor) -> torch.Tensor | None:
+        """A free buffer shaped as ``like`` (its dtype, on the CPU), or None."""
+        if like.device.type != "cpu" or not self.budget:
+            return None
+        key = (like.numel(), like.dtype)
+        kept = self._bufs.setdefault(key, [])
+        for buf, free in kept:
+            if _use_count(buf) == free:
+                return buf.view(like.shape)
+        nbytes = like.numel() * like.element_size()
+        if len(kept) >= self.per_size or self.used + nbytes > self.budget:
+            return None
+        buf = torch.empty(like.numel(), dtype=like.dtype)
+        free = _use_count(buf)
+        if free is None:  # cannot tell when it is free again: never reuse
+            self.budget = 0
+            return None
+        kept.append((buf, free))
+        self.used += nbytes
+        return buf.view(like.shape)
+
+
+_output_buffers: OutputBuffers | None = None
+
+
+def output_buffers() -> OutputBuffers:
+    global _output_buffers
+    if _output_buffers is None:
+        import os
+
+        mb = float(os.environ.get("MERGESEARCH_OUTPUT_CACHE_MB", "512"))
+        _output_buffers = OutputBuffers(int(mb * (1 << 20)))
+    return _output_buffers
 
 
 class MaskBits:
@@ -193,13 +266,11 @@ def _merge(
     mode, inputs = "none", list(models)
     if sparsifier in ("magnitude", "outliers"):
         mode = "band"
-        mag = torch.empty(base.numel(), dtype=base.dtype, device=base.device)
-        for i, model in enumerate(models):
-            torch.sub(model.reshape(-1), base.reshape(-1), out=mag).abs_()
+        for i, model in enumerate(models):  # cut-offs of |model - base|, never written out
             if sparsifier == "magnitude":
-                lo[i], hi[i] = sparsify.magnitude_band(mag, density[i])
+                lo[i], hi[i] = sparsify.magnitude_band(model, density[i], base)
             else:
-                lo[i], hi[i] = sparsify.outlier_band(mag, density[i], gamma[i])
+                lo[i], hi[i] = sparsify.outlier_band(model, density[i], gamma[i], base)
     elif sparsifier == "random":
         mode = "random"
         for i in range(n):
