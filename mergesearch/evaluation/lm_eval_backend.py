@@ -289,6 +289,9 @@ class LMEvalEvaluator:
         for metric in task.metrics:  # means of the first filter recomputed from the items
             if per[metric] and all(math.isfinite(v) for v in per[metric]):
                 scores[metric] = scores[f"{metric},{first}"] = math.fsum(per[metric]) / len(rows)
+        if not all(_finite_answers(s) for s in rows):  # NaN/inf logits: as the hf backend
+            scores = dict.fromkeys(scores, _NAN)
+            per = {m: [_NAN] * len(rows) for m in per}
         verdict = next((m for m in ("exact_match", "acc", "greedy_match") if m in per),
                        task.metrics[0] if task.metrics else None)
         out.correct[name] = [v >= 1 - 1e-9 for v in per.get(verdict, [])] if verdict \
@@ -301,6 +304,16 @@ class LMEvalEvaluator:
                 any(m in per for m in _GENERATE):
             out.outputs[name] = [str(s["resps"][0][0]) if s.get("resps") else ""
                                  for s in rows]
+
+
+def _finite_answers(sample: Mapping[str, Any]) -> bool:
+    """Whether every loglikelihood answer of a logged sample is finite."""
+    for resp in sample.get("resps") or []:
+        for answer in resp:
+            if isinstance(answer, tuple | list) and len(answer) == 2 and \
+                    isinstance(answer[0], float) and not math.isfinite(answer[0]):
+                return False
+    return True
 
 
 def _float(value: Any) -> float:

@@ -189,6 +189,11 @@ def test_backend_matches_hf_on_subsets_and_sees_new_weights(resident, zoo, _hf_h
     assert a.values["rev"] > subset["rev"] + 0.1  # the rev expert's weights were seen
     assert backend.lm(model) is backend._lm  # one HFLM around the module
     assert _files(_hf_home) | _files(tmp_path) == before  # nothing written per candidate
+    with torch.no_grad():  # a broken merge: NaN scores, as on the hf backend, not an error
+        model.model.norm.weight.fill_(float("nan"))
+    broken = backend.evaluate(model, fidelity=0.25, seed=1)
+    assert all(math.isnan(v) for v in broken.values.values())
+    assert not any(c for v in broken.correct.values() for c in v)
 
 
 def _files(root: Path) -> set[Path]:
