@@ -281,3 +281,33 @@ def test_bad_inputs_are_clear_errors(resident, tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match=r"evaluator\.tasks: with backend lm_eval"):
         LMEvalEvaluator(_config(suite=str(ZOO), tasks=["zoo_rev"],
                                 lm_eval={"tasks": ["zoo"]}), tok)
+
+
+@pytest.mark.slow
+def test_arguments_are_passed_through_to_lm_eval(resident, zoo) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from mergesearch.evaluation.lm_eval_backend import LMEvalEvaluator
+
+    tok, _ = resident
+    model = AutoModelForCausalLM.from_pretrained(zoo.model_path("dup")).eval()
+    objectives = [{"name": "exact", "metric": "exact_match"},
+                  {"name": "chars", "metric": "char_accuracy"}]
+
+    def run(**options):
+        config = EvaluatorConfig(backend="lm_eval", suite=str(ZOO), objectives=objectives,
+                                 limit=12, lm_eval={"tasks": ["zoo_dup"], **options})
+        return LMEvalEvaluator(config, tok).evaluate(model)
+
+    plain = run()
+    short = run(gen_kwargs={"max_gen_toks": 2})
+    assert max(map(len, plain.outputs["zoo_dup"])) > 2
+    assert all(len(o) <= 2 for o in short.outputs["zoo_dup"])
+    assert short.values["exact"] == 0 < plain.values["exact"]
+    assert short.values["chars"] == plain.values["chars"]  # teacher-forced: no generation
+    told = run(system_instruction="srt ")  # prepended to every context
+    assert told.item_scores["zoo_dup"]["char_accuracy"] != \
+        plain.item_scores["zoo_dup"]["char_accuracy"]
+    shots = run(num_fewshot=2)  # two solved items (from the test split) before each
+    assert shots.outputs["zoo_dup"] != plain.outputs["zoo_dup"]
+    assert shots.indices == plain.indices
