@@ -23,12 +23,12 @@ source (``granularity: task``) or per source and parameter tensor (``layer``), m
 
 Faithful: the oracle on gradient cosines, the open-loop step, hard and soft variants at
 task and layer granularity, the defaults (10 iterations, step 0.1, scaling 0.3),
-candidates streamed one at a time in the probe.  Our choices: the base is one more
-vertex of the hull by default (``base_vertex``, scored ``-min_cosine`` = -0.1 per
-tensor): a source is picked for a tensor only where its cosine is below -0.1, else the
-tensor steps toward the base (the paper's plain argmin always picks some source, and
-with harmful sources in the pool it picks them somewhere; benchmarks/frank_wolfe.py
-measures both); the iterate starts at the
+candidates streamed one at a time in the probe.  Our choices: at layer granularity the
+base is one more vertex of the hull by default (``base_vertex``, scored ``-min_cosine``
+= -0.1 per tensor): a source is picked for a tensor only where its cosine is below -0.1,
+else the tensor steps toward the base (the paper's plain per-tensor argmin always picks
+some source, and with harmful sources in the pool it picks them somewhere;
+benchmarks/frank_wolfe.py measures both); the iterate starts at the
 base (``init: base``; ``uniform`` starts from ``scaling`` on every source); the soft
 variant's coefficient search is a few scored trials, not AdaMerging's entropy descent
 (it needs no unlabelled-data gradient with respect to the coefficients); with
@@ -71,10 +71,12 @@ class FrankWolfeOptions(StrategyOptions):
     probe_cost: float = Field(3.0, ge=0)
     fd_step: float = Field(0.02, gt=0, le=0.5)  # genome mode: share of each range
     #: the base as one more vertex of the hull, scored ``-min_cosine``: where no source's
-    #: cosine is below it, the step shrinks toward the base instead of picking a source
-    #: (on by default: with distractors in the pool the plain argmin always picks one of
-    #: them somewhere; benchmarks/frank_wolfe.py)
-    base_vertex: bool = True
+    #: cosine is below it, the step shrinks toward the base instead of picking a source.
+    #: None (the default): on at layer granularity, where the plain per-tensor argmin
+    #: picks some source on every tensor, distractors included (benchmarks/frank_wolfe.py);
+    #: off at task granularity, where one source is picked by its cosine summed over every
+    #: tensor and a mean cosine below -min_cosine is rare (the iterate would not move)
+    base_vertex: bool | None = None
     min_cosine: float = Field(0.1, ge=0, le=1)
 
 
@@ -199,6 +201,13 @@ class FrankWolfe(Strategy):
     def _current_recipe(self) -> dict[str, Any]:
         return self.recipe or self._coefficients_recipe(self.c)
 
+    @property
+    def base_vertex(self) -> bool:
+        """Whether the base competes in the oracle (``base_vertex``, None: at layer
+        granularity only)."""
+        o = self.options
+        return o.granularity == "layer" if o.base_vertex is None else o.base_vertex
+
     def _widen(self, n_tensors: int) -> None:
         """Per-tensor coefficients once the tensors are known (layer granularity)."""
         if self.c.shape[1] == 1 and n_tensors > 1:
@@ -279,7 +288,7 @@ class FrankWolfe(Strategy):
         vertices = []
         for key in keys:
             cos = np.asarray(payload["cos"][key], dtype=float)  # [sources, tensors]
-            v = oracle(cos, o.granularity, -o.min_cosine if o.base_vertex else None)
+            v = oracle(cos, o.granularity, -o.min_cosine if self.base_vertex else None)
             vertices.append(v if self.c.shape[1] > 1 else v[:, :1])
         picks = [[self.pool[i] if v[i, p] else "base" for p, i in
                   enumerate(np.argmax(v, axis=0))] for v in vertices]

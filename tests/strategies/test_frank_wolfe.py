@@ -112,7 +112,9 @@ def test_by_default_a_source_must_align_by_min_cosine_else_the_tensor_keeps_the_
     cos = [[-0.5, -0.05, 0.1, 0.0], [0.1, 0.02, -0.4, 0.0], [0.1, 0.1, 0.1, -0.3]]
     opts = {"granularity": "layer", "step_size": 1.0, "scaling": 1.0}
     s = FrankWolfe(pool_problem(), opts)
-    assert s.options.base_vertex and s.options.min_cosine == 0.1
+    assert s.base_vertex and s.options.min_cosine == 0.1
+    # at task granularity the default leaves the base out: one pick by the summed cosine
+    assert not FrankWolfe(pool_problem(), {}).base_vertex
     _, (scored,) = run_iteration(s, cos)
     assert weights(scored.recipe).tolist() == [[1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
     assert s.history[0]["picks"] == [["base", "m/a", "m/b", "m/c"]]
