@@ -55,6 +55,26 @@ is scored, stored and exported); they trade a little of the inherited noise for 
 recipes.  Without mutation (merging pretrained models) a recipe has at most
 ``regions x sources`` entries and grows by at most one region per generation.
 
+**Lineage children** (``representation: lineage``, what evolving from scratch needs).
+From scratch every child adds noise, so a child is the sum of all its ancestors'
+mutations: a ``terms`` recipe grows with the lineage, and pruning or capping it throws
+inherited mutations away.  A lineage child's recipe instead names its two parents (by
+*key*, a digest of the parent's own entries, so of its whole lineage) with their SLERP
+factors on each side of the split, plus its own noise term: a few entries after the
+``anchors`` (the source models, weight 0), exact however many generations back.  The
+worker keeps what it merges in an in-memory cache by key (:mod:`mergesearch.merging.
+regions`); the strategy publishes every child's entries as it asks for it (and again when
+it replays its saved state), so a member missing from the cache (a fresh process after a
+restart) is rebuilt from its lineage, bitwise the same: a resumed search is exact.  The
+angle needs no probe per child: the strategy keeps each live member's inner products with
+every other on every unit (the sources' from the region probe), carried forward by
+bilinearity, a noise term counted by its expectation (``std^2`` per parameter on itself,
+0 against the rest; within ~1% of the true angle on digits).  Limits: the cache lives in
+the worker's process and the published lineage in the strategy's, so a lineage search
+runs on the local executor; the cache holds archive-many models (trivial for the digits
+MLP, 20 full models of an LLM is not: there ``terms`` with pruning, or mutation off, is
+the practical choice; docs/m2n2.md).
+
 Our choices besides: the initial archive is every source model alone (``use_base``
 adds the space's base model), scored first, the probe beside them; until the archive is
 full every told child joins.  Several children may be in flight (one per ask slot); each
