@@ -55,6 +55,7 @@ Our choices:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable
@@ -96,6 +97,12 @@ class MapOptions(StrategyOptions):
     generations: int = Field(50, ge=1)
     """NSGA-III generations on the surrogates (the paper gives none; quadratics settle
     well within 50)."""
+    min_distance: float = Field(0.02, ge=0, le=0.5)
+    """A front, adaptive or exploring point is proposed only this far (in some coordinate
+    of the design box's unit coordinates) from every point evaluated or planned; a round
+    with fewer such front points fills up with random points of its frame.  Without it a
+    surrogate front that has collapsed onto one merge (always, with one objective: the
+    GA's final population) spends the rest of the budget on copies of that merge."""
 
     @model_validator(mode="after")
     def _positive_preference(self) -> MapOptions:
@@ -237,10 +244,10 @@ class _MapBase(Strategy):
         return np.array([*self._u.values(), *planned]) if self._u or planned else \
             np.zeros((0, self.problem.n_dims))
 
-    def _is_new(self, u: np.ndarray, known: np.ndarray) -> bool:
+    def _is_new(self, u: np.ndarray, known: np.ndarray, gap: float = _SAME) -> bool:
         genome = np.asarray(self.problem.clip(self._dl + self._span * u))
         u = (genome - self._dl) / self._span
-        return not len(known) or float(np.min(np.abs(known - u).max(axis=1))) > _SAME
+        return not len(known) or float(np.min(np.abs(known - u).max(axis=1))) > gap
 
     def _design_round(self, frame: _Frame, count: int | None = None,
                       skip_onehot: bool = False) -> list[tuple]:
@@ -251,15 +258,17 @@ class _MapBase(Strategy):
         Z = np.clip(Z, frame.low, frame.high)
         return self._fresh((frame.u(z), {"phase": "design"}, frame, z) for z in Z)
 
-    def _fresh(self, rows: Iterable[tuple], k: int | None = None) -> list[tuple]:
+    def _fresh(self, rows: Iterable[tuple], k: int | None = None,
+               gap: float = _SAME) -> list[tuple]:
         """The first ``k`` (all, when None) of ``rows`` (``(u, meta, frame, z)``) whose
-        genome is new: not evaluated, not planned, not an earlier row.  ``rows`` may be a
-        generator; it is drawn from only until ``k`` are found."""
+        genome is new, more than ``gap`` (max-norm, unit coordinates) from every point
+        evaluated, planned or an earlier row.  ``rows`` may be a generator; it is drawn
+        from only until ``k`` are found."""
         out, known = [], self._known()
         if k == 0:
             return out
         for row in rows:
-            if self._is_new(row[0], known):
+            if self._is_new(row[0], known, gap):
                 out.append(row)
                 known = np.vstack([known, row[0]])
             if k is not None and len(out) == k:
@@ -294,10 +303,13 @@ class _MapBase(Strategy):
                             "preferred": best})
         order = (list(np.argsort(-score, kind="stable")) if self.options.select == "preference"
                  else ms.spread(V, best, len(V)))
-        return self._fresh(((frame.u(FZ[i]),
-                             {"phase": "front", "predicted": self._predicted(models, objs, FZ[i]),
-                              "preference_score": float(score[i]), "preferred": bool(i == best)},
-                             frame, FZ[i]) for i in order), k)
+        front = ((frame.u(FZ[i]),
+                  {"phase": "front", "predicted": self._predicted(models, objs, FZ[i]),
+                   "preference_score": float(score[i]), "preferred": bool(i == best)},
+                  frame, FZ[i]) for i in order)
+        # the front exhausted near what is known: random points of the frame fill the round
+        explore = (self._explore(frame) for _ in range(50 * k))
+        return self._fresh(itertools.chain(front, explore), k, self.options.min_distance)
 
 
 @register
@@ -419,7 +431,7 @@ class BayesianMap(_MapBase):
                 yield (u, {"phase": "adaptive", "bin": [int(x) for x in b],
                            "predicted": self._predicted(fitted, objs, u)}, frame, u)
 
-        return self._fresh(draws(), k)
+        return self._fresh(draws(), k, self.options.min_distance)
 
     def _in_bin(self, b: tuple, n: int) -> np.ndarray:
         """A random point of the unit cube whose direction from the origin lies in bin

@@ -391,6 +391,35 @@ def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path,
         {t.candidate_id: (t.params, t.meta) for t in whole if t.state == "ok"}
 
 
+@pytest.mark.parametrize("name", MAPS)
+def test_one_objective_never_spends_the_budget_on_copies_of_one_merge(name: str) -> None:
+    """With one objective the surrogate 'front' is a GA's collapsed final population:
+    every proposal after the design stays min_distance (max-norm) from all earlier ones,
+    the rounds filling up with random points, and the search still climbs the peak."""
+    peak = np.array([0.7, 0.3, 0.55])
+
+    def fn(x: np.ndarray) -> dict[str, float]:
+        return {"m0": float(np.exp(-4.0 * np.sum((np.asarray(x) - peak) ** 2)))}
+
+    problem = Problem(tuple(Dimension(f"c{i}", 0.0, 1.0, 0.5) for i in range(3)),
+                      (Objective("m0"),))
+    opts = {"bayesian_map": {"design": 10, "adaptive": 4}}.get(name, {})
+    s = create_strategy(name, problem, {"front_points": 4, "pop_size": 24, "generations": 20,
+                                        **opts}, seed=1)
+    history = []
+    while len(history) < 60:
+        cands = s.ask(1000)
+        s.tell([Result(c.id, fn(np.array(c.genome))) for c in cands])
+        history += cands
+    g = np.array([c.genome for c in history])
+    gap = min(float(np.min(np.abs(g[:i] - g[i]).max(axis=1))) for i in range(1, len(g)))
+    assert gap > 0.02 - 1e-9, gap
+    late = [c for c in history if c.meta["phase"] in ("front", "explore", "adaptive")]
+    assert len(late) >= 20
+    best = max(fn(np.array(c.genome))["m0"] for c in history)
+    assert best > 0.97, best  # the peak is 1 at (0.7, 0.3, 0.55)
+
+
 def test_front_box_design_keeps_the_front_where_the_surrogates_were_fitted() -> None:
     problem = Problem(tuple(Dimension(f"c{i}", -0.5, 1.5, 0.5) for i in range(2)),
                       toy_problem().objectives)
