@@ -322,6 +322,7 @@ def ablation_leg(args) -> dict[str, list[dict]]:
             continue
         for seed in args.seeds:
             t0 = time.time()
+            options = {**options, "representation": args.representation}
             if args.engine == "lean":
                 row = lean_run(options, seed, args.ablation_budget)
             else:
@@ -590,6 +591,9 @@ def main(argv: list[str] | None = None) -> int:
                     type=lambda s: s.split(","), help="ablation variants to run")
     ap.add_argument("--diversity-budget", type=int, default=100)
     ap.add_argument("--engine", choices=("lean", "cli"), default="lean")
+    ap.add_argument("--representation", choices=("terms", "lineage"), default="terms",
+                    help="the ablation's children (both exact without mutation; lineage "
+                         "recipes stay a few entries long, so the lean engine is faster)")
     ap.add_argument("--league", type=Path, default=None,
                     help="diversity from the league table's studies in this folder "
                          "(<testbed>.db, study <testbed>-m2n2-e100-s0) instead of new runs")
