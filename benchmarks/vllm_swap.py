@@ -4,7 +4,7 @@ same items, and a weight swap into the running engine against building a new ``L
 Needs the vLLM venv (``bash scripts/vllm_env.sh``):
 
     OMP_NUM_THREADS=1 .venv-vllm/bin/python benchmarks/vllm_swap.py [--candidates 6]
-        [--limit 50] [--out /tmp/vllm-swap.json]
+        [--limit 50] [--out /tmp/vllm-swap.json] [--report]
 
 Both backends run as workers (:class:`~mergesearch.execution.worker.Worker`) on the same
 suite (the zoo's four skills, ``--limit`` items each: every item generates for
@@ -92,6 +92,10 @@ def markdown(res: dict) -> str:
     med = {k: statistics.median(r[k] for r in rows)
            for k in ("items", "hf_merge", "hf_eval", "vllm_swap", "vllm_eval")}
     hf_ips, vllm_ips = med["items"] / med["hf_eval"], med["items"] / med["vllm_eval"]
+
+    def spread(key: str, rate: bool = False) -> str:
+        values = [r["items"] / r[key] if rate else r[key] for r in rows]
+        return f"{min(values):.{1 if rate else 3}f}-{max(values):.{1 if rate else 3}f}"
     first = res["rows"][0]
     same = sum(r["same_answers"] and r["same_items"] for r in res["rows"])
     return "\n".join([
@@ -101,14 +105,15 @@ def markdown(res: dict) -> str:
         "generated for exact_match and teacher-forced for char_accuracy), "
         f"{res['candidates']} task-arithmetic candidates scored by both backends in one run, "
         "float32, one thread each, this 2-core machine (shared). Medians over candidates "
-        "2.. (the first pays one-off compiles).",
+        "2.. (the first pays one-off compiles), min-max in brackets.",
         "",
         "| | hf backend | vllm backend | ratio vllm / hf |",
         "| --- | ---: | ---: | ---: |",
-        f"| items per second (evaluation) | {hf_ips:.1f} | {vllm_ips:.1f} | "
-        f"{vllm_ips / hf_ips:.2f}x |",
-        f"| merge per candidate (s) | {med['hf_merge']:.3f} (in place) | "
-        f"{med['vllm_swap']:.3f} (swap + cache reset) | {med['vllm_swap'] / med['hf_merge']:.2f}x |",
+        f"| items per second (evaluation) | {hf_ips:.1f} ({spread('hf_eval', True)}) | "
+        f"{vllm_ips:.1f} ({spread('vllm_eval', True)}) | {vllm_ips / hf_ips:.2f}x |",
+        f"| merge per candidate (s) | {med['hf_merge']:.3f} ({spread('hf_merge')}), in place | "
+        f"{med['vllm_swap']:.3f} ({spread('vllm_swap')}), swap + cache reset | "
+        f"{med['vllm_swap'] / med['hf_merge']:.2f}x |",
         f"| worker start (s) | {res['hf_start']:.1f} | {res['vllm_start']:.1f} (engine) | |",
         f"| first candidate's merge (s) | {first['hf_merge']:.1f} | {first['vllm_swap']:.1f} | |",
         "",
@@ -124,10 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--candidates", type=int, default=6)
     parser.add_argument("--limit", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path("/tmp/vllm-swap.json"))
+    parser.add_argument("--report", action="store_true",
+                        help="only print the markdown of the results already in --out")
     args = parser.parse_args(argv)
-    res = run(args.candidates, args.limit)
-    args.out.write_text(json.dumps(res, indent=1))
-    print(markdown(res))
+    if args.report:
+        res = json.loads(args.out.read_text())
+    else:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the report readable
+        res = run(args.candidates, args.limit)
+        args.out.write_text(json.dumps(res, indent=1))
+    text = markdown(res)
+    args.out.with_suffix(".md").write_text(text + "\n")
+    print(text)
     return 0
 
 
