@@ -29,9 +29,12 @@ low end.  Two options of the fit, off by default: ``weighted_targets`` fits each
 source's *weighted* change ``base + w_t tau_t`` instead of the source itself (with inputs
 in separate directions and ``lambda`` 0 the fit is then task arithmetic with those
 weights; by default a weight only sets a source's say, so its size hardly matters in the
-fit), and ``gram_norm`` scales each source's Gram to mean eigenvalue 1 before its
+fit), ``gram_norm`` scales each source's Gram to mean eigenvalue 1 before its
 weight (a source with a large task vector, data-free, or large activations no longer
-dominates the fit).
+dominates the fit), and ``skip_unchanged`` leaves a source out of the fit of a tensor it
+left as the base's (an expert trained on some layers only: its activation Gram would
+pull the other sources' changes there back toward the base; data-free Grams are zero
+there already).
 The anchor is task arithmetic, or TIES with ``ties: true``, computed by those
 methods' own functions.  Tensors that are not linear weights (norms, embeddings,
 biases) take the anchor.  Which tensors are linear: those with an ``input_gram``
@@ -141,8 +144,8 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
               scale: float = 1.0, activations: bool = True, ties: bool = False,
               weight: Sequence[float] | None = None, density: Sequence[float] | None = None,
               normalize: bool = False, lambda_log2: float = 0.0,
-              weighted_targets: bool = False,
-              gram_norm: bool = False, context: TensorContext | None = None,
+              weighted_targets: bool = False, gram_norm: bool = False,
+              skip_unchanged: bool = False, context: TensorContext | None = None,
               seed: int = 0) -> torch.Tensor:
     """BMM's inner merge of one tensor (see the module docstring).  Without activation
     Grams (a plain function call, or a merge on a worker that does not calibrate: logged
@@ -168,6 +171,9 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
             grams = [g / t if (t := float(torch.diagonal(g).mean())) > 0 else g
                      for g in grams]
         grams = [max(w, 0.0) * g for w, g in zip(weight, grams, strict=True)]
+        if skip_unchanged:  # a source that left this tensor as the base's has no say in it
+            grams = [g if bool((m != base).any()) else torch.zeros_like(g)
+                     for m, g in zip(models, grams, strict=True)]
         targets = models
         if weighted_targets:  # fit each source's weighted task vector, base + w tau
             targets = [base + w * (m - base) for w, m in zip(weight, models, strict=True)]
@@ -218,6 +224,9 @@ BMM = register(
             Param("weighted_targets", False, kind=bool,
                   doc="fit: each source's target is base + weight * task vector (false: "
                       "the source itself; its weight then only sets its say)"),
+            Param("skip_unchanged", False, kind=bool,
+                  doc="fit: a source whose tensor equals the base's has no say in that "
+                      "tensor (activation Grams would pull it toward the base there)"),
             Param("gram_norm", False, kind=bool,
                   doc="fit: each source's Gram scaled to mean eigenvalue 1 before its "
                       "weight (its say no longer grows with its task vector or activations)"),

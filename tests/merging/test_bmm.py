@@ -113,6 +113,15 @@ def test_log_lambda_weighted_targets_and_normalised_grams_against_the_stacked_so
                     context=split.tensor("w"))
     want = base + sum(w_ * t for w_, t in zip(weight, taus, strict=True))
     torch.testing.assert_close(fit[:, :3], want[:, :3])
+    # skip_unchanged: a source equal to the base on this tensor has no say in its fit
+    still = [ws[0], ws[1], base.clone()]
+    got = bmm_merge(base, still, lambda_=0.7, weight=weight, skip_unchanged=True,
+                    context=ctx.tensor("w"))
+    anchor2 = base + sum(w_ * (m - base) for w_, m in zip(weight, still, strict=True))
+    rows2 = [w_ ** 0.5 * x for w_, x in zip(weight[:2], xs[:2], strict=True)]
+    lam2 = 0.7 * sum(float((x * x).sum()) for x in rows2) / base.shape[1]
+    torch.testing.assert_close(got, stacked_ridge(rows2, still[:2], anchor2, lam2),
+                               rtol=1e-9, atol=1e-9)
     # gram_norm: every source's Gram to mean eigenvalue 1 before its weight
     scaled = Grams({(f"s{i}", "w"): (10.0 ** i) * x.T @ x for i, x in enumerate(xs)})
     normed = [x / (float((x * x).sum()) / base.shape[1]) ** 0.5 for x in xs]
