@@ -13,6 +13,12 @@ strategy, budget and seed overridden per run):
   worker, their cost in items counted in the run's cost);
 * ``bmm_data_free``: BMM's closed form with data-free Grams (``tau^T tau``).
 
+Both BMM arms search a log-scale ridge strength (``lambda_log2`` in [-4, 8]) and
+``scale`` over the task-arithmetic arm's lambda range ([0.5, 3]), at the same positions
+(and on the hard zoo the same per-source weights), so that at large lambda BMM's space
+holds the baseline's (:func:`log_space`); ``*_linear`` are the first version's spaces
+(lambda in [0, 4], scale in [0.5, 2]), not run by default.
+
 Figures: the best search value (mean char accuracy over the four skills) after the
 budget, mean ± std over seeds (std with n - 1), the uniform merge (every weight 0.5,
 lambda 1) as a reference, and the mean items scored per run (trials plus calibration).
