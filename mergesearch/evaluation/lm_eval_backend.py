@@ -16,6 +16,7 @@ so an objective ``metric: exact_match`` means ``exact_match,none`` on the zoo an
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -226,11 +227,16 @@ class LMEvalEvaluator:
     def lm(self, model: Any) -> Any:
         """The ``HFLM`` around ``model``, built on first use (and for a new module)."""
         if self._lm is None or self._lm_model is not model:
-            from lm_eval.models.huggingface import HFLM
-
             device = next(model.parameters()).device
-            self._lm = HFLM(pretrained=model, tokenizer=self.tokenizer, device=str(device),
-                            batch_size=self.options.batch_size or self.config.batch_size)
+            hf_log = logging.getLogger("lm_eval.models.huggingface")
+            level = hf_log.level
+            hf_log.setLevel(logging.ERROR)  # its warnings about a model object are expected
+            try:
+                self._lm = _quiet_hflm()(
+                    pretrained=model, tokenizer=self.tokenizer, device=str(device),
+                    batch_size=self.options.batch_size or self.config.batch_size)
+            finally:
+                hf_log.setLevel(level)
             self._lm_model = model
         return self._lm
 
@@ -249,6 +255,10 @@ class LMEvalEvaluator:
         lm = self.lm(model)
         was_training = model.training
         model.eval()
+        import lm_eval.api.task as task_module
+
+        bar = task_module.tqdm
+        task_module.tqdm = functools.partial(bar, disable=True)  # one bar per task per call
         try:
             result = lm_evaluate(
                 lm, {"tasks": {n: t.task for n, t in self._data.items()}, "groups": {},
@@ -258,6 +268,7 @@ class LMEvalEvaluator:
                 apply_chat_template=opts.apply_chat_template,
                 fewshot_as_multiturn=opts.fewshot_as_multiturn)
         finally:
+            task_module.tqdm = bar
             model.train(was_training)
         out = Evaluation(values={}, scores={}, correct={}, n_items={})
         for name, task in self._data.items():
@@ -304,6 +315,23 @@ class LMEvalEvaluator:
                 any(m in per for m in _GENERATE):
             out.outputs[name] = [str(s["resps"][0][0]) if s.get("resps") else ""
                                  for s in rows]
+
+
+def _quiet_hflm() -> type:
+    """``HFLM`` without its per-call progress bars (a search makes thousands of calls)."""
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = True):
+            return super().loglikelihood_rolling(requests, disable_tqdm=True)
+
+        def generate_until(self, requests, disable_tqdm: bool = True):
+            return super().generate_until(requests, disable_tqdm=True)
+
+    return QuietHFLM
 
 
 def _finite_answers(sample: Mapping[str, Any]) -> bool:
