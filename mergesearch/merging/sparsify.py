@@ -93,36 +93,31 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
 SELECT_MIN_NUMEL = 1 << 16
 """Magnitude tensors at least this large are selected by counting (smaller: ``kthvalue``)."""
 
-_SAMPLE = 1 << 16  # at most this many entries in the strided sample placing the thresholds
-_THRESHOLDS = 6  # thresholds counted in the one counting pass
-_ROW = 32  # entries per row of the flagging pass: the gather reads only flagged rows
+_SAMPLE = 1 << 16  # at most this many entries in the strided sample placing the band
+_ROW = 32  # entries per row of the scan (shorter rows compile to slower loops)
+_MARGIN = 3.5  # sample standard deviations on each side of the k-th value's sample rank
 
 
 def _magnitudes(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
     return (x if base is None else x - base).abs()
 
 
-def _count_below(x: torch.Tensor, base: torch.Tensor | None,
-                 thresholds: torch.Tensor) -> torch.Tensor:
-    """For each threshold t, the number of magnitudes ``|x - base| < t``; then the NaN count.
+def _scan_rows(x: torch.Tensor, base: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of a ``(rows, _ROW)`` view of the magnitudes ``|x - base|``: how many are
+    below ``lo``, how many lie in ``[lo, hi]``, and the largest and smallest of those
+    (-1 and +inf when none).
 
-    One pass of reductions (int32, so at most 2**31 entries), no temporaries when compiled.
+    Row reductions only, in floats (exact counts up to 2**24 per row): the kind the CPU
+    compiler fuses into one vectorised pass.  A row with one or two magnitudes inside
+    hands them over directly, so only the few rows with more are read again.
     """
     a = _magnitudes(x, base)
-    counts = [(a < thresholds[j]).to(torch.int32).sum(dtype=torch.int32)
-              for j in range(_THRESHOLDS)]
-    counts.append((a != a).to(torch.int32).sum(dtype=torch.int32))
-    return torch.stack(counts)
-
-
-def _flag_rows(x: torch.Tensor, base: torch.Tensor | None, lo: torch.Tensor,
-               hi: torch.Tensor) -> torch.Tensor:
-    """Rows of a ``(rows, _ROW)`` view holding a magnitude in ``[lo, hi]``: 1.0, else 0.0.
-
-    A float max per row: the reduction the CPU compiler vectorises best.
-    """
-    a = _magnitudes(x, base)
-    return torch.where((a >= lo) & (a <= hi), 1.0, 0.0).amax(dim=-1)
+    inside = (a >= lo) & (a <= hi)
+    return (torch.where(a < lo, 1.0, 0.0).sum(dim=-1),
+            torch.where(inside, 1.0, 0.0).sum(dim=-1),
+            torch.where(inside, a, -1.0).amax(dim=-1),
+            torch.where(inside, a, math.inf).amin(dim=-1))
 
 
 _kernels: dict[str, object] = {}
@@ -178,66 +173,91 @@ def kth_smallest_magnitude(x: torch.Tensor, k: int,
     over all entries, exactly: what ``torch.kthvalue`` of the flat magnitudes returns.
 
     Nothing is sorted but a strided sample, and the magnitudes are never written out:
-
-    1. the sorted sample places :data:`_THRESHOLDS` thresholds around the k-th value
-       (a band of about eight sample standard deviations of its rank);
-    2. one counting pass (compiled reductions) gives the exact number of magnitudes
-       below each threshold, so the k-th value lies in a known interval between two
-       thresholds (or below the first, or above the last) with a known count below it;
-    3. a flagging pass marks the rows of :data:`_ROW` entries holding a magnitude in that
-       interval; only those rows are read again, and ``kthvalue`` runs on the few entries
-       inside the interval.
-
-    The sample only decides the speed (a missed band widens the interval, never the
-    answer).  With NaN among the magnitudes the answer is ``torch.kthvalue``'s (NaN
-    counts as the largest), computed by ``torch.kthvalue`` itself.
+    the sample's order statistics place a band ``[lo, hi]`` around the k-th value (about
+    seven standard deviations of its sample rank wide); one compiled pass over ``x`` and
+    ``base`` (:func:`_scan_rows`) counts, per row, the magnitudes below and inside the
+    band and keeps the largest and smallest inside; ``kthvalue`` then runs on the few
+    magnitudes inside, from those row extremes and the few rows holding more than two.  When
+    the k-th value is outside the band (the sample misled), the same pass runs again on
+    the side that holds it: the sample only ever decides the speed.  With NaN the answer
+    is ``torch.kthvalue``'s own (NaN counts as the largest).
     """
     n = x.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     flat = x.reshape(-1)
     bflat = None if base is None else base.reshape(-1)
-    if n < SELECT_MIN_NUMEL or n >= 1 << 31:
+    if n < SELECT_MIN_NUMEL:
         return torch.kthvalue(_magnitudes(flat, bflat), k).values
     step = max(1, n // min(_SAMPLE, 16 * math.isqrt(n)))  # sorting costs less than it saves
     sample = _magnitudes(flat[::step], None if bflat is None else bflat[::step])
     m = sample.numel()
     j = (k - 0.5) * m / n  # the k-th value's expected place in the sample
-    margin = 4 * math.sqrt(max(j * (m - j) / m, 1.0)) + 2
-    places = [round(max(j - margin, 0) + (min(j + margin, m - 1) - max(j - margin, 0)) * i
-                    / (_THRESHOLDS - 1)) for i in range(_THRESHOLDS)]
-    thresholds = _order_statistics(sample, places)
-    compiled = _compiled_ok(x)
-    count = partial(_run, "count", _count_below) if compiled else _count_below
-    counts = count(flat, bflat, thresholds).tolist()
-    if counts[-1]:  # NaN: kthvalue's own order
-        return torch.kthvalue(_magnitudes(flat, bflat), k).values
-    # the k-th value is in [edges[q], edges[q + 1]) with below[q] magnitudes under it
-    below = [0, *counts[:-1], n]
-    q = sum(1 for c in below[1:-1] if c < k)  # the last edge with fewer than k below
-    inf = torch.full((1,), math.inf, dtype=thresholds.dtype, device=thresholds.device)
-    edges = torch.cat([-inf, thresholds, inf])
-    # closed at the top: just below the next threshold, or +inf itself above the last
-    band = edges[q:q + 2].clone()
-    if q < _THRESHOLDS:
-        band[1:] = torch.nextafter(band[1:], -inf)
-    lo, hi = band[0], band[1]
+    margin = _MARGIN * math.sqrt(max(j * (m - j) / m, 1.0)) + 2
+    lo_at, hi_at = math.floor(j - margin), math.ceil(j + margin)
+    inf = math.inf
+    places = [p for p in (lo_at, hi_at) if 0 <= p < m]
+    stats = _order_statistics(sample, places).tolist() if places else []
+    lo = stats.pop(0) if 0 <= lo_at < m else -inf
+    hi = stats.pop(0) if 0 <= hi_at < m else inf
+    below, inside = _band(flat, bflat, lo, hi, x)
+    if k <= below:  # below the band: [-inf, just under lo]
+        _, inside = _band(flat, bflat, -inf, _next_below(lo, x.dtype), x)
+        below = 0
+    elif k > below + inside.numel():  # above it: [just over hi, inf]
+        below += inside.numel()
+        under, inside = _band(flat, bflat, _next_above(hi, x.dtype), inf, x)
+        if under != below or k > below + inside.numel():  # NaN counted nowhere
+            return torch.kthvalue(_magnitudes(flat, bflat), k).values
+    return torch.kthvalue(inside, k - below).values
+
+
+def _next_below(v: float, dtype: torch.dtype) -> float:
+    t = torch.tensor(v, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(-math.inf, dtype=dtype)))
+
+
+def _next_above(v: float, dtype: torch.dtype) -> float:
+    t = torch.tensor(v, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)))
+
+
+def _band(flat: torch.Tensor, bflat: torch.Tensor | None, lo: float, hi: float,
+          like: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """How many magnitudes are below ``lo``, and those in ``[lo, hi]`` (flat, any order).
+
+    ``lo`` and ``hi`` are values of the magnitudes' dtype (or infinite), so comparing in
+    that dtype is exact.
+    """
+    n = flat.numel()
+    bounds = torch.tensor([lo, hi], dtype=flat.dtype, device=flat.device)
+    lo_t, hi_t = bounds[0], bounds[1]
     rows = n // _ROW * _ROW
-    parts = []
+    below, parts = 0, []
     if rows:
         xr = flat[:rows].view(-1, _ROW)
         br = None if bflat is None else bflat[:rows].view(-1, _ROW)
-        flag = partial(_run, "flag", _flag_rows) if compiled else _flag_rows
-        hit = flag(xr, br, lo, hi).nonzero().view(-1)
-        parts.append(_magnitudes(xr.index_select(0, hit),
-                                 None if br is None else br.index_select(0, hit)).view(-1))
+        scan = partial(_run, "scan", _scan_rows) if _compiled_ok(like) else _scan_rows
+        under, count, top, bottom = scan(xr, br, lo_t, hi_t)
+        below = int(under.sum(dtype=torch.float64))
+        parts.append(top[(count == 1) | (count == 2)])  # one inside is the largest there,
+        parts.append(bottom[count == 2])  # two are the largest and the smallest
+        many = (count > 2).nonzero().view(-1)
+        if many.numel():
+            parts.append(_inside(xr.index_select(0, many),
+                                 None if br is None else br.index_select(0, many), lo_t, hi_t))
     if rows < n:
-        parts.append(_magnitudes(flat[rows:], None if bflat is None else bflat[rows:]))
-    a = torch.cat(parts)
-    inside = a[(a >= lo) & (a <= hi)]
-    if inside.numel() != below[q + 1] - below[q]:  # cannot happen with exact counts
-        return torch.kthvalue(_magnitudes(flat, bflat), k).values
-    return torch.kthvalue(inside, k - below[q]).values
+        a = _magnitudes(flat[rows:], None if bflat is None else bflat[rows:])
+        below += int((a < lo_t).sum())
+        parts.append(a[(a >= lo_t) & (a <= hi_t)])
+    return below, torch.cat(parts)
+
+
+def _inside(x: torch.Tensor, base: torch.Tensor | None, lo: torch.Tensor,
+            hi: torch.Tensor) -> torch.Tensor:
+    """The magnitudes of these entries in ``[lo, hi]``, flat."""
+    a = _magnitudes(x, base).reshape(-1)
+    return a[(a >= lo) & (a <= hi)]
 
 
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:

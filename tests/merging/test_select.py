@@ -20,8 +20,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def eager_kernels(monkeypatch):
-    monkeypatch.setattr(sparsify, "_kernels", {"count": sparsify._count_below,
-                                               "flag": sparsify._flag_rows})
+    monkeypatch.setattr(sparsify, "_kernels", {"scan": sparsify._scan_rows})
 
 
 def expected(x, k, base=None):
