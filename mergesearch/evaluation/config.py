@@ -153,6 +153,12 @@ class EvaluatorConfig(BaseModel):
             used = [k for k in ("function", "options") if getattr(self, k)]
             if used or self.split != "test":
                 raise ValueError(f"{', '.join(used) or 'split'}: only for backend: python")
+            if self.tasks is not None:
+                raise ValueError("tasks: with backend lm_eval the tasks are lm_eval.tasks "
+                                 "(objectives[].tasks pick among them)")
+            if self.estimator is not None and self.estimator.kind != "full":
+                raise ValueError("estimator: only for backend hf; with lm_eval score fewer "
+                                 "items with limit or the fidelity")
         elif self.backend in ("hf", "vllm"):
             if self.suite is None:
                 raise ValueError(f"backend {self.backend} needs a suite (a folder of lm-eval "
