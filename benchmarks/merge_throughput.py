@@ -3,18 +3,25 @@
 Builds a random-weight Llama of ~124M parameters from a config (base + three
 perturbed sources, saved as safetensors), then times, on one device:
 
-* the memory-copy bound: streaming every input once and the output once at the
+* the memory-copy bound of each method: streaming every input once (four models, or
+  the three sources for ``linear``, which has no base) and the output once at the
   device's measured copy bandwidth (``Tensor.copy_`` of a large buffer);
 * mergesearch's in-memory merge into the resident model (warm, best of N);
 * mergesearch merge + checkpoint write, and mergekit 0.1.5's ``run_merge`` of
   the same YAML (both write a checkpoint: the like-for-like comparison).
 
-    python benchmarks/merge_throughput.py [--device cuda] [--hidden 768 --layers 8]
+    python benchmarks/merge_throughput.py [--device cuda] [--dtype bfloat16]
+        [--hidden 768 --layers 8] [--methods ties,dare_ties,linear,task_arithmetic]
+
+``--dtype`` is the checkpoints' and the resident model's dtype (merges compute in
+float32 either way); the bound counts the bytes of that dtype.  The table rows start
+with the date, ready for benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +32,13 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from mergesearch.export import save_checkpoint
 from mergesearch.mergekit_config import to_mergekit
+from mergesearch.merging import get_method
 from mergesearch.models.resident import ResidentMerger
 from mergesearch.recipe import uniform_recipe
 
 
-def build_models(root: Path, hidden: int, layers: int, vocab: int) -> tuple[str, list[str], int]:
+def build_models(root: Path, hidden: int, layers: int, vocab: int,
+                 dtype: torch.dtype = torch.float32) -> tuple[str, list[str], int]:
     config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
                          num_key_value_heads=hidden // 64, vocab_size=vocab,
@@ -44,7 +53,8 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int) -> tuple[str,
             for k, p in model.state_dict().items():
                 p.copy_(base[k] + (0.01 * torch.randn(p.shape, generator=gen) if i else 0))
         path = root / ("base" if i == 0 else f"source{i}")
-        model.save_pretrained(path)
+        model.to(dtype).save_pretrained(path)
+        model.float()
         paths.append(str(path))
     return paths[0], paths[1:], n_params
 
@@ -95,23 +105,31 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-mergekit", action="store_true")
-    parser.add_argument("--methods", default="ties,dare_ties")
+    parser.add_argument("--methods", default="ties,dare_ties,linear,task_arithmetic")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, sources, n_params = build_models(root, args.hidden, args.layers, args.vocab)
+        base, sources, n_params = build_models(root, args.hidden, args.layers, args.vocab,
+                                               dtype)
         bandwidth = copy_bandwidth(device)
-        bound = 5 * n_params * 4 / bandwidth  # 4 float32 inputs read + 1 output written
-        print(f"device {device}  threads {torch.get_num_threads()}  params {n_params / 1e6:.1f}M")
-        print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> copy bound {bound:.3f} s "
-              f"({n_params / bound / 1e6:.0f} Mparam/s)")
-        merger = ResidentMerger(device=device)
+        size = torch.empty(0, dtype=dtype).element_size()
+        print(f"{datetime.date.today()}  device {device}  threads {torch.get_num_threads()}  "
+              f"dtype {args.dtype}  params {n_params / 1e6:.1f}M")
+        print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+        merger = ResidentMerger(device=device, dtype=dtype)
         rows = []
         for method in args.methods.split(","):
-            recipe = uniform_recipe(method, base, sources, weight=0.5, density=0.5)
+            own = {p.name for p in get_method(method).params}
+            params = {"weight": 0.5, **({"density": 0.5} if "density" in own else {})}
+            has_base = get_method(method).needs_base
+            recipe = uniform_recipe(method, base if has_base else None, sources, **params)
+            # every input read once, the output written once
+            bound = (len(sources) + has_base + 1) * n_params * size / bandwidth
             merger.apply(recipe)  # plan, upload, build the resident model
             t_ours = best_time(lambda r=recipe: merger.apply(r), args.repeats, device)
             out = root / f"ours_{method}"
@@ -121,18 +139,20 @@ def main() -> None:
                 max(1, args.repeats - 1), device)
             t_mk = None if args.no_mergekit else mergekit_time(recipe, root, device,
                                                                max(1, args.repeats - 1))
-            rows.append((method, t_ours, t_save, t_mk))
+            rows.append((method, bound, t_ours, t_save, t_mk))
         print()
-        print("| method | in-memory merge s | Mparam/s | of copy bound | merge+save s "
-              "| mergekit run_merge s | speed-up vs mergekit |")
-        print("|---|---|---|---|---|---|---|")
-        for method, t_ours, t_save, t_mk in rows:
+        print("| date | method | copy bound s | in-memory merge s | Mparam/s | of copy bound "
+              "| merge+save s | mergekit run_merge s | speed-up vs mergekit |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for method, bound, t_ours, t_save, t_mk in rows:
             mk = f"{t_mk:.2f}" if t_mk else "n/a"
             speed = f"{t_mk / t_save:.1f}x" if t_mk else "n/a"
-            print(f"| {method} | {t_ours:.2f} | {n_params / t_ours / 1e6:.0f} | "
-                  f"{bound / t_ours:.1%} | {t_save:.2f} | {mk} | {speed} |")
+            print(f"| {datetime.date.today()} | {method} | {bound:.3f} | {t_ours:.3f} | "
+                  f"{n_params / t_ours / 1e6:.0f} | {bound / t_ours:.1%} | {t_save:.2f} | {mk} "
+                  f"| {speed} |")
         print(yaml.safe_dump({"config": {"hidden": args.hidden, "layers": args.layers,
-                                         "vocab": args.vocab}}, sort_keys=False).strip())
+                                         "vocab": args.vocab, "dtype": args.dtype}},
+                             sort_keys=False).strip())
 
 
 if __name__ == "__main__":

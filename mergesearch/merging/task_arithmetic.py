@@ -135,6 +135,42 @@ def run_core(base: torch.Tensor, inputs: list[torch.Tensor], **kwargs) -> torch.
     return _core(base, inputs, **kwargs)
 
 
+def _weighted_sum(models: list[torch.Tensor], weight: torch.Tensor, divisor: torch.Tensor,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum_i weight[i] * models[i] / divisor``, elementwise (one pass when compiled)."""
+    total = models[0] * weight[0]
+    for i in range(1, len(models)):
+        total = total + models[i] * weight[i]
+    total = total / divisor
+    return total if out is None else out.copy_(total)
+
+
+_compiled_sum = None
+
+
+def weighted_sum(models: Sequence[torch.Tensor], weight: Sequence[float],
+                 normalize: bool) -> torch.Tensor:
+    """The linear merge ``sum_i w_i theta_i`` (divided by ``sum_i w_i`` when ``normalize``,
+    unguarded, as mergekit does), fused and into a recycled buffer like the core."""
+    global _compiled_sum
+    first = models[0]
+    w = torch.tensor(list(weight), dtype=first.dtype, device=first.device)
+    divisor = torch.tensor(float(sum(weight)) if normalize else 1.0, dtype=first.dtype,
+                           device=first.device)
+    if first.numel() >= FUSE_MIN_NUMEL and _compiled_sum is not False:
+        try:
+            if _compiled_sum is None:
+                _compiled_sum = (torch.compile(_weighted_sum, dynamic=True)
+                                 if compile_enabled() else False)
+            if _compiled_sum:
+                return _compiled_sum(list(models), w, divisor,
+                                     out=output_buffers().take(first))
+        except Exception as err:  # no C++ compiler, unsupported backend, ...
+            log.warning("torch.compile failed (%s); summing eagerly from now on", err)
+            _compiled_sum = False
+    return _weighted_sum(list(models), w, divisor)
+
+
 def _use_count(t: torch.Tensor) -> int | None:
     """How many tensors hold ``t``'s memory (None where torch cannot say)."""
     try:
