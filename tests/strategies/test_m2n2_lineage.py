@@ -176,3 +176,55 @@ def test_killed_mid_run_a_lineage_search_comes_back_exactly(tmp_path):
     assert [m.id for m in a.archive] == [m.id for m in b.archive]
     assert a.history == b.history
     assert sum(t.recipe["method"] == "regions" for t in trials_a) > 30
+
+
+def test_without_mutation_lineage_and_terms_children_are_the_same_search():
+    """Both representations are exact without mutation: the same seed picks the same
+    parents, split and w, takes the same angle, and makes the same weights."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_m2n2_terms_tests",
+                                                  Path(__file__).with_name("test_m2n2.py"))
+    terms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(terms)
+    LAYOUT, N, gram_payload, recipe_problem, rebuild = (
+        terms.LAYOUT, terms.N, terms.gram_payload, terms.recipe_problem, terms.rebuild)
+
+    vectors = np.random.default_rng(4).standard_normal((3, N)) + 0.3
+    names = ["a", "b", "c"]
+    runs = {}
+    for representation in ("terms", "lineage"):
+        s = m2n2.M2N2(recipe_problem(), {"archive": 4, "granularity": "rows", "prune": 0.0,
+                                         "representation": representation}, seed=7)
+        rng = np.random.default_rng(0)
+        by_key, seen = {}, []
+        for _ in range(40):
+            for c in s.ask(1):
+                if c.is_probe:
+                    s.tell([Result(c.id, payload=gram_payload(vectors, "rows"))])
+                    continue
+                recipe = c.recipe.to_dict()
+                if representation == "terms":
+                    x = rebuild(recipe, vectors)
+                else:
+                    x = np.zeros(N)
+                    for e in recipe["models"]:
+                        p = e["parameters"]
+                        if not p.get("weight"):
+                            continue
+                        lo, hi = int(p.get("start", 0)), int(min(p.get("end", N), N))
+                        src = (by_key[int(p["member"])] if p.get("member")
+                               else vectors[names.index(e["model"])])
+                        x[lo:hi] += p["weight"] * src[lo:hi]
+                    by_key[int(recipe.get("parameters", {}).get("key", 0))] = x
+                meta = {k: c.meta.get(k) for k in ("parents", "w", "split")}
+                seen.append((c.id, meta, c.meta.get("omega"), x))
+                s.tell([Result(c.id, {"acc": 0.5}, correct={"t": list(rng.random(12) < 0.5)},
+                               items={"t": list(range(12))})])
+        runs[representation] = seen
+    assert LAYOUT and len(runs["terms"]) == len(runs["lineage"]) > 30
+    for (ia, ma, oa, xa), (ib, mb, ob, xb) in zip(runs["terms"], runs["lineage"], strict=True):
+        assert ia == ib and ma == mb
+        if oa is not None:
+            assert abs(oa - ob) < 1e-9
+        np.testing.assert_allclose(xa, xb, rtol=1e-9, atol=1e-9)
