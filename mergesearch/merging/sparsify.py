@@ -64,12 +64,12 @@ def uniform(shape: torch.Size | tuple[int, ...], key: int, device: torch.device,
 
 
 def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest entry (1-based) of a flat tensor, exactly (``torch.kthvalue``'s).
+    """The k-th smallest entry (1-based) of a flat tensor of any values, exactly.
 
-    Non-negative tensors (magnitudes) go through :func:`kth_smallest_magnitude`;
-    others are bracketed with a sorted strided sample, counted and finished with
-    ``kthvalue`` on the entries inside the bracket (the plain ``kthvalue`` when the
-    bracket misses: the sample only decides the speed).
+    Bracketed with a sorted strided sample, counted and finished with ``kthvalue`` on
+    the entries inside the bracket (the plain ``kthvalue`` when the bracket misses: the
+    sample only decides the speed).  Magnitudes (TIES, Breadcrumbs) take the faster
+    :func:`kth_smallest_magnitude`, which never writes them out.
     """
     n = values.numel()
     if n < 1 << 15:

@@ -6,15 +6,18 @@ weight it, optionally keep only entries that agree with an elected sign
 ``lambda`` and add to the base.  Defaults follow mergekit 0.1.5 so recipes mean
 the same in both tools.
 
-Speed: magnitude cut-offs are found first (:mod:`.sparsify`); then one
+Speed: magnitude cut-offs are found first (:mod:`.sparsify`: exact, by counting in one
+compiled pass over each model and the base, nothing sorted but a sample); then one
 elementwise *core* does everything else.  On large tensors the core runs
 through ``torch.compile``, which fuses it into one pass over memory instead of
-a dozen (see benchmarks/RESULTS.md).  DARE's and DELLA's random masks come
-from a counter-based hash of (seed, entry index) (:func:`.sparsify.uniform_bits`),
-so they are the same eager or compiled, on any device.  On the CPU, where hashing costs
-more than reading, DARE's bits are computed once per (tensor seed, model, size) and kept
-(:class:`MaskBits`, up to a memory budget): a search over densities and weights with a
-fixed seed re-merges the same tensors thousands of times, and only the cut-off changes.
+a dozen (see benchmarks/RESULTS.md); on the CPU it writes into recycled buffers
+(:class:`OutputBuffers`), so no fresh memory is faulted in per merged tensor.
+DARE's and DELLA's random masks come from a counter-based hash of (seed, entry index)
+(:func:`.sparsify.uniform_bits`), so they are the same eager or compiled, on any device.
+On the CPU, where hashing costs more than reading, DARE's bits are computed once per
+(tensor seed, model, size) and kept (:class:`MaskBits`, up to a memory budget): a search
+over densities and weights with a fixed seed re-merges the same tensors thousands of
+times, and only the cut-off changes.
 """
 
 from __future__ import annotations

@@ -28,12 +28,12 @@ def expected(x, k, base=None):
     return torch.kthvalue(a, k).values
 
 
-def same(got, want):
+def same(got, want, case=""):
     assert got.dtype == want.dtype
     if torch.isnan(want):
-        assert torch.isnan(got)
+        assert torch.isnan(got), case
     else:
-        assert got == want, (got, want)
+        assert got == want, (case, got, want)
         assert torch.equal(got.abs(), want.abs())  # +0 and -0 both read as +0 magnitudes
 
 
@@ -71,7 +71,7 @@ def test_tiny_tensors_through_the_counting_path(dtype, n, monkeypatch):
     gen = torch.Generator().manual_seed(n)
     for name, x, base in cases(n, dtype, gen):
         for k in ranks(n):
-            same(sparsify.kth_smallest_magnitude(x, k, base), expected(x, k, base))
+            same(sparsify.kth_smallest_magnitude(x, k, base), expected(x, k, base), (name, k))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -80,7 +80,7 @@ def test_large_tensors_with_the_default_settings(dtype):
     gen = torch.Generator().manual_seed(5)
     for name, x, base in cases(n, dtype, gen):
         for k in ranks(n):
-            same(sparsify.kth_smallest_magnitude(x, k, base), expected(x, k, base))
+            same(sparsify.kth_smallest_magnitude(x, k, base), expected(x, k, base), (name, k))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -105,7 +105,7 @@ def test_a_shaped_tensor_counts_all_its_entries():
     base = torch.randn(300, 257, generator=gen)
     x = base + torch.randn(300, 257, generator=gen)
     for k in ranks(x.numel()):
-        same(sparsify.kth_smallest_magnitude(x, k, base), expected(x, k, base))
+        same(sparsify.kth_smallest_magnitude(x, k, base), expected(x, k, base), k)
         same(sparsify.kth_smallest_magnitude(x.t(), k, base.t()), expected(x, k, base))
     with pytest.raises(ValueError):
         sparsify.kth_smallest_magnitude(x, 0, base)
