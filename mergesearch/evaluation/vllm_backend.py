@@ -122,6 +122,11 @@ class VLLMEvaluator(HFEvaluator):
         engine = {"trust_remote_code": spec.trust_remote_code} | self.options.engine
         llm = compat.make_llm(str(folder), dtype=spec.dtype, engine=engine)
         self._engine = _Engine(llm)
+        try:
+            self._check_lengths(compat.max_model_len(llm))
+        except EvaluationError:
+            self.close()
+            raise
         self._call("mergesearch_setup", {
             "hold": spec.hold_sources, "allow_pickle": spec.allow_pickle,
             "engine_model": str(folder),
@@ -131,6 +136,19 @@ class VLLMEvaluator(HFEvaluator):
             self._call("mergesearch_check", recipe.to_dict())
         log.info("vllm %s engine of %s ready in %.1f s", self.vllm_version, folder,
                  time.perf_counter() - t0)
+
+    def _check_lengths(self, limit: int) -> None:
+        """Every row and every prompt plus its generation must fit the engine."""
+        for name, task in self._data.items():
+            longest = int(task.lengths.max())
+            if name in self._generate:
+                longest = max(longest, max(map(len, task.prompts)) + task.spec.max_gen_toks)
+            if longest > limit:
+                raise EvaluationError(
+                    f"task {name!r} needs sequences of {longest} tokens (prompt, answer and "
+                    f"max_gen_toks), more than the vLLM engine's max_model_len {limit}: raise "
+                    "evaluator.vllm.engine.max_model_len (if the model allows it) or lower "
+                    "the task's max_gen_toks")
 
     def _call(self, method: str, *args: Any) -> dict[str, Any]:
         answer = compat.call(self._engine.llm, method, *args)

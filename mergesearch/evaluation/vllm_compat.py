@@ -7,8 +7,8 @@ taking HF-named unfused tensors, ``reset_prefix_cache``, token prompts, the shap
 prompt log-probabilities) change between vLLM releases. ``MERGESEARCH_VLLM_ANY_VERSION=1``
 skips the check, for whoever ports this module to another release.
 
-The main process uses :func:`make_llm`, :func:`call`, :func:`reset_prefix_cache`,
-:func:`sampling_params`, :func:`tokens_prompt`, :func:`prompt_stats` and
+The main process uses :func:`make_llm`, :func:`max_model_len`, :func:`call`,
+:func:`reset_prefix_cache`, :func:`sampling_params`, :func:`tokens_prompt`, :func:`prompt_stats` and
 :func:`generated_ids`; vLLM's worker process (the extension in
 :mod:`mergesearch.evaluation.vllm_worker`) uses :func:`reload_weights`,
 :func:`worker_device`, :func:`worker_dtype` and :func:`kv_caches`.
@@ -67,6 +67,11 @@ def make_llm(model: str, *, dtype: str, engine: dict[str, Any]) -> Any:
                               "worker_extension_cls": EXTENSION, "seed": 0,
                               "enable_prefix_caching": True}
     return LLM(**(kwargs | engine))
+
+
+def max_model_len(llm: Any) -> int:
+    """The longest sequence (prompt and generation) the engine takes."""
+    return int(llm.model_config.max_model_len)
 
 
 def call(llm: Any, method: str, *args: Any) -> Any:

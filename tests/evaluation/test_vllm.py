@@ -281,6 +281,44 @@ def test_bad_candidates_fail_their_trial_and_the_engine_goes_on(engines, monkeyp
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("estimator", [{"kind": "subset", "items": 8},
+                                       {"kind": "anchors", "items": 6}])
+def test_estimators_predict_the_same_on_both_backends(engines, zoo, estimator) -> None:
+    """An estimator scores its items on the engine and predicts as on hf (anchors:
+    calibrated on the sources' full-set answers, scored by the hf code in this process)."""
+    from mergesearch.evaluation.hf import HFEvaluator
+    from mergesearch.evaluation.vllm_backend import VLLMEvaluator
+    from mergesearch.recipe import Recipe
+
+    vllm_worker, hf_worker, recipes = engines
+    if estimator["kind"] == "anchors":
+        estimator |= {"sources": [str(zoo.model_path(n)) for n in ("base", "rev", "srt")]}
+    cfg = EvaluatorConfig.model_validate({
+        "suite": vllm_worker.evaluator.config.suite, "limit": 24, "subset_seed": 3,
+        "objectives": [o for o in OBJECTIVES if o.get("source") is None],
+        "estimator": estimator, "backend": "vllm"})
+    mine = VLLMEvaluator(cfg, vllm_worker.tokenizer)
+    mine._engine = vllm_worker.evaluator._engine  # the module's engine, not a second one
+    theirs = HFEvaluator(cfg.model_copy(update={"backend": "hf"}), hf_worker.tokenizer)
+    recipe = Recipe.from_dict(recipes["B"])
+    v = mine.evaluate_recipe(recipe)
+    h = theirs.evaluate(hf_worker.merger.apply(recipe))
+    assert v.estimate["items"] == h.estimate["items"] and v.indices == h.indices
+    assert v.estimate["predicted"] == pytest.approx(h.estimate["predicted"], abs=1e-5)
+    # (the module's engine also reduces its weight objective, l2: not one of these)
+    assert {k: v.values[k] for k in h.values} == pytest.approx(h.values, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_sequences_longer_than_the_engine_takes_are_refused_at_start(engines) -> None:
+    evaluator = engines[0].evaluator
+    evaluator._check_lengths(64)  # the suite fits the engine it runs on
+    with pytest.raises(EvaluationError, match=r"task 't_\w+' needs sequences of \d+ tokens.*"
+                                              r"max_model_len 10: raise evaluator\.vllm"):
+        evaluator._check_lengths(10)
+
+
+@pytest.mark.slow
 def test_another_architecture_is_refused(engines, tiny) -> None:
     vllm_worker, _, _ = engines
     other = {"method": "linear", "models": [{"model": tiny.base, "parameters": {"weight": 1}}]}
