@@ -4,9 +4,12 @@ Supported: ``task``, ``include``, ``dataset_path: json`` with ``dataset_kwargs.d
 ``test_split`` / ``validation_split``, ``output_type`` ``generate_until`` or
 ``multiple_choice``, Jinja templates in ``description`` / ``doc_to_text`` /
 ``doc_to_target`` / ``doc_to_choice`` (rendered by jinja2 in a sandbox, as lm-eval
-does), ``target_delimiter``, ``generation_kwargs.until`` / ``max_gen_toks``, ``filter_list``
+does), ``target_delimiter``, ``generation_kwargs`` (``until`` / ``max_gen_toks``; the
+rest is kept for backends that sample), ``filter_list``
 (``regex``, ``take_first``, ``lowercase``, ``uppercase``, ``remove_whitespace`` and our
-``last_number``) and the ``exact_match`` options of ``metric_list``. Python hooks
+``last_number``) and the ``exact_match`` options of ``metric_list``; our own addition, a
+``metric_list`` entry ``{metric: <name>, scorer: "package.module:function"}``, scores each
+generation with that function (:mod:`mergesearch.evaluation.scorers`). Python hooks
 (``!function``, ``process_docs``) and few-shot contexts are refused with a clear error.
 """
 
@@ -26,7 +29,7 @@ import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from mergesearch.configs import load_yaml
+from mergesearch.configs import _StrictLoader
 
 from .base import EvaluationError
 
@@ -43,6 +46,22 @@ _REFUSED_KEYS = ("process_docs", "process_results", "use_prompt", "doc_to_image"
                  "doc_to_audio", "custom_dataset")
 _ENV = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
 _LAST_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+#: The lm-eval task class of our zoo suites (``class: !function utils.TokenScoredTask``,
+#: a copy of mergesearch/evaluation/lm_eval_task.py): it gives lm-eval the metrics this
+#: reader's backends compute themselves, so here it is accepted and ignored.
+OUR_TASK_CLASS = "TokenScoredTask"
+
+
+class _Hook(str):
+    """A ``!function`` reference in a task YAML: its dotted name, never imported here."""
+
+
+class _TaskLoader(_StrictLoader):
+    """Our strict YAML loader, reading ``!function`` tags as :class:`_Hook` names."""
+
+
+_TaskLoader.add_constructor("!function",
+                            lambda loader, node: _Hook(loader.construct_scalar(node)))
 
 
 @dataclass(frozen=True)
@@ -74,11 +93,16 @@ class TaskSpec:
     ignore_case: bool = False
     ignore_punctuation: bool = False
     regexes_to_ignore: tuple[str, ...] = ()
+    # metric name -> "package.module:function", a custom scorer of the generations
+    # (metric_list entries with ``scorer:``; see mergesearch.evaluation.scorers)
+    scorers: dict[str, str] = field(default_factory=dict)
+    generation_kwargs: dict[str, Any] = field(default_factory=dict)  # as the YAML gives them
 
     @property
     def metrics(self) -> tuple[str, ...]:
         """Every metric this task can produce."""
         named = tuple(f"exact_match,{n}" for n in self.filters if n)
+        named += tuple(self.scorers)
         return METRICS[self.output_type] + (named if self.output_type == "generate_until" else ())
 
     def docs(self) -> list[dict[str, Any]]:
@@ -204,7 +228,8 @@ def find_suite(suite: str | Path, base_dir: str | Path | None = None) -> Path:
 
 def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
     try:
-        raw = load_yaml(path.read_text())  # duplicate keys refused, like every file we read
+        # duplicate keys refused, like every file we read; !function read as a name
+        raw = yaml.load(path.read_text(), Loader=_TaskLoader)  # noqa: S506 (SafeLoader)
     except yaml.YAMLError as err:
         hint = ("; `!function` hooks run Python from the task file, which the hf backend does "
                 "not do: use templates instead" if "!function" in str(err) else "")
@@ -234,6 +259,15 @@ def _parse(raw: dict[str, Any], path: Path) -> TaskSpec:
     refused = [k for k in _REFUSED_KEYS if k in raw]
     if refused:
         raise fail(f"uses {refused}, which the hf backend does not support; remove them")
+    cls = raw.get("class")
+    if cls is not None and not (isinstance(cls, _Hook)
+                                and cls.rsplit(".", 1)[-1] == OUR_TASK_CLASS):
+        raise fail(f"class {cls!r} is a Python task class, which the hf backend does not run; "
+                   f"only utils.{OUR_TASK_CLASS} (lm-eval's side of our metrics) is accepted")
+    hooked = [k for k, v in raw.items() if k != "class" and _has_hook(v)]
+    if hooked:
+        raise fail(f"{hooked} use `!function` hooks, which run Python from the task file; "
+                   "the hf backend does not: use templates instead")
     if int(raw.get("num_fewshot") or 0) > 0 or int(raw.get("repeats") or 1) > 1:
         raise fail("few-shot contexts and repeats are not supported by the hf backend; "
                    "set num_fewshot: 0 and repeats: 1")
@@ -265,7 +299,38 @@ def _parse(raw: dict[str, Any], path: Path) -> TaskSpec:
         ignore_case=bool(exact.get("ignore_case", False)),
         ignore_punctuation=bool(exact.get("ignore_punctuation", False)),
         regexes_to_ignore=tuple(exact.get("regexes_to_ignore", ())),
+        scorers=_scorers(raw, output_type, fail),
+        generation_kwargs=dict(gen),
     )
+
+
+def _scorers(raw: dict[str, Any], output_type: str, fail: Callable[[str], Exception]
+             ) -> dict[str, str]:
+    """The custom scorers of ``metric_list`` (``{metric: name, scorer: "module:function"}``)."""
+    found: dict[str, str] = {}
+    for entry in raw.get("metric_list") or []:
+        if not isinstance(entry, dict) or "scorer" not in entry:
+            continue
+        name, path = entry.get("metric"), entry["scorer"]
+        if output_type != "generate_until":
+            raise fail(f"metric {name!r}: a custom scorer reads generations, so it needs "
+                       "output_type: generate_until")
+        if not isinstance(name, str) or not name or name in METRICS["generate_until"] \
+                or name.startswith("exact_match") or name in found:
+            raise fail(f"custom scorer {path!r} needs its own metric name (metric: <name>), "
+                       f"not {name!r} (taken by a built-in metric or another scorer)")
+        if not isinstance(path, str) or ":" not in path:
+            raise fail(f"metric {name!r}: scorer must be 'package.module:function', not {path!r}")
+        found[name] = path
+    return found
+
+
+def _has_hook(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_hook(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_hook(v) for v in value)
+    return isinstance(value, _Hook)
 
 
 def _data_files(raw: dict[str, Any], path: Path, fail: Callable[[str], Exception]
