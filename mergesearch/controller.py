@@ -315,11 +315,11 @@ def check_evaluator(config: EvaluatorConfig, suite: Path | None
     and resolve ``evaluator.track``: each tracked name -> the tasks its mean is over.
 
     ``track`` names a metric (its mean over every task of the evaluator that produces it)
-    or ``task/metric`` (one task's).  With the hf backend the suite's task files are read
-    (their data files found, not loaded) and checked: ``evaluator.tasks``, each
-    objective's tasks and metric, and each tracked name; other backends' metrics are only
-    known once they score (a tracked bare name is then the mean over the tasks whose scores
-    hold it: None)."""
+    or ``task/metric`` (one task's).  With the hf and vllm backends (one task reader, one
+    set of metrics) the suite's task files are read (their data files found, not loaded)
+    and checked: ``evaluator.tasks``, each objective's tasks and metric, and each tracked
+    name; the python and lm_eval backends' metrics are only known once they score (a
+    tracked bare name is then the mean over the tasks whose scores hold it: None)."""
     objectives = {o.name for o in config.objectives}
     tracked: dict[str, list[str] | None] = {}
     for name in config.track:
@@ -335,7 +335,7 @@ def check_evaluator(config: EvaluatorConfig, suite: Path | None
                                   "objective (its values are recorded already); rename the "
                                   "objective or drop it from track")
         tracked[name] = None if task is None else [task]
-    if config.backend != "hf" or suite is None:
+    if config.backend not in ("hf", "vllm") or suite is None:
         return tracked
     from mergesearch.evaluation.tasks import load_suite
 

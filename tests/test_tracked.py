@@ -147,6 +147,14 @@ def test_a_bad_tracked_name_is_a_clear_error(case):
         check_evaluator(config(**changes), ZOO)
 
 
+def test_the_vllm_backend_is_checked_against_its_suite_as_hf():
+    vllm = config(backend="vllm", track=["exact_match", "zoo_rev/acc"])
+    with pytest.raises(EvaluationError, match="task 'zoo_rev' .* does not produce 'acc'"):
+        check_evaluator(vllm, ZOO)
+    assert check_evaluator(config(backend="vllm", track=["exact_match"]), ZOO) == {
+        "exact_match": ZOO_TASKS}
+
+
 def test_other_backends_check_the_names_and_read_bare_ones_from_the_scores():
     python = EvaluatorConfig.model_validate({
         "backend": "python", "function": "test_tracked:halves",
