@@ -140,6 +140,9 @@ def main() -> None:
             t_mk = None if args.no_mergekit else mergekit_time(recipe, root, device,
                                                                max(1, args.repeats - 1))
             rows.append((method, bound, t_ours, t_save, t_mk))
+            print(f"{method}: bound {bound:.3f} s, merge {t_ours:.3f} s "
+                  f"({bound / t_ours:.1%}), merge+save {t_save:.2f} s, mergekit {t_mk} s",
+                  flush=True)
         print()
         print("| date | method | copy bound s | in-memory merge s | Mparam/s | of copy bound "
               "| merge+save s | mergekit run_merge s | speed-up vs mergekit |")
