@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 
 from mergesearch import fingerprint
 from mergesearch.errors import MergesearchError
-from mergesearch.evaluation import EvaluatorConfig, make_evaluator
+from mergesearch.evaluation import EvaluatorConfig
 from mergesearch.evaluation.base import EvaluationError
-from mergesearch.execution.worker import Worker, WorkerSpec
+from mergesearch.execution.worker import WorkerSpec
 from mergesearch.experiment import Experiment, ExperimentError
 from mergesearch.merging.layers import layer_key
 from mergesearch.models.checkpoint import ModelLoadError
@@ -46,7 +46,7 @@ from mergesearch.spaces import read_space
 from mergesearch.storage import StorageError, StudyExists, TrialRecord, TrialStore, lease
 from mergesearch.storage.trials import REPORT
 from mergesearch.strategies import Objective, Problem, Strategy, create_strategy
-from mergesearch.trial import Candidate, Result, split_tracked, tracked_metric_names, tracked_values
+from mergesearch.trial import Candidate, Result, split_tracked, tracked_values
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class BoundExperiment:
             hold_sources=exp.execution.hold_sources,
             allow_pickle=models.allow_pickle, trust_remote_code=models.trust_remote_code,
             check_recipe=start.to_dict(),
-            worker_class=exp.execution.worker_class or _tracking_worker(exp.evaluator, suite),
+            worker_class=exp.execution.worker_class,
             loader=models.loader)
         self.device_type = "cuda" if exp.execution.gpus_per_worker > 0 else device.type
         self.suite = suite
@@ -395,32 +395,6 @@ def _other_source(metric: str) -> str:
     return ""
 
 
-# -- until the worker passes evaluator.track to the evaluator itself ------------------------
-
-class TrackingWorker(Worker):
-    """A worker whose hf evaluator also computes the tracked metrics it computes only when
-    asked (``exact_match``: greedy generation), which no objective asks it for."""
-
-    def __init__(self, spec: WorkerSpec):
-        super().__init__(spec)
-        config = EvaluatorConfig.model_validate(spec.evaluator)
-        self.evaluator = make_evaluator(config, self.tokenizer,
-                                        metrics=tracked_metric_names(config.track))
-
-
-def _tracking_worker(config: EvaluatorConfig, suite: Path | None) -> str | None:
-    """``TrackingWorker``'s import path when a tracked metric needs generation on a task
-    that the objectives do not generate for (hf backend), else None."""
-    if config.backend != "hf" or suite is None or not config.track:
-        return None
-    wanted = [m for m in tracked_metric_names(config.track) if m.startswith("exact_match")]
-    if not wanted:
-        return None
-    generated = [o for o in config.objectives
-                 if o.source == "evaluator" and o.metric.startswith("exact_match")]
-    if generated and all(o.tasks is None for o in generated):
-        return None  # every task generates already
-    return f"{__name__}:TrackingWorker"
 
 
 def check_device(device: str, *, local: bool):

@@ -95,6 +95,9 @@ def of_search(search: BoundExperiment) -> dict[str, Any]:
     exp = search.exp
     evaluator = exp.evaluator.model_dump(mode="json")
     evaluator.pop("suite", None)
+    # tracked metrics change what is shown, not a score: adding one continues the study
+    # (its earlier trials show none)
+    evaluator.pop("track", None)
     fp: dict[str, Any] = {
         "strategy": exp.strategy.model_dump(mode="json"),
         "seed": exp.seed,

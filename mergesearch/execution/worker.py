@@ -74,10 +74,10 @@ class Worker:
             self.tokenizer = AutoTokenizer.from_pretrained(
                 spec.tokenizer, trust_remote_code=spec.trust_remote_code)
         config = EvaluatorConfig.model_validate(spec.evaluator)
-        # backend vllm computes evaluator.track's metrics itself (hf: the controller's
-        # TrackingWorker), generating for exact_match even where no objective asks it to
+        # the hf and vllm backends compute evaluator.track's metrics too, generating for
+        # exact_match even where no objective asks them to
         options = {"metrics": tracked_metric_names(config.track)} \
-            if config.backend == "vllm" else {}
+            if config.backend in ("hf", "vllm") and config.track else {}
         self.evaluator = make_evaluator(config, self.tokenizer, **options)
         # recipe and weight objectives, computed after each merge (mergesearch.objectives)
         self.extra_objectives = [o for o in config.objectives if o.source != "evaluator"]
