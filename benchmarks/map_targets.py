@@ -19,6 +19,7 @@ Prints one markdown table per testbed on stdout (ready for RESULTS.md).
     python benchmarks/map_targets.py /tmp/league/*.json --testbeds zoo,hard
         --strategies random,cmaes,map,bayesian_map,nested_map [--evaluations 100]
         [--fraction 0.95] [--min-seeds 2] [--best zoo=0.78,hard=0.87]
+        [--rows /tmp/league/base.json,/tmp/league/map_zoo.json]
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evaluations", type=int, default=100)
     parser.add_argument("--fraction", type=float, default=0.95)
     parser.add_argument("--min-seeds", type=int, default=2)
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated: take the tabled strategies' runs from these "
+                        "files only (default: all files; one run per seed, the last file's)")
     parser.add_argument("--best", default=None,
                         help="testbed=value,... : best known means given instead of found")
     args = parser.parse_args(argv)
@@ -88,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = load_runs(args.files)
     tabled = args.strategies.split(",")
     for t in args.testbeds.split(","):
-        mine = [r for r in runs if r["testbed"] == t and r["strategy"] in tabled
-                and r["evaluations"] == args.evaluations]
+        pool = load_runs(args.rows.split(",")) if args.rows else runs
+        mine = {(r["label"], r["seed"]): r for r in pool if r["testbed"] == t
+                and r["strategy"] in tabled and r["evaluations"] == args.evaluations}
+        mine = list(mine.values())
         if not mine:
             print(f"### {t}\n\nno runs of {', '.join(tabled)} at {args.evaluations}\n")
             continue
