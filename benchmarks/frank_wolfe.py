@@ -37,6 +37,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -109,7 +110,7 @@ def search(zoo, k: int, cache: Path, work: Path, seed: int = 0,
     data["models"]["sources"] = pool(zoo, k, cache)
     opts = OPTIONS | (options or {})
     label = option_label(options)
-    data["name"] = f"fw-distractors-{k}-s{seed}-{label}"
+    data["name"] = f"fw-distractors-{k}-s{seed}-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", label)
     data["seed"] = seed
     data["strategy"] = {"name": "frank_wolfe", "options": opts}
     data["output"] = str(work / data["name"])
