@@ -100,7 +100,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # stops itself at 100 evaluations counting each gradient probe as 3 (forward + backward)
     "frank_wolfe": {"variant": "soft", "granularity": "layer", "iterations": 100,
                     "step_size": 1.0, "scaling": 0.5, "soft_trials": 4, "evaluations": 100,
-                    "probe_cost": 3.0},
+                    "probe_cost": 3.0,
+                    # the league's rows were measured with the paper's oracle (no base vertex)
+                    "base_vertex": False},
     "bmm": {"n_startup_trials": 10},
     "m2n2": {"granularity": "rows"},
     "mm_mo": {},  # the paper's settings: 10 random, then batches of 5
