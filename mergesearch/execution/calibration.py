@@ -235,6 +235,11 @@ class CalibratingWorker(Worker):
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
+        if self.merger is None:  # an evaluator that merges inside itself (backend vllm)
+            raise ValueError("execution.worker_class CalibratingWorker collects activation "
+                             "Grams on the worker's resident model, which evaluator backend "
+                             f"{self.spec.evaluator.get('backend')!r} does not have: use "
+                             "backend hf, or the data-free Grams (activations: false)")
         self.calibration = CalibrationStore(lambda ref: source_module(self, ref),
                                             self.calibration_batches)
         self.merger.context.provide(INPUT_GRAM, self.calibration.gram)
