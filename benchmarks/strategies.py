@@ -133,7 +133,7 @@ CANNOT: dict[str, dict[str, str]] = {
 OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
     "merge_moea": {"zoo": ("space=search_spaces/components.yaml",),
                    "hard": ("space=search_spaces/components.yaml",)},
-    "map": _PER_EXPERT, "bayesian_map": _PER_EXPERT, "nested_map": _PER_EXPERT,
+    "map": _PER_EXPERT, "bayesian_map": _PER_EXPERT,
     # data-free Grams: a calibrating worker would calibrate on the report items when the
     # league re-scores the best trial there
     "bmm": {"zoo": ("space=search_spaces/bmm_data_free.yaml",),
