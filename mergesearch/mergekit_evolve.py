@@ -55,6 +55,7 @@ from pydantic import (
 )
 
 from mergesearch.configs import format_validation_error, load_yaml, read_yaml_mapping
+from mergesearch.evaluation.tasks import read_task_yaml
 from mergesearch.experiment import Experiment, ExperimentError, apply_override
 
 log = logging.getLogger(__name__)
@@ -437,9 +438,9 @@ def _index(paths: list[Path], wanted: set[str]) -> dict[str, _Found]:
         for f, text in texts.items():
             if not any(m.group(2) == name for m in _NAME_LINE.finditer(text)):
                 continue
-            try:
-                raw = load_yaml(text)
-            except Exception:  # an lm-eval YAML with !function hooks: not ours to read
+            try:  # !function hooks read as names: the hf backend decides what it runs
+                raw = read_task_yaml(text)
+            except Exception:  # not YAML we can read
                 continue
             if not isinstance(raw, dict):
                 continue

@@ -64,6 +64,12 @@ _TaskLoader.add_constructor("!function",
                             lambda loader, node: _Hook(loader.construct_scalar(node)))
 
 
+def read_task_yaml(text: str) -> Any:
+    """A task file's YAML as data: duplicate keys refused, ``!function`` tags kept as
+    their dotted names (never imported)."""
+    return yaml.load(text, Loader=_TaskLoader)  # noqa: S506 (a SafeLoader)
+
+
 @dataclass(frozen=True)
 class Rendered:
     """One document as the model sees it: the context, and the target or the choices."""
@@ -229,7 +235,7 @@ def find_suite(suite: str | Path, base_dir: str | Path | None = None) -> Path:
 def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
     try:
         # duplicate keys refused, like every file we read; !function read as a name
-        raw = yaml.load(path.read_text(), Loader=_TaskLoader)  # noqa: S506 (SafeLoader)
+        raw = read_task_yaml(path.read_text())
     except yaml.YAMLError as err:
         hint = ("; `!function` hooks run Python from the task file, which the hf backend does "
                 "not do: use templates instead" if "!function" in str(err) else "")
