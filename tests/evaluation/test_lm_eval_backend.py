@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from pydantic import ValidationError
 
 from mergesearch.evaluation import EvaluationError, EvaluatorConfig
 from mergesearch.evaluation.tasks import load_suite
@@ -278,9 +279,13 @@ def test_bad_inputs_are_clear_errors(resident, tmp_path: Path) -> None:
     with pytest.raises(EvaluationError, match=r"task 'plain' lists metrics \['char_accuracy'\]"
                                               r".*utils\.TokenScoredTask"):
         LMEvalEvaluator(_config(suite=str(folder), lm_eval={"tasks": ["plain"]}), tok)
-    with pytest.raises(EvaluationError, match=r"evaluator\.tasks: with backend lm_eval"):
-        LMEvalEvaluator(_config(suite=str(ZOO), tasks=["zoo_rev"],
-                                lm_eval={"tasks": ["zoo"]}), tok)
+    # refused when the experiment is read, before any evaluator is built
+    with pytest.raises(ValidationError, match=r"tasks: with backend lm_eval the tasks are "
+                                              r"lm_eval\.tasks"):
+        _config(suite=str(ZOO), tasks=["zoo_rev"], lm_eval={"tasks": ["zoo"]})
+    with pytest.raises(ValidationError, match=r"estimator: only for backend hf"):
+        _config(suite=str(ZOO), estimator={"kind": "subset", "items": 4},
+                lm_eval={"tasks": ["zoo"]})
 
 
 @pytest.mark.slow
