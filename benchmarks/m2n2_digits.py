@@ -103,9 +103,9 @@ def test_accuracy(recipe: dict[str, Any], url: str | None = None) -> float:
     except LineageError:
         if url is None:
             raise
-        from mergesearch.storage import TrialStore
-
         import sqlite3
+
+        from mergesearch.storage import TrialStore
 
         con = sqlite3.connect(f"file:{url.removeprefix('sqlite:///')}?mode=ro", uri=True)
         (name,) = con.execute("select study_name from studies where study_name not like "
