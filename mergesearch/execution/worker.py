@@ -123,11 +123,7 @@ class Worker:
             return Result.failed(candidate.id, f"{type(err).__name__}: {err}",
                                  merge=merged - t0, evaluate=now - merged)
         done = time.perf_counter()
-        return Result(candidate_id=candidate.id, values=dict(ev.values) | extra,
-                      scores=ev.scores,
-                      correct=ev.correct, items=dict(ev.indices),
-                      cost=float(sum(len(v) for v in ev.correct.values())),
-                      timings={"merge": merged - t0, "evaluate": done - merged}).check_finite()
+        return _scored(candidate, ev, extra, {"merge": merged - t0, "evaluate": done - merged})
 
     def _evaluate_recipe(self, candidate: Candidate) -> Result:
         """A trial scored by an evaluator that merges the recipe itself."""
@@ -149,7 +145,13 @@ class Worker:
                                  evaluate=time.perf_counter() - t0)
         timings = dict(getattr(self.evaluator, "timings", None) or
                        {"evaluate": time.perf_counter() - t0})
-        return Result(candidate_id=candidate.id, values=dict(ev.values) | extra,
-                      scores=ev.scores, correct=ev.correct, items=dict(ev.indices),
-                      cost=float(sum(len(v) for v in ev.correct.values())),
-                      timings=timings).check_finite()
+        return _scored(candidate, ev, extra, timings)
+
+
+def _scored(candidate: Candidate, ev: Any, extra: dict[str, float],
+            timings: dict[str, float]) -> Result:
+    """A trial's result from its evaluation (cost: the items scored)."""
+    return Result(candidate_id=candidate.id, values=dict(ev.values) | extra,
+                  scores=ev.scores, correct=ev.correct, items=dict(ev.indices),
+                  cost=float(sum(len(v) for v in ev.correct.values())),
+                  timings=timings).check_finite()
