@@ -21,8 +21,10 @@ import json
 import logging
 import os
 import random
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,14 +205,52 @@ def build_cached(root: Path, key: str, force: bool, build: Callable[[Path], None
     build never leaves a folder that looks complete). Refuses to replace a zoo with
     another key, or a folder that is not a zoo, unless ``force``."""
     if (root / MANIFEST).exists() and not force:
-        zoo = Zoo.load(root)
-        if zoo.manifest.get("key") == key:
-            logger.info("reusing zoo at %s", root)
-            return zoo
-        raise FileExistsError(
-            f"{root} holds a zoo built with another config or seed; pass force=True to "
-            "rebuild it or choose another directory"
-        )
+        return _reuse(root, key)
+    with _build_lock(root):
+        # another process may have built it while this one waited for the lock
+        if (root / MANIFEST).exists() and not force:
+            return _reuse(root, key)
+        return _build_locked(root, force, build)
+
+
+def _reuse(root: Path, key: str) -> Zoo:
+    zoo = Zoo.load(root)
+    if zoo.manifest.get("key") == key:
+        logger.info("reusing zoo at %s", root)
+        return zoo
+    raise FileExistsError(
+        f"{root} holds a zoo built with another config or seed; pass force=True to "
+        "rebuild it or choose another directory"
+    )
+
+
+@contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """One builder per zoo folder across processes (benchmarks, tests and workers started
+    together would otherwise each train the same zoo): an exclusive ``flock`` on a file
+    named after the folder in the system's temporary folder; the others wait, then reuse what it built. Where ``fcntl`` is
+    missing (Windows) builds are not serialised, and stay correct (atomic rename)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    locks = Path(tempfile.gettempdir()) / "mergesearch-locks"
+    locks.mkdir(exist_ok=True)
+    name = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    with open(locks / f"zoo-{name}.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.warning("another process is building the zoo at %s; waiting for it", root)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build_locked(root: Path, force: bool, build: Callable[[Path], None]) -> Zoo:
     if not force and root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).exists():
         raise FileExistsError(
             f"{root} exists and is not a zoo; pass force=True to replace it or choose another "

@@ -104,6 +104,33 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_builders_started_together_build_once(tmp_path: Path) -> None:
+    """Two processes asking for the same missing zoo: one builds, the other waits for it
+    and reuses its folder (here threads; flock locks open files, not processes)."""
+    import threading
+    import time
+
+    calls: list[Path] = []
+
+    def build(tmp: Path) -> None:
+        calls.append(tmp)
+        time.sleep(0.5)  # the second builder arrives while the first is still at work
+        (tmp / "base").mkdir()
+        (tmp / build_mod.MANIFEST).write_text(json.dumps(
+            {"key": "k", "models": {"base": "base"}, "skills": []}))
+
+    zoos: list[Zoo] = []
+    threads = [threading.Thread(target=lambda: zoos.append(
+        build_mod.build_cached(tmp_path / "z", "k", False, build))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(calls) == 1 and len(zoos) == 2
+    assert {z.root for z in zoos} == {tmp_path / "z"}
+    assert [p.name for p in tmp_path.iterdir()] == ["z"]
+
+
 def test_default_dir_follows_env_and_config_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     monkeypatch.setenv("MERGESEARCH_ZOO", str(tmp_path))
     assert default_zoo_dir(TINY, 0) == tmp_path / TINY.key(0)
