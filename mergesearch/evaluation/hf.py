@@ -217,7 +217,12 @@ class HFEvaluator:
             task.targets, task.prompts = [it.target for it in items], prompts
             stops = [s for s in spec.until if s and s != tok.eos_token]
             if stops and spec.name in self._generate:
-                task.stopping = StoppingCriteriaList([StopStringCriteria(tok, stops)])
+                try:
+                    task.stopping = StoppingCriteriaList([StopStringCriteria(tok, stops)])
+                except ValueError as err:  # e.g. a tokenizer without a readable vocabulary
+                    raise EvaluationError(f"task {spec.name!r}: its stop strings {stops} "
+                                          f"cannot be matched with this tokenizer "
+                                          f"({err})") from None
             return task
         pairs = [_split_space(it.context, spec.target_delimiter + c)
                  for it in items for c in it.choices]

@@ -147,3 +147,18 @@ def test_filters_end_to_end(zoo: Zoo, write_task: WriteTask, tmp_path: Path) -> 
     assert res.outputs["cut"] == [o.split("1")[0] for o in outs]  # stop string "1"
     assert sum("1" in o for o in outs) >= 6  # ... which really cut some outputs
     assert res.scores["num"]["exact_match"] == res.values["num"]  # the first pipeline's
+
+
+def test_a_stop_string_the_tokenizer_cannot_spell_names_its_task(
+        zoo: Zoo, write_task: WriteTask, tmp_path: Path) -> None:
+    """A stop string outside the vocabulary is a clear error that names the task, not
+    transformers' bare ValueError."""
+    from mergesearch.evaluation import EvaluationError
+
+    write_task("snow", [{"prompt": "cpy ab=", "answer": "ab"}],
+               generation_kwargs={"until": ["<eos>", "\u2603"], "max_gen_toks": 4})
+    cfg = EvaluatorConfig(suite=str(tmp_path), objectives=[
+        ObjectiveConfig(name="em", metric="exact_match", tasks=["snow"])])
+    with pytest.raises(EvaluationError, match=r"task 'snow': its stop strings \['\\u2603'\]|"
+                                              r"task 'snow': its stop strings \['\u2603'\]"):
+        HFEvaluator(cfg, zoo.load_tokenizer()).evaluate(zoo.load_model("base"))
