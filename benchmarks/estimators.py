@@ -25,6 +25,21 @@ calibration (every calibration model on every item).  The goal the table checks:
     python benchmarks/estimators.py [--testbeds zoo,hard] [--budget 60] [--seeds 5]
         [--merges 8] [--work /tmp/estimators] [--json PATH]
 
+Multi-fidelity at equal cost:
+
+* ``--league FILE[,FILE]``: runs recorded by benchmarks/strategies.py (asha's and the plain
+  strategy's) compared at the cost of ``--units`` full evaluations (default 25,50,100);
+* ``--fidelity-run zoo-gen``: runs them itself, on a testbed where scoring dominates the
+  merge (experiments/zoo/asha_generate.yaml: every zoo item, exact match of greedy
+  generations), asha over cmaes against cmaes, each at the cost of ``--full-evals`` full
+  evaluations, seeds 0..``--seeds``-1 interleaved (asha, plain, asha, plain ...) so both
+  arms share the machine's load; finished runs go to ``--out`` and are not run again.
+  The table adds wall seconds (to the plain arm's final best, from the run's start) and
+  per-trial merge, scoring and controller seconds by fidelity.
+
+    python benchmarks/estimators.py --fidelity-run zoo-gen [--seeds 5] [--full-evals 30]
+        [--out /tmp/estimators/fidelity.json] [--work /tmp/estimators] [--threads 1]
+
 Output: progress on stderr; markdown for benchmarks/RESULTS.md on stdout.
 """
 
@@ -193,13 +208,79 @@ def markdown(bed: str, fig: dict[str, Any], seeds: int, sources: int, merges: in
     return "\n".join(lines) + "\n"
 
 
+# -- multi-fidelity at equal cost: interleaved runs ----------------------------------------
+
+#: testbed -> experiment file whose strategy is ``asha`` over its plain strategy
+FIDELITY_BEDS = {"zoo-gen": "experiments/zoo/asha_generate.yaml"}
+
+
+def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path) -> list[dict]:
+    """asha over its inner strategy against the inner strategy alone, at the cost of
+    ``full_evals`` full evaluations each, seeds 0..seeds-1, interleaved (asha seed 0, plain
+    seed 0, asha seed 1, ...) so both arms see the same machine load.  Each finished run is
+    appended to ``out`` (JSON, the league's run records plus ``started_at``); runs already
+    there are skipped."""
+    from mergesearch import controller
+    from mergesearch.experiment import Experiment
+    from mergesearch.report.compare import strategy_label
+    from mergesearch.storage import TrialStore
+
+    file = ROOT / FIDELITY_BEDS[bed]
+    base = Experiment.load(file, [f"output={work / bed / 'probe'}"])
+    if base.strategy.name != "asha":
+        raise SystemExit(f"{file}: strategy must be asha (over the plain strategy)")
+    inner = base.strategy.options
+    full_items = sum(controller.BoundExperiment(base, progress=False)
+                     .make_executor().worker.evaluator.n_items.values())
+    done = json.loads(out.read_text())["runs"] if out.exists() else []
+    url = f"sqlite:///{(work / f'{bed}.db').as_posix()}"
+    arms = {"asha": ("asha", inner, [f"budget.cost={full_evals * full_items}",
+                                     f"budget.evaluations={full_evals * 20}"]),
+            "plain": (inner["strategy"], inner.get("options", {}),
+                      [f"budget.evaluations={full_evals}", "budget.cost=null",
+                       f"strategy.name={inner['strategy']}",
+                       f"strategy.options={json.dumps(inner.get('options', {}))}"])}
+    for seed in range(seeds):
+        for arm, (strategy, options, sets) in arms.items():
+            label = strategy_label(strategy, options)
+            if any(r["label"] == label and r["seed"] == seed and r["testbed"] == bed
+                   and r["evaluations"] == full_evals for r in done):
+                continue
+            name = f"{bed}-{arm}-f{full_evals}-s{seed}"
+            exp = Experiment.load(file, [*sets, f"name={name}", f"seed={seed}",
+                                         f"storage={url}", f"output={work / bed / name}"])
+            started = time.time()
+            t0 = time.perf_counter()
+            summary = controller.run(exp, overwrite=True, progress=False)
+            wall = time.perf_counter() - t0
+            trials = TrialStore.open(url, name).trials()
+            full = [t for t in trials if t.state == "ok" and t.fidelity >= 1]
+            best = max(full, key=lambda t: (next(iter(t.values.values())), -t.number),
+                       default=None)
+            done.append({"testbed": bed, "label": label, "seed": seed, "strategy": strategy,
+                         "options": options, "evaluations": full_evals, "study": name,
+                         "url": url, "started_at": started, "wall": wall,
+                         "trials": summary.finished, "full_items": full_items,
+                         "best_values": None if best is None else best.values})
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps({"runs": done}, indent=1))
+            tmp.replace(out)
+            log(f"{bed} {label} seed {seed}: best {done[-1]['best_values']}, "
+                f"{summary.finished} trials, {wall:.0f} s wall")
+    return done
+
+
 # -- multi-fidelity at equal cost (from league runs) ----------------------------------------
 
 
 def cost_curves(runs: list[dict[str, Any]], units: tuple[int, ...]) -> dict[str, Any]:
     """Per run: the best full-fidelity value within ``u`` full evaluations' cost (items
     scored, cheap looks counted for their items), the evaluation seconds (merge +
-    evaluate of every trial) it spent, and the seconds by which each value was reached."""
+    evaluate of every trial) it spent, the seconds by which each value was reached
+    (evaluation seconds, and wall seconds from the run's start where the record has
+    ``started_at``), and per fidelity each trial's merge and scoring seconds and the
+    controller's time around it (the gap between two trials' writes, less their merge
+    and scoring)."""
     from mergesearch.report.compare import strategy_label
     from mergesearch.storage import TrialStore
 
@@ -210,35 +291,52 @@ def cost_curves(runs: list[dict[str, Any]], units: tuple[int, ...]) -> dict[str,
         name = next(iter(r["best_values"] or {"?": 0}))
         spent = seconds = 0.0
         best, reached = {u: None for u in units}, []
+        started = r.get("started_at")
+        previous = None  # the first trial's gap would hold the worker's start
+        timing: dict[str, dict[str, list[float]]] = {}
         for t in trials:
             spent += t.cost
-            seconds += t.timings.get("merge", 0.0) + t.timings.get("evaluate", 0.0)
+            work = t.timings.get("merge", 0.0) + t.timings.get("evaluate", 0.0)
+            seconds += work
+            row = timing.setdefault(f"{t.fidelity:.3f}", {"merge": [], "evaluate": [],
+                                                          "other": [], "items": []})
+            row["merge"].append(t.timings.get("merge", 0.0))
+            row["evaluate"].append(t.timings.get("evaluate", 0.0))
+            row["items"].append(t.cost)
+            if previous is not None and t.finished_at:
+                row["other"].append(t.finished_at - previous - work)
+            previous = t.finished_at or None
             v = t.values.get(name) if t.state == "ok" and t.fidelity >= 1 else None
             for u in units:
                 if v is not None and spent <= u * full + 1e-9 and \
                         (best[u] is None or v > best[u]):
                     best[u] = v
             if v is not None:
-                reached.append((seconds, v, spent / full if full else 0.0))
+                wall = t.finished_at - started if started is not None and t.finished_at \
+                    else None
+                reached.append((seconds, v, spent / full if full else 0.0, wall))
         inner = r["options"].get("strategy") if "fidelities" in r["options"] or \
             r["strategy"].endswith(("asha", "SuccessiveHalving")) else None
         plain = strategy_label(inner, r["options"].get("options", {})) if inner else r["label"]
         out.append({"testbed": r["testbed"], "label": r["label"], "seed": r["seed"],
                     "plain": plain,
                     "best": best, "seconds": seconds, "reached": reached,
+                    "wall": r.get("wall"), "timing": timing,
                     "trials": len(trials), "full_cost": full, "spent": spent})
     return {"runs": out}
 
 
-def first_reach(reached: list[tuple[float, float, float]], target: float
-                ) -> tuple[float, float] | None:
-    """(seconds, cost in full evaluations) when a run first reached ``target``."""
-    return next(((s, c) for s, v, c in reached if v >= target - 1e-12), None)
+def first_reach(reached: list[tuple], target: float) -> tuple[float, float, float | None] | None:
+    """(evaluation seconds, cost in full evaluations, wall seconds or None) when a run first
+    reached ``target``."""
+    return next(((s, c, w) for s, v, c, *rest in reached if v >= target - 1e-12
+                 for w in (rest[0] if rest else None,)), None)
 
 
 def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
     """One table per testbed: best full-fidelity value at equal cost, evaluation seconds,
-    and the seconds to reach the baseline's mean final best."""
+    and the cost and seconds to reach the baseline's mean final best; where the runs
+    recorded their start, wall seconds too and a table of per-trial seconds by fidelity."""
     by: dict[tuple[str, str], list[dict]] = {}
     for run in curves["runs"]:
         by.setdefault((run["testbed"], run["label"]), []).append(run)
@@ -249,15 +347,21 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
             continue
         plains = {by[bed, label][0]["plain"] for label in wrapped}
         labels = sorted(wrapped | (plains & {label for b, label in by if b == bed}))
+        walls = all(r.get("wall") is not None for label in labels for r in by[bed, label])
         lines += [f"### Multi-fidelity at equal cost on `{bed}`", "",
                   "Best full-fidelity value within the cost of u full evaluations (items "
                   "scored, cheap looks counted for their items); evaluation seconds (merge "
-                  "+ evaluate, all trials); the cost (in full evaluations) and evaluation "
-                  "seconds by which a run first reached the mean final best of the plain "
+                  "+ evaluate, all trials)" + ("; wall seconds (the whole run)" if walls
+                                               else "") +
+                  "; the cost (in full evaluations) and evaluation seconds" +
+                  (" (and wall seconds from the run's start)" if walls else "") +
+                  " by which a run first reached the mean final best of the plain "
                   "strategy it wraps (itself for a plain row; over the runs that did). "
                   "Mean ± std over seeds; one maximised objective.", ""]
         head = ["strategy", "seeds", *(f"best after {u} full" for u in units), "trials",
-                "evaluation s", "to the plain final best: full evals / s (runs)"]
+                "evaluation s", *(["wall s"] if walls else []),
+                "to the plain final best: full evals / s" + (" / wall s" if walls else "") +
+                " (runs)"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label in labels:
             runs = by[bed, label]
@@ -267,16 +371,40 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
                 cells.append(_pm(vals, 4) if vals else "—")
             cells.append(_pm([float(r["trials"]) for r in runs], 0))
             cells.append(_pm([r["seconds"] for r in runs], 0))
+            if walls:
+                cells.append(_pm([r["wall"] for r in runs], 0))
             ref_runs = by.get((bed, runs[0]["plain"])) or runs
             target = statistics.mean(r["best"][units[-1]] for r in ref_runs
                                      if r["best"][units[-1]] is not None)
             hit = [first_reach(r["reached"], target) for r in runs]
             ok = [h for h in hit if h is not None]
-            cells.append(f"{_pm([c for _, c in ok], 1)} / {_pm([s for s, _ in ok], 0)}"
-                         if ok else "—")
-            cells[-1] += f" ({len(ok)}/{len(runs)})"
+            reach = f"{_pm([c for _, c, _ in ok], 1)} / {_pm([s for s, _, _ in ok], 0)}"
+            if walls and ok and all(w is not None for _, _, w in ok):
+                reach += f" / {_pm([w for _, _, w in ok], 0)}"
+            cells.append((reach if ok else "—") + f" ({len(ok)}/{len(runs)})")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        timed = [label for label in labels if all(r.get("timing") for r in by[bed, label])]
+        if walls and timed:
+            lines += ["Per trial, by fidelity (median over all trials of all seeds): items "
+                      "scored, merge seconds, scoring seconds, and the controller's seconds "
+                      "around the trial (the gap between two trials' writes less their merge "
+                      "and scoring: ask, tell, storage).", "",
+                      "| strategy | fidelity | trials | items | merge s | scoring s | "
+                      "other s | scoring / merge |", "|---|---|---|---|---|---|---|---|"]
+            for label in timed:
+                fids = sorted({f for r in by[bed, label] for f in r["timing"]}, key=float)
+                for f in fids:
+                    rows = [r["timing"][f] for r in by[bed, label] if f in r["timing"]]
+                    med = {k: statistics.median(x for row in rows for x in row[k])
+                           if any(row[k] for row in rows) else float("nan")
+                           for k in ("merge", "evaluate", "other", "items")}
+                    n = sum(len(row["items"]) for row in rows)
+                    lines.append(f"| {label} | {float(f):.3f} | {n} | {med['items']:.0f} | "
+                                 f"{med['merge']:.3f} | {med['evaluate']:.3f} | "
+                                 f"{med['other']:.3f} | "
+                                 f"{med['evaluate'] / max(med['merge'], 1e-9):.0f}x |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -293,12 +421,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--league", default=None,
                         help="multi-fidelity mode: league JSON file(s), comma-separated, "
                         "whose runs are compared at equal cost instead")
+    parser.add_argument("--fidelity-run", default=None, metavar="TESTBED",
+                        help="run asha over cmaes and plain cmaes at equal cost, interleaved, "
+                        f"on a testbed ({', '.join(FIDELITY_BEDS)}), into --out; then "
+                        "print the equal-cost table of those runs")
+    parser.add_argument("--full-evals", type=int, default=30,
+                        help="--fidelity-run: each run's budget, in full evaluations")
+    parser.add_argument("--out", default="/tmp/estimators/fidelity.json",
+                        help="--fidelity-run: JSON of finished runs (resumed)")
+    parser.add_argument("--units", default=None,
+                        help="budgets of the equal-cost table, in full evaluations (default "
+                        "25,50,100; with --fidelity-run a quarter, half and all of "
+                        "--full-evals)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.fidelity_run:
+        if args.fidelity_run not in FIDELITY_BEDS:
+            print(f"unknown --fidelity-run testbed {args.fidelity_run!r}; choose from "
+                  f"{', '.join(FIDELITY_BEDS)}", file=sys.stderr)
+            return 2
+        if args.full_evals < 4 or args.seeds < 1:
+            print("--full-evals must be >= 4 and --seeds >= 1", file=sys.stderr)
+            return 2
+        work, out = Path(args.work), Path(args.out)
+        work.mkdir(parents=True, exist_ok=True)
+        fidelity_run(args.fidelity_run, args.seeds, args.full_evals, out, work)
+        args.league = str(out)
+        if args.units is None:
+            n = args.full_evals
+            args.units = ",".join(str(u) for u in sorted({max(1, n // 4), max(1, n // 2), n}))
     if args.league:
         runs = list({(r["testbed"], r["label"], r["seed"]): r  # one run per seed
                      for path in args.league.split(",")
                      for r in json.loads(Path(path).read_text())["runs"]}.values())
-        units = (25, 50, 100)
+        units = tuple(int(u) for u in (args.units or "25,50,100").split(","))
         curves = cost_curves(runs, units)
         print(fidelity_markdown(curves, units))
         if args.json:
