@@ -335,6 +335,10 @@ def check_evaluator(config: EvaluatorConfig, suite: Path | None
                                   "objective (its values are recorded already); rename the "
                                   "objective or drop it from track")
         tracked[name] = None if task is None else [task]
+    if config.backend == "lm_eval" and config.lm_eval is not None:
+        from mergesearch.evaluation.lm_eval_config import check_task_names
+
+        check_task_names(config.lm_eval, suite)
     if config.backend not in ("hf", "vllm") or suite is None:
         return tracked
     from mergesearch.evaluation.tasks import load_suite

@@ -292,6 +292,9 @@ CASES: dict[str, tuple[Case, str]] = {
     # --- the evaluator (hf backend): checked against the suite before any worker starts
     "unknown task": (lambda c: ["run", c.evaluator(tasks=["zoo_rev", "zoo_mul"])],
                      "evaluator.tasks names unknown tasks ['zoo_mul']; the suite"),
+    "lm_eval: unknown task in the include path": (
+        lambda c: ["run", c.evaluator(backend="lm_eval", lm_eval={"tasks": ["zoo_mul"]})],
+        "evaluator.lm_eval.tasks: unknown tasks ['zoo_mul'] in the include path"),
     "objective: unknown task": (
         lambda c: ["run", c.evaluator(objectives=[{"name": "o", "metric": "char_accuracy",
                                                    "tasks": ["zoo_mul"]}])],
@@ -531,3 +534,20 @@ def test_a_candidate_with_nan_logits_is_a_failed_trial_and_the_search_goes_on(
             "mine/char_accuracy": trials[i].scores["mine"]["char_accuracy"]}
     assert main(["status", path]) == 0
     assert "trial 1 failed: non-finite objective values: em" in capsys.readouterr().out
+
+
+def test_lm_eval_task_names_are_refused_before_any_worker_starts(models, tmp_path,
+                                                                  monkeypatch, capsys):
+    """An unknown lm-eval task in the include path is refused by the controller, without
+    building the lm-eval evaluator (which imports lm-eval and indexes its tasks)."""
+    from mergesearch.evaluation import lm_eval_backend
+
+    def started(*args, **kwargs):
+        raise AssertionError("the lm-eval evaluator was built")
+
+    monkeypatch.setattr(lm_eval_backend.LMEvalEvaluator, "__init__", started)
+    monkeypatch.chdir(tmp_path)
+    ctx = Ctx(tmp_path, models, None, monkeypatch)
+    argv = ["run", ctx.evaluator(backend="lm_eval", lm_eval={"tasks": ["zoo_mul"]})]
+    assert main(argv) == 2
+    assert "evaluator.lm_eval.tasks: unknown tasks ['zoo_mul']" in capsys.readouterr().err

@@ -8,6 +8,7 @@ lm-eval's batch size unless ``lm_eval.batch_size`` says otherwise.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -41,3 +42,50 @@ class LMEvalOptions(BaseModel):
             if isinstance(task, str) and not task.strip():
                 raise ValueError(f"lm_eval.tasks[{i}]: an empty task name")
         return tasks
+
+
+def include_path_names(folder: Path) -> set[str]:
+    """The task, group and tag names the YAML files under ``folder`` define, as lm-eval's
+    task index reads them (``task:`` a name, ``group:``, ``tag:``; the tasks a group's
+    list defines inline are not names of their own), without importing lm-eval."""
+    import yaml
+
+    from .tasks import read_task_yaml
+
+    names: set[str] = set()
+    for path in sorted([*folder.rglob("*.yaml"), *folder.rglob("*.yml")]):
+        try:
+            data = read_task_yaml(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # lm-eval's index skips what it cannot read too
+        if not isinstance(data, dict):
+            continue
+        if isinstance(data.get("task"), str):  # a group's list names other tasks
+            names.add(data["task"])
+        for key in ("group", "tag"):
+            value = data.get(key)
+            names.update(v for v in (value if isinstance(value, list) else [value])
+                         if isinstance(v, str))
+    return names
+
+
+def check_task_names(options: LMEvalOptions, include: Path | None) -> None:
+    """Refuse task names the include path does not define, before a worker starts (the
+    worker's lm-eval index says the same, minutes later).  Only where the names are
+    looked up in the include path alone: with lm-eval's own tasks indexed
+    (``include_defaults``, or no include path) they are left to the worker."""
+    defaults = options.include_defaults
+    if include is None or defaults or (defaults is None and not include.is_dir()):
+        return
+    from .base import EvaluationError
+
+    named = [t for t in options.tasks if isinstance(t, str)]
+    if not named:
+        return
+    known = include_path_names(include)
+    unknown = [t for t in named if t not in known and not Path(t).expanduser().is_file()]
+    if unknown:
+        near = sorted(known)[:20] + (["..."] if len(known) > 20 else [])
+        raise EvaluationError(f"evaluator.lm_eval.tasks: unknown tasks {unknown} in the "
+                              f"include path {include} (lm-eval's own tasks are not indexed: "
+                              f"set lm_eval.include_defaults); known: {near}")
