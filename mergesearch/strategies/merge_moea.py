@@ -18,11 +18,16 @@ say which surrogate, MOEA or infill rule it uses; every one of those choices her
   categorical kernel to be meaningful, an RBF gives no uncertainty.  Targets are
   standardised per objective; an objective that has not varied yet is predicted as its
   constant.
-- **MOEA: pymoo's NSGA-II** in its mixed-variable form (``Choice``, ``Integer``,
-  ``Binary``, ``Real`` with pymoo's mixed sampling, mating and duplicate elimination) run
-  on the surrogate, ``generations`` generations of ``pop_size``; its first population is
-  the evaluated points, best non-dominated ranks first, topped up with perturbations of
-  them (each dimension re-drawn with probability 2 / dims) and uniform points.
+- **MOEA: pymoo's NSGA-II** on genome arrays (categorical indices and integers rounded)
+  with uniform crossover and a re-draw mutation (each dimension, with probability
+  1 / dims and at least one per child, re-drawn to another of its values; a real one
+  uniform in its bounds), pymoo's duplicate elimination, run on the surrogate,
+  ``generations`` generations of ``pop_size``; its first population is the evaluated
+  points, best non-dominated ranks first, topped up with perturbations of them (each
+  dimension re-drawn with probability 2 / dims) and uniform points.  (pymoo's
+  mixed-variable form builds a Python object per individual: 1.5-3x the strategy time
+  of the array form in benchmarks/RESULTS.md's measurement, for a hypervolume within
+  the seed spread of this one's.)
 - **Infill: optimistic hypervolume improvement.**  NSGA-II minimises each objective's
   lower confidence bound ``mean - kappa * std`` (losses: maximised objectives negated),
   and its final population are the infill candidates.  From them a batch is picked
@@ -278,17 +283,17 @@ class MergeMOEA(Strategy):
                     Y: np.ndarray) -> list[list[float]]:
         """NSGA-II's final population on the surrogate's lower bounds, new genomes only."""
         from pymoo.algorithms.moo.nsga2 import NSGA2
-        from pymoo.core.duplicate import NoDuplicateElimination
-        from pymoo.core.mixed import MixedVariableMating
         from pymoo.core.population import Population
+        from pymoo.operators.crossover.ux import UniformCrossover
         from pymoo.optimize import minimize
 
         problem = _SurrogateProblem(self, surrogate, self.options.kappa)
-        start = [problem.as_dict(g) for g in self._first_population(X, Y)]
+        start = np.array(self._first_population(X, Y), dtype=float)
         algorithm = NSGA2(pop_size=self.options.pop_size,
-                          sampling=Population.new(X=np.array(start, dtype=object)),
-                          mating=MixedVariableMating(eliminate_duplicates=NoDuplicateElimination()),
-                          eliminate_duplicates=False)  # pymoo's is quadratic: we drop repeats
+                          sampling=Population.new(X=start),
+                          crossover=UniformCrossover(),
+                          mutation=_redraw(self.problem.dims, 1.0 / self.problem.n_dims),
+                          eliminate_duplicates=True)
         seed = int(self._rng.integers(1, 2**31 - 1))
         result = minimize(problem, algorithm, ("n_gen", self.options.generations), seed=seed,
                           verbose=False)
@@ -389,33 +394,63 @@ class Surrogate:
 
 
 class _SurrogateProblem:
-    """The pymoo problem NSGA-II solves: minimise each loss's lower confidence bound."""
+    """The pymoo problem NSGA-II solves: minimise each loss's lower confidence bound, over
+    genomes as arrays (categorical indices and integers rounded, everything clipped)."""
 
     def __new__(cls, strategy: MergeMOEA, surrogate: Surrogate, kappa: float):
         from pymoo.core.problem import Problem as PymooProblem
 
-        from mergesearch.strategies.pymoo_strategy import pymoo_variables
-
         dims = strategy.problem.dims
-        variables = pymoo_variables(dims)
+        low = np.array([d.low for d in dims], dtype=float)
+        high = np.array([d.high for d in dims], dtype=float)
+        discrete = np.array([d.discrete for d in dims])
 
         class Optimistic(PymooProblem):
             def _evaluate(self, x: Any, out: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-                genomes = np.array([self.as_genome(row) for row in x])
-                mu, sd = surrogate.predict(strategy.encode(genomes))
+                mu, sd = surrogate.predict(strategy.encode(self.snap(x)))
                 out["F"] = mu - kappa * sd
 
             @staticmethod
-            def as_dict(genome: Sequence[float]) -> dict[str, Any]:
-                return {d.name: (bool(round(g)) if d.kind == "binary" else
-                                 int(round(g)) if d.discrete else float(g))
-                        for d, g in zip(dims, genome, strict=True)}
+            def snap(x: np.ndarray) -> np.ndarray:
+                x = np.clip(np.atleast_2d(np.asarray(x, dtype=float)), low, high)
+                return np.where(discrete, np.rint(x), x)
 
-            @staticmethod
-            def as_genome(row: dict[str, Any]) -> list[float]:
-                return strategy.problem.clip([float(row[d.name]) for d in dims])
+            @classmethod
+            def as_genome(cls, row: np.ndarray) -> list[float]:
+                return strategy.problem.clip([float(g) for g in cls.snap(row)[0]])
 
-        return Optimistic(vars=variables, n_obj=len(strategy.problem.objectives))
+        return Optimistic(n_var=len(dims), n_obj=len(strategy.problem.objectives),
+                          xl=low, xu=high)
+
+
+def _redraw(dims: Sequence[Dimension], rate: float):
+    """pymoo mutation over genome arrays: each dimension re-drawn with probability ``rate``
+    (at least one per child): a discrete one to another of its values, uniformly, a real
+    one uniform in its bounds."""
+    from pymoo.core.mutation import Mutation
+
+    class Redraw(Mutation):
+        def _do(self, problem: Any, X: np.ndarray, *args: Any, random_state: Any = None,
+                **kwargs: Any) -> np.ndarray:
+            X = np.array(X, dtype=float)
+            n, m = X.shape
+            change = random_state.random((n, m)) < rate
+            none = np.flatnonzero(~change.any(axis=1))
+            change[none, random_state.integers(m, size=len(none))] = True
+            for j, d in enumerate(dims):
+                rows = np.flatnonzero(change[:, j])
+                if d.discrete:
+                    size = int(d.high) - int(d.low) + 1
+                    if size < 2:
+                        continue
+                    shift = random_state.integers(1, size, size=len(rows))
+                    current = np.rint(X[rows, j]) - d.low
+                    X[rows, j] = d.low + (current + shift) % size
+                else:
+                    X[rows, j] = random_state.uniform(d.low, d.high, size=len(rows))
+            return X
+
+    return Redraw()
 
 
 def _improvements(front: np.ndarray, points: np.ndarray, ref: np.ndarray) -> np.ndarray:
