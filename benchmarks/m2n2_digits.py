@@ -9,6 +9,8 @@ Legs (``--legs``, comma-separated):
   each budget in ``--budgets`` and the test accuracy of the best training trial (its
   recipe merged by the engine, scored on the test images), with the throughput
   (candidates/s) and where a candidate's time goes (merge, evaluate, the rest).
+  ``--engine lean`` runs the same strategy and options in this process instead (see
+  ``ablation``), up to ``--budget`` passes or ``--max-seconds`` of wall time per seed.
 * ``cmaes``: the CMA-ES baseline at the same number of passes, through ``mergesearch run``:
   the ``cmaes`` strategy, **separable** (pycma ``CMA_diagonal: true``), popsize 20, over
   the layer-wise linear weights of the same twenty untrained MLPs (40 dimensions, bounds
@@ -32,7 +34,8 @@ Output: markdown on stdout (ready for benchmarks/RESULTS.md), progress on stderr
 
     python benchmarks/m2n2_digits.py --legs scratch,cmaes,ablation,diversity
         [--seeds 0,1] [--budget 50000] [--budgets 1000,5000,10000,25000,50000]
-        [--ablation-budget 10000] [--engine lean|cli] [--work /tmp/m2n2-bench]
+        [--ablation-budget 10000] [--engine lean|cli] [--max-seconds S]
+        [--work /tmp/m2n2-bench]
 """
 
 from __future__ import annotations
@@ -162,12 +165,23 @@ def summarise(url: str, budgets: list[int]) -> dict[str, Any]:
 
 
 def scratch_leg(args) -> list[dict]:
+    """From scratch: through ``mergesearch run`` (``--engine cli``, the default here), or the
+    same strategy and options in the lean engine (``--engine lean``), which stops at
+    ``--budget`` passes or after ``--max-seconds``, whichever comes first."""
+    path = ROOT / "experiments/digits/m2n2_scratch.yaml"
     rows = []
     for seed in args.seeds:
-        out = args.work / f"scratch-s{seed}"
         t0 = time.time()
-        url = cli_run(ROOT / "experiments/digits/m2n2_scratch.yaml", out, seed, args.budget)
-        rows.append({"seed": seed, "wall_s": time.time() - t0, **summarise(url, args.budgets)})
+        if (args.engine or "cli") == "lean":
+            data = yaml.safe_load(path.read_text())
+            models = list(data["models"]["sources"].values())
+            row = lean_run(data["strategy"]["options"], seed, args.budget, models,
+                           budgets=args.budgets, max_seconds=args.max_seconds)
+        else:
+            url = cli_run(path, args.work / f"scratch-s{seed}", seed, args.budget)
+            row = summarise(url, args.budgets)
+        rows.append({"seed": seed, "wall_s": time.time() - t0, "engine": args.engine or "cli",
+                     **row})
         log.info("scratch seed %d: %s", seed, rows[-1])
     return rows
 
@@ -256,10 +270,17 @@ class LeanDigits:
         return logits.argmax(1) == y
 
 
+LEAN_BUDGETS = (1000, 2500, 5000, 10000, 15000, 20000, 25000, 30000, 40000, 50000)
+
+
 def lean_run(options: dict[str, Any], seed: int, budget: int,
-             models: list[str] | None = None) -> dict[str, Any]:
+             models: list[str] | None = None, *, budgets: list[int] | None = None,
+             max_seconds: float | None = None) -> dict[str, Any]:
     """The strategy driven in this process on the digits models ``models`` (default the
-    two pretrained halves), each recipe scored by :class:`LeanDigits`."""
+    two pretrained halves), each recipe scored by :class:`LeanDigits`; ``budget`` passes,
+    or fewer when ``max_seconds`` of wall time run out first (``n``: the passes made).
+    Figures: the best training accuracy after each of ``budgets`` (those reached) and
+    the test accuracy of the best training child."""
     from mergesearch.recipe import Recipe
     from mergesearch.strategies import Dimension, Objective, Problem
     from mergesearch.trial import Result
@@ -277,8 +298,11 @@ def lean_run(options: dict[str, Any], seed: int, budget: int,
     done, best, best_flat, values = 0, -1.0, None, []
     t0 = time.time()
     while done < budget:
-        if done and done % 5000 == 0:
-            log.info("lean seed %d: %d passes, best train %.3f (%.0f s)", seed, done, best,
+        if max_seconds is not None and time.time() - t0 >= max_seconds:
+            log.info("lean seed %d: out of time at %d passes", seed, done)
+            break
+        if done and done % 2500 == 0:
+            log.info("lean seed %d: %d passes, best train %.4f (%.0f s)", seed, done, best,
                      time.time() - t0)
         for c in s.ask(1):
             recipe = c.recipe.to_dict()
@@ -297,10 +321,14 @@ def lean_run(options: dict[str, Any], seed: int, budget: int,
             if scorer.members and done % 200 == 0:  # keep the live members only
                 live = {m.key for m in [*s.archive, *s._pending_members.values()]}
                 scorer.members = {k: v for k, v in scorer.members.items() if k in live}
-    return {"best_train": best, "test": float(scorer.correct(None, "test", best_flat).mean()),
-            "curve": {b: float(max(values[:b])) for b in (1000, 2500, 5000, 10000, 25000,
-                                                            50000) if len(values) >= b},
-            "wall_s": time.time() - t0}
+    wall = time.time() - t0
+    if best_flat is None:
+        raise SystemExit(f"lean seed {seed}: no pass made in {max_seconds} s")
+    return {"n": done, "best_train": best,
+            "test": float(scorer.correct(None, "test", best_flat).mean()),
+            "curve": {b: float(max(values[:b])) for b in budgets or LEAN_BUDGETS
+                      if len(values) >= b},
+            "wall_s": wall, "per_s": done / wall if wall > 0 else None}
 
 
 def lean_probe(scorer: LeanDigits, cand) -> dict[str, Any]:
@@ -324,7 +352,7 @@ def ablation_leg(args) -> dict[str, list[dict]]:
         for seed in args.seeds:
             t0 = time.time()
             options = {**options, "representation": args.representation}
-            if args.engine == "lean":
+            if (args.engine or "lean") == "lean":
                 row = lean_run(options, seed, args.ablation_budget)
             else:
                 extra = [f"--set=strategy.options.{k}={str(v).lower()}"
@@ -530,6 +558,10 @@ def ms(values) -> str:
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values, ddof=1):.1f}"
 
 
+def _num(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{scale * value:.1f}"
+
+
 def markdown(figures: dict[str, Any], args) -> str:
     lines = []
     for leg in ("scratch", "cmaes"):
@@ -537,10 +569,14 @@ def markdown(figures: dict[str, Any], args) -> str:
             continue
         rows = figures[leg]
         budgets = sorted({b for r in rows for b in r["curve"]})
-        title = ("M2N2 from scratch (20 untrained MLPs, tensor splits, mutation 0.01)"
+        title = ("M2N2 from scratch (20 untrained MLPs, experiments/digits/m2n2_scratch.yaml)"
                  if leg == "scratch" else "separable CMA-ES (CMA_diagonal), popsize 20, "
                  "40 layer-wise linear weights of the same 20 MLPs")
-        lines += [f"**{title}**, through `mergesearch run`, seeds "
+        engines = {r.get("engine", "cli") for r in rows}
+        how = ("through `mergesearch run`" if engines == {"cli"} else "in the lean engine"
+               if engines == {"lean"} else "engines: " + ", ".join(
+                   f"seed {r['seed']} {r.get('engine', 'cli')}" for r in rows))
+        lines += [f"**{title}**, {how}, seeds "
                   f"{', '.join(str(r['seed']) for r in rows)}:", "",
                   "| seed | passes | " + " | ".join(f"best train @{b}" for b in budgets)
                   + " | test (best train trial) | paper (test) | cand/s | merge ms | eval ms |"
@@ -548,14 +584,14 @@ def markdown(figures: dict[str, Any], args) -> str:
         for r in rows:
             lines.append(f"| {r['seed']} | {r['n']} | " + " | ".join(
                 f"{100 * r['curve'][b]:.1f}" if b in r["curve"] else "-" for b in budgets)
-                + f" | {100 * r['test']:.1f} | {100 * PAPER[leg]:.0f} | {r['per_s']:.1f} | "
-                f"{1000 * r['merge_s']:.1f} | {1000 * r['evaluate_s']:.1f} | "
-                f"{r['entries'] or '-'} |")
+                + f" | {100 * r['test']:.1f} | {100 * PAPER[leg]:.0f} | {_num(r.get('per_s'))} | "
+                f"{_num(r.get('merge_s'), 1000)} | {_num(r.get('evaluate_s'), 1000)} | "
+                f"{r.get('entries') or '-'} |")
         lines.append("")
     if "ablation" in figures:
         rows = figures["ablation"]
         lines += [f"**From the two pretrained halves**, {args.ablation_budget} passes, "
-                  f"engine {args.engine}, seeds {', '.join(map(str, args.seeds))} "
+                  f"engine {args.engine or 'lean'}, seeds {', '.join(map(str, args.seeds))} "
                   "(mean ± std, n - 1):", "",
                   "| variant | best train | test (best train trial) | paper (test) | "
                   "per seed (test) |", "|---|---|---|---|---|"]
@@ -591,7 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     type=lambda s: s.split(","), help="ablation variants to run")
     ap.add_argument("--diversity-budget", type=int, default=100)
-    ap.add_argument("--engine", choices=("lean", "cli"), default="lean")
+    ap.add_argument("--engine", choices=("lean", "cli"), default=None,
+                    help="how the scratch and ablation legs run (default: scratch through "
+                         "the CLI, the ablation in the lean engine)")
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="lean scratch runs: stop each seed after this much wall time and "
+                         "report the passes reached")
     ap.add_argument("--representation", choices=("terms", "lineage"), default="terms",
                     help="the ablation's children (both exact without mutation; lineage "
                          "recipes stay a few entries long, so the lean engine is faster)")

@@ -291,3 +291,27 @@ def test_digits_from_the_pretrained_halves_through_mergesearch_run(tmp_path):
     assert got["test"] > max(manifest["low"], manifest["high"]) + 0.15
     assert got["test"] > manifest["uniform_merge"], (got, manifest)
     assert got["per_s"] > 0 and got["entries"] is not None
+
+
+@pytest.mark.slow
+def test_from_scratch_in_the_lean_engine_improves_on_the_untrained_models(tmp_path):
+    """benchmarks/m2n2_digits.py's scratch leg with ``--engine lean``: the CLI experiment's
+    strategy and options on the twenty untrained MLPs; after 300 passes the best child
+    beats every initial member (the first 20 passes), and ``--max-seconds`` stops a run
+    early at the passes it reached."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from m2n2_digits import main
+
+    out = tmp_path / "lean.json"
+    assert main(["--legs", "scratch", "--engine", "lean", "--seeds", "0", "--budget", "300",
+                 "--budgets", "20,300", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["scratch"]
+    assert row["engine"] == "lean" and row["n"] == 300
+    assert row["curve"]["300"] > row["curve"]["20"] + 0.05, row
+    assert 0.0 < row["test"] <= 1.0 and row["best_train"] == row["curve"]["300"]
+    assert main(["--legs", "scratch", "--engine", "lean", "--seeds", "0", "--budget",
+                 "1000000", "--max-seconds", "1", "--budgets", "20", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["scratch"]
+    assert 0 < row["n"] < 1_000_000 and row["wall_s"] < 60
