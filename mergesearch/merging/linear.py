@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from mergesearch.merging.base import MergeMethod, Param, register
+from mergesearch.merging.task_arithmetic import weighted_sum
 
 
 def linear(
@@ -17,13 +18,12 @@ def linear(
     normalize: bool = True,
     seed: int = 0,
 ) -> torch.Tensor:
-    """``sum_i w_i theta_i``, divided by ``sum_i w_i`` when ``normalize``."""
-    out = torch.zeros_like(models[0])
-    for tensor, w in zip(models, weight, strict=True):
-        out.add_(tensor, alpha=w)
-    if normalize:
-        out.div_(sum(weight))
-    return out
+    """``sum_i w_i theta_i``, divided by ``sum_i w_i`` when ``normalize``.
+
+    Bit for bit mergekit's linear merge; large tensors take one compiled pass
+    (:func:`~mergesearch.merging.task_arithmetic.weighted_sum`).
+    """
+    return weighted_sum(models, weight, normalize)
 
 
 LINEAR = register(

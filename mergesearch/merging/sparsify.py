@@ -38,6 +38,41 @@ def uniform_bits(index: torch.Tensor, seed: torch.Tensor | int) -> torch.Tensor:
     return _lowbias32(_lowbias32(x) ^ 0x5BD1E995)
 
 
+_INT32_MIN = -(1 << 31)
+
+
+def _srl32(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Logical right shift of int32 bits (``>>`` on int32 is arithmetic)."""
+    return (x >> shift) & ((1 << (32 - shift)) - 1)
+
+
+def _lowbias32_int32(x: torch.Tensor) -> torch.Tensor:
+    """:func:`_lowbias32` on int32 bits: multiplies wrap modulo 2**32 as the mask does."""
+    x = x ^ _srl32(x, 16)
+    x = x * 0x7FEB352D
+    x = x ^ _srl32(x, 15)
+    x = x * (0x846CA68B - (1 << 32))  # the same 32 bits, as an int32
+    return x ^ _srl32(x, 16)
+
+
+def as_int32(value: int) -> int:
+    """The low 32 bits of ``value`` read as a signed 32-bit integer."""
+    value &= _MASK32
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def signed_bits(index: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
+    """``uniform_bits(index, key) - 2**31`` as int32, computed in int32 arithmetic.
+
+    ``index`` is int32 (the entry index modulo 2**32, as ``Tensor.to(torch.int32)``
+    wraps it), ``key`` the stream key as int32 (:func:`as_int32`).  Half the lanes'
+    width of the int64 form: the same bits at about half the cost.  ``hash < k`` is
+    ``signed_bits <= k - 1 - 2**31`` for ``1 <= k <= 2**32``.
+    """
+    x = _lowbias32_int32(_lowbias32_int32(index ^ key) ^ 0x5BD1E995)
+    return x ^ _INT32_MIN  # flipping the top bit subtracts 2**31 from the unsigned hash
+
+
 def mix_seed(seed: int) -> int:
     """A 32-bit stream key from any integer seed (host side)."""
     x = seed & _MASK32
@@ -176,8 +211,9 @@ def kth_smallest_magnitude(x: torch.Tensor, k: int,
     the sample's order statistics place a band ``[lo, hi]`` around the k-th value (about
     seven standard deviations of its sample rank wide); one compiled pass over ``x`` and
     ``base`` (:func:`_scan_rows`) counts, per row, the magnitudes below and inside the
-    band and keeps the largest and smallest inside; ``kthvalue`` then runs on the few
-    magnitudes inside, from those row extremes and the few rows holding more than two.  When
+    band and keeps the largest and smallest inside; a partition (numpy's on the CPU, a sort
+    elsewhere) then runs on the few magnitudes inside, from those row extremes and the few
+    rows holding more than two.  When
     the k-th value is outside the band (the sample misled), the same pass runs again on
     the side that holds it: the sample only ever decides the speed.  With NaN the answer
     is ``torch.kthvalue``'s own (NaN counts as the largest).
@@ -209,7 +245,8 @@ def kth_smallest_magnitude(x: torch.Tensor, k: int,
         under, inside = _band(flat, bflat, _next_above(hi, x.dtype), inf, x)
         if under != below or k > below + inside.numel():  # NaN counted nowhere
             return torch.kthvalue(_magnitudes(flat, bflat), k).values
-    return torch.kthvalue(inside, k - below).values
+    # the band holds no NaN: a partition (several times faster than kthvalue on the CPU)
+    return _order_statistics(inside, [k - below - 1])[0]
 
 
 def _next_below(v: float, dtype: torch.dtype) -> float:

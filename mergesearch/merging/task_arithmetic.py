@@ -13,8 +13,11 @@ through ``torch.compile``, which fuses it into one pass over memory instead of
 a dozen (see benchmarks/RESULTS.md); on the CPU it writes into recycled buffers
 (:class:`OutputBuffers`), so no fresh memory is faulted in per merged tensor.
 DARE's and DELLA's random masks come from a counter-based hash of (seed, entry index)
-(:func:`.sparsify.uniform_bits`), so they are the same eager or compiled, on any device.
-On the CPU, where hashing costs more than reading, DARE's bits are computed once per
+(:func:`.sparsify.uniform_bits`), so they are the same eager or compiled, on any device;
+the core hashes in int32 arithmetic (:func:`.sparsify.signed_bits`: the same bits, twice
+the vector lanes of int64).  The linear merge is one compiled pass as well
+(:func:`weighted_sum`), built from fused multiply-adds so that it rounds exactly as the
+in-place adds (and mergekit) do.  On the CPU DARE's bits can also be computed once per
 (tensor seed, model, size) and kept (:class:`MaskBits`, up to a memory budget): a search
 over densities and weights with a fixed seed re-merges the same tensors thousands of
 times, and only the cut-off changes.
@@ -22,6 +25,7 @@ times, and only the cut-off changes.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from collections.abc import Sequence
@@ -31,7 +35,7 @@ import torch
 
 from mergesearch.merging import sparsify
 from mergesearch.merging.base import MergeMethod, Param, compile_enabled, register
-from mergesearch.merging.sparsify import uniform_bits
+from mergesearch.merging.sparsify import as_int32, signed_bits
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +63,16 @@ def _core(
     """Sparsify, weight, elect, sum, normalise, scale and add: elementwise only.
 
     ``mode``: ``"none"`` (inputs are models), ``"band"`` (keep lo <= |tau| <= hi),
-    ``"random"`` (keep where the hash is below ``keep_below``, times ``scale``),
-    ``"bits"`` (the same with the hash precomputed: ``bits[i]`` is model ``i``'s hash minus
-    2**31 as int32, kept where it is at most ``keep_below[i]``, the cut-off moved alike),
+    ``"random"`` (keep where model ``i``'s hash minus 2**31, as int32
+    (:func:`.sparsify.signed_bits` under the int32 key ``seeds[i]``), is at most
+    ``keep_below[i]``, times ``scale``), ``"bits"`` (the same with those int32 bits
+    precomputed, ``bits[i]``),
     ``"deltas"`` (inputs are already sparsified task vectors).  ``out``: written with the
     result and returned (compiled, the one pass stores straight into it).
     """
     index = None
-    if mode == "random":
-        index = torch.arange(base.numel(), device=base.device).view(base.shape)
+    if mode == "random":  # entry indices modulo 2**32, as int32 (the hash reads 32 bits)
+        index = torch.arange(base.numel(), device=base.device).to(torch.int32).view(base.shape)
     deltas = []
     for i, x in enumerate(inputs):
         d = x if mode == "deltas" else x - base
@@ -75,7 +80,7 @@ def _core(
             a = d.abs()
             d = torch.where((a >= lo[i]) & (a <= hi[i]), d, 0.0)
         elif mode == "random":
-            d = torch.where(uniform_bits(index, seeds[i]) < keep_below[i], d * scale[i], 0.0)
+            d = torch.where(signed_bits(index, seeds[i]) <= keep_below[i], d * scale[i], 0.0)
         elif mode == "bits":
             d = torch.where(bits[i] <= keep_below[i], d * scale[i], 0.0)
         deltas.append(d * weight[i])
@@ -138,12 +143,36 @@ def run_core(base: torch.Tensor, inputs: list[torch.Tensor], **kwargs) -> torch.
     return _core(base, inputs, **kwargs)
 
 
-def _weighted_sum(models: list[torch.Tensor], weight: torch.Tensor, divisor: torch.Tensor,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum_i weight[i] * models[i] / divisor``, elementwise (one pass when compiled)."""
-    total = models[0] * weight[0]
+def eager_weighted_sum(models: Sequence[torch.Tensor], weight: Sequence[float],
+                       normalize: bool) -> torch.Tensor:
+    """``sum_i w_i theta_i`` by in-place adds (divided by ``sum_i w_i`` when ``normalize``,
+    unguarded, as mergekit does).
+
+    ``add_(x, alpha=w)`` rounds once per model (a fused multiply-add on the CPU and on
+    CUDA), which is what mergekit's ``addcmul_`` gives: bit for bit its linear merge.
+    """
+    out = torch.zeros_like(models[0])
+    for tensor, w in zip(models, weight, strict=True):
+        out.add_(tensor, alpha=w)
+    if normalize:
+        out.div_(sum(weight))
+    return out
+
+
+def _fused_sum(models: list[torch.Tensor], weight: torch.Tensor, divisor: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`eager_weighted_sum` as one pass, for ``torch.compile`` only.
+
+    Each step is inductor's fused multiply-add (``prims.fma``: one rounding), so the
+    compiled pass rounds exactly as the in-place adds do.  A plain ``total + x * w``
+    rounds the product first and differs in the last bit of about a quarter of the
+    entries.  (Eager, ``prims.fma`` is not fused: never call this uncompiled.)
+    """
+    fma = torch.ops.prims.fma
+    total = fma(models[0], weight[0], torch.zeros((), dtype=models[0].dtype,
+                                                  device=models[0].device))
     for i in range(1, len(models)):
-        total = total + models[i] * weight[i]
+        total = fma(models[i], weight[i], total)
     total = total / divisor
     return total if out is None else out.copy_(total)
 
@@ -153,25 +182,30 @@ _compiled_sum = None
 
 def weighted_sum(models: Sequence[torch.Tensor], weight: Sequence[float],
                  normalize: bool) -> torch.Tensor:
-    """The linear merge ``sum_i w_i theta_i`` (divided by ``sum_i w_i`` when ``normalize``,
-    unguarded, as mergekit does), fused and into a recycled buffer like the core."""
+    """The linear merge ``sum_i w_i theta_i`` (divided by ``sum_i w_i`` when ``normalize``),
+    bit for bit :func:`eager_weighted_sum`; on large tensors one compiled pass into a
+    recycled buffer, like the core."""
     global _compiled_sum
     first = models[0]
-    w = torch.tensor(list(weight), dtype=first.dtype, device=first.device)
-    divisor = torch.tensor(float(sum(weight)) if normalize else 1.0, dtype=first.dtype,
-                           device=first.device)
-    if first.numel() >= FUSE_MIN_NUMEL and _compiled_sum is not False:
+    # half types would be summed in float32 when compiled: they keep the in-place adds
+    if (first.numel() >= FUSE_MIN_NUMEL and first.dtype in (torch.float32, torch.float64)
+            and _compiled_sum is not False):
         try:
             if _compiled_sum is None:
-                _compiled_sum = (torch.compile(_weighted_sum, dynamic=True)
-                                 if compile_enabled() else False)
+                _compiled_sum = False
+                if compile_enabled():
+                    importlib.import_module("torch._inductor.inductor_prims")  # prims.fma
+                    _compiled_sum = torch.compile(_fused_sum, dynamic=True)
             if _compiled_sum:
+                w = torch.tensor(list(weight), dtype=first.dtype, device=first.device)
+                divisor = torch.tensor(float(sum(weight)) if normalize else 1.0,
+                                       dtype=first.dtype, device=first.device)
                 return _compiled_sum(list(models), w, divisor,
                                      out=output_buffers().take(first))
         except Exception as err:  # no C++ compiler, unsupported backend, ...
             log.warning("torch.compile failed (%s); summing eagerly from now on", err)
             _compiled_sum = False
-    return _weighted_sum(list(models), w, divisor)
+    return eager_weighted_sum(models, weight, normalize)
 
 
 def _use_count(t: torch.Tensor) -> int | None:
@@ -257,7 +291,7 @@ class MaskBits:
         when they are not kept and would not fit."""
         bits = self._bits.get((key, numel))
         if bits is None and self.used + 4 * numel <= self.budget:
-            bits = (uniform_bits(torch.arange(numel), key) - _OFFSET).to(torch.int32)
+            bits = signed_bits(torch.arange(numel).to(torch.int32), as_int32(key))
             self._bits[(key, numel)] = bits
             self.used += 4 * numel
         return bits
@@ -317,12 +351,13 @@ def _merge(
             scale[i] = 1.0 / density[i] if rescale and 0 < density[i] < 1 else 1.0
             seeds[i] = sparsify.model_key(seed, i)
         bits = _cached_bits(base, seeds)
-        if bits is not None:  # hash < k  <=>  hash - 2**31 <= k - 1 - 2**31 (fits int32)
+        if bits is not None:
             mode = "bits"
-            for i, k in enumerate(keep_below):
-                if k == 0:  # nothing kept: a zero task vector drops out the same way
-                    inputs[i] = base
-                keep_below[i] = max(k - 1, 0) - _OFFSET
+        for i, k in enumerate(keep_below):  # hash < k  <=>  hash - 2**31 <= k - 1 - 2**31
+            if k == 0:  # nothing kept: a zero task vector drops out the same way
+                inputs[i] = base
+            keep_below[i] = max(k - 1, 0) - _OFFSET
+            seeds[i] = as_int32(seeds[i])
     elif sparsifier == "magprune":
         mode = "deltas"
         inputs = [sparsify.magprune(m - base, density[i], epsilon[i],
@@ -332,18 +367,12 @@ def _merge(
     def vec(values: Sequence[float], dtype: torch.dtype = base.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, device=base.device)
 
-    if mode == "bits":
-        return run_core(
-            base, inputs, weight=vec(weight), lo=vec(lo), hi=vec(hi),
-            keep_below=vec(keep_below, torch.int32), scale=vec(scale),
-            seeds=vec(seeds, torch.int64), lambda_=vec(lambda_), mode=mode,
-            consensus=consensus, normalize=normalize, bits=bits)
+    small = torch.int32 if mode in ("random", "bits") else torch.int64
     return run_core(
         base, inputs, weight=vec(weight), lo=vec(lo), hi=vec(hi),
-        keep_below=vec(keep_below, torch.int64), scale=vec(scale),
-        seeds=vec(seeds, torch.int64), lambda_=vec(lambda_), mode=mode, consensus=consensus,
-        normalize=normalize,
-    )
+        keep_below=vec(keep_below, small), scale=vec(scale), seeds=vec(seeds, small),
+        lambda_=vec(lambda_), mode=mode, consensus=consensus, normalize=normalize,
+        **({"bits": bits} if mode == "bits" else {}))
 
 
 def _params(normalize: bool, *extra: Param) -> tuple[Param, ...]:

@@ -15,6 +15,8 @@ pytestmark = pytest.mark.slow  # one torch.compile per graph, ~20 s each on 2 co
      True),
     *[("dare_linear", {"weight": [0.5, 0.8, 1.0], "density": [0.2, 0.5, 0.7],
                        "rescale": True, "normalize": False}, kept) for kept in (True, False)],
+    ("dare_ties", {"weight": [0.5, -0.8, 1.0], "density": [0.2, 0.0, 0.7], "rescale": True,
+                   "normalize": False}, False),
 ])
 def test_compiled_core_matches_eager(name, params, kept_bits, monkeypatch):
     # DARE's masks from kept bits (the CPU default) or hashed in the core (accelerators)
@@ -22,14 +24,14 @@ def test_compiled_core_matches_eager(name, params, kept_bits, monkeypatch):
                         task_arithmetic.MaskBits((1 << 24) if kept_bits else 0))
     gen = torch.Generator().manual_seed(0)
     n = task_arithmetic.FUSE_MIN_NUMEL * 2
-    base = torch.randn(n // 256, 256, generator=gen)
+    base = torch.randn(n // 256, 259, generator=gen)  # not a multiple of the vector width
     models = [base + 0.1 * torch.randn(base.shape, generator=gen) for _ in range(3)]
     fn = get_method(name).fn
     compiled = fn(base, models, seed=3, lambda_=0.9, **params)
     monkeypatch.setattr(task_arithmetic, "FUSE_MIN_NUMEL", 10**12)  # force the eager core
     eager = fn(base, models, seed=3, lambda_=0.9, **params)
     torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-    if name == "dare_linear":  # the same entries survive: masks come from a stateless hash
+    if name.startswith("dare"):  # the same entries survive: masks come from a stateless hash
         assert torch.equal(compiled == base, eager == base)
 
 
@@ -79,14 +81,42 @@ def test_merged_tensors_in_recycled_buffers_stay_intact_while_held(monkeypatch):
     assert out.data_ptr() in ptrs and torch.equal(out, copies[1])  # a free buffer, reused
 
 
-def test_fused_weighted_sum_is_the_linear_merge():
-    """task_arithmetic.weighted_sum (offered to linear.py) merges what linear.py merges."""
+LINEAR_CASES = [([0.5, 0.3, 0.2], True), ([0.7, 1.3, -0.2], False), ([0.3, 1.0, 0.6], True),
+                ([1.0, -1.0, 0.0], True)]  # the last divides by zero, as mergekit does
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32) if x.dtype == torch.float32 else x.view(torch.int16)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_fused_weighted_sum_is_the_linear_merge_bit_for_bit(stored):
+    """The compiled weighted_sum (linear.py's large tensors) rounds as the in-place adds,
+    for float32 sources and bfloat16 ones computed in float32 (as the merger does)."""
     gen = torch.Generator().manual_seed(2)
-    models = [torch.randn(64, 128, generator=gen) for _ in range(3)]
-    linear = get_method("linear").fn
-    for weight, normalize in (([0.5, 0.3, 0.2], True), ([0.7, 1.3, -0.2], False),
-                              ([1.0, -1.0, 0.0], True)):  # a zero sum divides by zero in both
+    models = [torch.randn(96, 128, generator=gen).to(stored).float() for _ in range(3)]
+    for weight, normalize in LINEAR_CASES:
         fused = task_arithmetic.weighted_sum(models, weight, normalize)
-        torch.testing.assert_close(fused, linear(None, models, weight=weight,
-                                                 normalize=normalize),
-                                   rtol=1e-6, atol=1e-6, equal_nan=True)
+        assert task_arithmetic._compiled_sum  # the compiled pass ran, not the fallback
+        eager = task_arithmetic.eager_weighted_sum(models, weight, normalize)
+        assert torch.equal(_bits(fused), _bits(eager))
+        assert torch.equal(_bits(fused.to(stored)), _bits(eager.to(stored)))
+        linear = get_method("linear").fn(None, models, weight=weight, normalize=normalize)
+        assert torch.equal(_bits(linear), _bits(eager))
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_linear_is_mergekits_linear_merge_bit_for_bit(stored):
+    """mergekit's own kernel on the stored tensors gives the same bits (float32 and bf16)."""
+    mk = pytest.importorskip("mergekit.merge_methods.linear")
+    from mergekit.merge_methods.base import TensorBatch
+
+    gen = torch.Generator().manual_seed(5)
+    stored_models = [torch.randn(96, 128, generator=gen).to(stored) for _ in range(3)]
+    for weight, normalize in LINEAR_CASES[:3]:
+        ours = get_method("linear").fn(None, [m.float() for m in stored_models],
+                                       weight=weight, normalize=normalize).to(stored)
+        per_row = torch.tensor([weight] * 96, dtype=torch.float64)
+        theirs = mk.linear_merge.implementation(TensorBatch(stored_models), weight=per_row,
+                                                normalize=normalize)
+        assert torch.equal(_bits(ours), _bits(theirs))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergesearch.merging import get_method, task_arithmetic
+from mergesearch.merging import get_method, sparsify, task_arithmetic
 from mergesearch.merging.task_arithmetic import MaskBits
 
 
@@ -44,3 +44,16 @@ def test_the_budget_caps_what_is_kept_and_the_rest_is_hashed(monkeypatch):
     ref = merge("dare_ties", base, models, MaskBits(0), monkeypatch, weight=[1.0, 0.5],
                 density=[0.5, 0.5], rescale=False, normalize=False)
     assert torch.equal(out, ref)
+
+
+def test_int32_hash_is_the_uint32_hash_minus_two_to_the_31():
+    """The int32 form the core and the kept bits use gives the 32-bit hash's bits, for
+    indices past 2**31 and 2**32 (taken modulo 2**32, as the hash reads them) too."""
+    index = torch.cat([torch.arange(5000), torch.arange(2**31 - 40, 2**31 + 40),
+                       torch.arange(2**32 - 40, 2**32 + 40),
+                       torch.arange(3 * 2**32, 3 * 2**32 + 40)])
+    for seed in (0, 7, 2**33 + 5):
+        key = sparsify.model_key(seed, 1)
+        want = sparsify.uniform_bits(index, key) - 2**31
+        got = sparsify.signed_bits(index.to(torch.int32), sparsify.as_int32(key))
+        assert got.dtype == torch.int32 and torch.equal(got.long(), want)
