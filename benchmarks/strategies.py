@@ -43,10 +43,10 @@ has fewer than two seeds.  The search part compares the best search value (the
 hypervolume on a multi-objective testbed), the report part the report-item score.
 
 Strategies: every registered one (``mergesearch strategies``), with the options in
-``PRESETS`` (a strategy without a preset runs with its defaults, said in a note); one
-that cannot run a testbed (single-objective only on ``digits-mo``, variable kinds it does
-not search) is skipped there with a printed note.  A new strategy's row is one line in
-``PRESETS``.
+``PRESETS``, plus any per testbed in ``TESTBED_OPTIONS`` (a strategy without a preset runs
+with its defaults, said in a note); one that cannot run a testbed (single-objective only
+on ``digits-mo``, variable kinds it does not search) is skipped there with a printed note.
+A new strategy's row is one line in ``PRESETS``.
 
 Resumable: every finished run (and its report score) is appended to ``--out`` (JSON); a
 second invocation with the same file skips the runs already there and only runs what is
@@ -140,7 +140,19 @@ OVERRIDES: dict[str, dict[str, tuple[str, ...]]] = {
             "hard": ("space=search_spaces/bmm_weights_data_free.yaml",),
             "digits": ("space=search_spaces/bmm_layers_data_free.yaml",)},
 }
+#: Options a strategy runs one testbed with on top of its preset, by strategy then testbed;
+#: they are part of its label, so of its row and of the runs a rerun skips.
+TESTBED_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    # the hard zoo's per-source space has 7 dimensions, one over its default max_dims of 6
+    "bayesian_map": {"hard": {"max_dims": 7}},
+}
 BASELINES = ("random", "cmaes")
+
+
+def options_for(strategy: str, testbed: str) -> dict[str, Any]:
+    """The options ``strategy`` runs ``testbed`` with: its preset and
+    :data:`TESTBED_OPTIONS`."""
+    return PRESETS.get(strategy, {}) | TESTBED_OPTIONS.get(strategy, {}).get(testbed, {})
 
 FULL = {"seeds": 5, "evaluations": 100, "budgets": "25,50,100", "out": "/tmp/strategies.json"}
 QUICK = {"seeds": 2, "evaluations": 12, "budgets": "6,12", "out": "/tmp/strategies-quick.json"}
@@ -394,7 +406,7 @@ def testbed_table(bench: Bench, runs: list[dict[str, Any]], uniform: dict[str, A
     first = bench.objectives[0]
     better = -first.sign  # +1: larger is better
     final = budgets[-1]
-    labels = {s: strategy_label(s, PRESETS.get(s, {})) for s in strategies}
+    labels = {s: strategy_label(s, options_for(s, bench.bed.name)) for s in strategies}
     ordered = sorted(runs, key=lambda r: (strategies.index(r["strategy"]), r["seed"]))
     table: dict[str, Any] = {
         "testbed": bench.bed.name, "file": bench.bed.file, "about": bench.bed.about,
@@ -415,7 +427,7 @@ def testbed_table(bench: Bench, runs: list[dict[str, Any]], uniform: dict[str, A
             mine = [r for r in ordered if r["label"] == labels[s]]
             reports = [None if r["report"] is None else r["report"][first.name] for r in mine]
             table["rows"].append({
-                "strategy": s, "label": labels[s], "options": PRESETS.get(s, {}),
+                "strategy": s, "label": labels[s], "options": options_for(s, bench.bed.name),
                 "overrides": list(bench.extra(s)), "seeds": g.seeds,
                 "best": {b: g.best[b][first.name] for b in budgets},
                 "hypervolume": {b: g.hypervolume[b] for b in budgets} if mo else None,
@@ -634,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"testbed {t} cannot run: {err}", file=sys.stderr)
                 return None
             for s in strategies:
-                why = benches[t].cannot_run(s, PRESETS.get(s, {}))
+                why = benches[t].cannot_run(s, options_for(s, t))
                 if why:
                     skipped[t][s] = why
                     print(f"note: {t}: skipping {s}: {why}", file=sys.stderr)
@@ -654,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                        if t not in benches or u.get("fingerprint") == benches[t].fingerprint}
     finished = {run_key(r) for r in done["runs"]}
     todo = [(seed, t, s) for seed in range(args.seeds) for t in testbeds for s in strategies
-            if (t, strategy_label(s, PRESETS.get(s, {})), seed, args.evaluations)
+            if (t, strategy_label(s, options_for(s, t)), seed, args.evaluations)
             not in finished]
     started = time.perf_counter()
     ran = 0
@@ -663,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         b = bench(t)
         if b is None or s in skipped[t]:
             continue
-        options = PRESETS.get(s, {})
+        options = options_for(s, t)
         record = one_run(b, s, options, seed, args.evaluations)
         done["runs"] = [r for r in done["runs"] if r["study"] != record["study"]
                         or r["url"] != record["url"]] + [record]
@@ -688,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "search": b.score(b.uniform, "search"),
                                   "report": b.score(b.uniform, "report")}
             save_done(out, done)
-        labels = {strategy_label(s, PRESETS.get(s, {})) for s in strategies}
+        labels = {strategy_label(s, options_for(s, t)) for s in strategies}
         runs = [r for r in done["runs"] if r["testbed"] == t and r["label"] in labels
                 and r["strategy"] in strategies and r["seed"] < args.seeds
                 and r["evaluations"] == args.evaluations]

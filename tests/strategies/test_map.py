@@ -3,6 +3,7 @@ fresh process and a SIGKILLed search resumed."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -182,6 +183,23 @@ def test_bayesian_map_refuses_many_dimensions_by_name() -> None:
         create_strategy("bayesian_map", toy_problem(7, 2))
 
 
+def test_the_league_runs_bayesian_map_on_the_hard_zoos_seven_sources(monkeypatch) -> None:
+    """benchmarks/strategies.py raises max_dims on the hard zoo only (7 per-source weights):
+    with its options there bayesian_map starts on 7 dimensions, with the preset alone not."""
+    spec = importlib.util.spec_from_file_location("league", ROOT / "benchmarks" / "strategies.py")
+    league = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "league", league)  # its dataclasses look it up there
+    spec.loader.exec_module(league)
+    hard = league.options_for("bayesian_map", "hard")
+    assert hard == league.PRESETS["bayesian_map"] | {"max_dims": 7}
+    assert league.options_for("bayesian_map", "zoo") == league.PRESETS["bayesian_map"]
+    assert league.options_for("cmaes", "hard") == league.PRESETS["cmaes"]
+    s = create_strategy("bayesian_map", toy_problem(7, 1), hard, seed=0)
+    assert len(s.ask(1000)) == ms.n_coefficients(7)  # its design: one point per coefficient
+    with pytest.raises(StrategyError, match="max_dims 6"):
+        create_strategy("bayesian_map", toy_problem(7, 1), league.PRESETS["bayesian_map"])
+
+
 # -- nested MAP --------------------------------------------------------------------------
 
 def test_nested_map_merges_the_closest_pairs_and_composes_their_weights() -> None:
@@ -277,7 +295,8 @@ def test_nested_map_on_a_per_layer_space_runs_as_on_its_per_expert_space() -> No
 
 
 def test_nested_map_refuses_a_space_it_cannot_group_by_expert() -> None:
-    dare = Problem((Dimension("weight[rev]", 0.0, 1.0, 0.5), Dimension("weight[srt]", 0.0, 1.0, 0.5),
+    dare = Problem((Dimension("weight[rev]", 0.0, 1.0, 0.5),
+                    Dimension("weight[srt]", 0.0, 1.0, 0.5),
                     Dimension("density[rev]", 0.1, 1.0, 0.5),
                     Dimension("density[srt]", 0.1, 1.0, 0.5)), toy_problem().objectives)
     with pytest.raises(StrategyError, match="one weight parameter per expert.*parameters "
