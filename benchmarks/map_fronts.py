@@ -6,7 +6,9 @@ Cases (``--cases``):
   real evaluations over both weights (``--grid2`` points a side, 21 by default).
 * ``zoo3``: experts rev, srt and dup, their three skills; grid ``--grid3`` points a side.
 * ``nested``: all four zoo experts, four skills: nested MAP (no grid: four dimensions).
-* ``hard``: the hard zoo (7 sources, one weight each in [-0.5, 1.5]), four skills: MAP.
+* ``hard``: the hard zoo (7 sources, one weight each in [-0.5, 1.5]), four skills: MAP
+  (its front searched over the whole bounds and in the design box), Bayesian MAP at a
+  smaller budget (``max_dims: 7``) and nested MAP (no grid: seven dimensions).
 
 For ``zoo2`` and ``zoo3``, MAP (its (N+1)(N+2) design, then one round of ``--front``
 validated front points) and Bayesian MAP (one point per coefficient, a quarter as many
@@ -207,6 +209,7 @@ def summary(case: str, name: str, s, history, score: Scorer) -> dict:
 
 def hard_case(args) -> list[dict]:
     from mergesearch.strategies import create_strategy
+    from mergesearch.strategies.map_surrogate import n_coefficients
 
     score = Scorer("experiments/hard/map.yaml", [], args.cache, "hard")
     rows = []
@@ -216,6 +219,18 @@ def hard_case(args) -> list[dict]:
         history = drive(s, score, 72 + args.front)
         score.save()
         rows.append(summary("hard7", f"map (front_box {box})", s, history, score))
+    # Bayesian MAP at a smaller budget (7 dimensions: over its default max_dims of 6), and
+    # nested MAP (7 experts alone, then 6 pairwise merges of 13 evaluations each)
+    p = n_coefficients(7)
+    for name, options, budget in (
+            ("bayesian_map", {"design": p, "adaptive": p // 4, "batch": 4,
+                              "front_points": args.front, "front_box": "design",
+                              "max_dims": 7}, p + p // 4 + args.front),
+            ("nested_map", {"front_points": 3}, 7 + 6 * 13)):
+        s = create_strategy(name, score.problem, options, seed=args.seed)
+        history = drive(s, score, budget)
+        score.save()
+        rows.append(summary("hard7", name, s, history, score))
     return rows
 
 

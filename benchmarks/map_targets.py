@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
               "(seeds reaching) | best after " f"{args.evaluations} |")
         print("|---|---|---|---|---|")
         for s in tabled:
-            for (name, lab), rs in by_label.items():
+            for (name, _label), rs in by_label.items():
                 if name != s:
                     continue
                 c = load_curves([f"{r['url']}#{r['study']}" for r in rs],
