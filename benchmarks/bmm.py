@@ -11,9 +11,15 @@ strategy, budget and seed overridden per run):
   task-arithmetic lambdas the same outer budget finds;
 * ``bmm_activations``: BMM's closed form with activation Grams (calibration items on the
   worker, their cost in items counted in the run's cost);
-* ``bmm_data_free``: BMM's closed form with data-free Grams (``tau^T tau``).
+* ``bmm_data_free``: BMM's closed form with data-free Grams (``tau^T tau``);
+* ``bmm_activations_skip``: activation Grams with ``skip_unchanged`` (a source that left a
+  tensor as the base's has no say in its fit: the hard zoo's rot, inc, flow_a and flow_b
+  changed only half of the layers);
+* ``bmm_data_free_lambda1``: data-free Grams with ``lambda_log2`` fixed at 0 (lambda 1
+  mean eigenvalue): the task-arithmetic arm's dimensions exactly (the fit in place of
+  nothing), no ridge strength to search.
 
-Both BMM arms search a log-scale ridge strength (``lambda_log2`` in [-4, 8]) and
+The BMM arms (but ``*_lambda1``) search a log-scale ridge strength (``lambda_log2`` in [-4, 8]) and
 ``scale`` over the task-arithmetic arm's lambda range ([0.5, 3]), at the same positions
 (and on the hard zoo the same per-source weights), so that at large lambda BMM's space
 holds the baseline's (:func:`log_space`); ``*_linear`` are the first version's spaces
@@ -26,7 +32,12 @@ Runs are resumable: each finished run is appended to ``--out`` (JSON) and skippe
 the script runs again.  Prints one markdown table per testbed for benchmarks/RESULTS.md.
 
     python benchmarks/bmm.py [--seeds 5] [--first-seed 0] [--evaluations 30] [--testbeds zoo,hard]
-        [--out /tmp/bmm-bench.json] [--work /tmp/bmm-bench]
+        [--arms task_arithmetic,...] [--out /tmp/bmm-bench.json] [--work /tmp/bmm-bench]
+
+``--point SEED`` runs no search: it scores BMM's closed form with each of ``--variants``
+(:data:`VARIANTS`) at the best point of the task-arithmetic run of that seed (same
+weights, its lambdas as BMM's scale), with per-skill scores: whether the fit itself adds
+anything where task arithmetic is best.
 """
 
 from __future__ import annotations
@@ -37,26 +48,42 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mergesearch.trial import Result
 
 ROOT = Path(__file__).resolve().parent.parent
 
-def log_space(bed: str, activations: bool) -> str:
+def log_space(bed: str, activations: bool, skip_unchanged: bool = False,
+              fixed_lambda: bool = False) -> str:
     """BMM's space with a log-scale ridge strength (``lambda_log2`` in [-4, 8]: lambda from
     1/16, near the pure fit, to 256, near the anchor) and ``scale`` over the range the
     task-arithmetic arm searches its lambda in ([0.5, 3]): at large lambda the space holds
     that arm's whole space.  Zoo: per 2 layers x module kind, weights fixed at 0.5; hard: a
-    weight per source, lambda and scale per module kind."""
+    weight per source, lambda and scale per module kind.  ``skip_unchanged``: the fit leaves
+    out a source that did not change a tensor; ``fixed_lambda``: ``lambda_log2`` fixed at 0
+    (lambda 1 mean eigenvalue), so the space has the task-arithmetic arm's dimensions."""
     where = "{groups: 2, modules: [self_attn, mlp]}" if bed == "zoo" else \
         "{modules: [self_attn, mlp]}"
-    weight = "weight: 0.5, " if bed == "zoo" else ""
-    params = (f"lambda_log2: {{per: shared, granularity: {where}, bounds: [-4.0, 8.0], "
-              f"init: 0.0}}, scale: {{per: shared, granularity: {where}, bounds: [0.5, 3.0], "
-              f"init: 1.0}}")
+    fixed = [f"activations: {str(activations).lower()}", "normalize: false"]
+    if bed == "zoo":
+        fixed.append("weight: 0.5")
+    if skip_unchanged:
+        fixed.append("skip_unchanged: true")
+    params = []
     if bed != "zoo":
-        params = ("weight: {per: source, granularity: global, bounds: [0.0, 1.0], "
-                  "init: 0.5}, " + params)
-    return (f"space={{method: bmm, fixed: {{activations: {str(activations).lower()}, "
-            f"{weight}normalize: false}}, parameters: {{{params}}}}}")
+        params.append("weight: {per: source, granularity: global, bounds: [0.0, 1.0], "
+                      "init: 0.5}")
+    if fixed_lambda:
+        fixed.append("lambda_log2: 0.0")
+    else:
+        params.append(f"lambda_log2: {{per: shared, granularity: {where}, "
+                      "bounds: [-4.0, 8.0], init: 0.0}")
+    params.append(f"scale: {{per: shared, granularity: {where}, bounds: [0.5, 3.0], "
+                  "init: 1.0}")
+    return (f"space={{method: bmm, fixed: {{{', '.join(fixed)}}}, "
+            f"parameters: {{{', '.join(params)}}}}}")
 
 
 ARMS = {
@@ -64,6 +91,8 @@ ARMS = {
         "task_arithmetic": ("space=search_spaces/bmm_task_arithmetic.yaml",),
         "bmm_activations": (log_space("zoo", True),),
         "bmm_data_free": (log_space("zoo", False),),
+        "bmm_activations_skip": (log_space("zoo", True, skip_unchanged=True),),
+        "bmm_data_free_lambda1": (log_space("zoo", False, fixed_lambda=True),),
         # the first version's spaces: lambda in [0, 4] (linear), scale in [0.5, 2]
         "bmm_activations_linear": ("space=search_spaces/bmm.yaml",),
         "bmm_data_free_linear": ("space=search_spaces/bmm_data_free.yaml",),
@@ -72,6 +101,8 @@ ARMS = {
         "task_arithmetic": ("space=search_spaces/bmm_task_arithmetic_weights.yaml",),
         "bmm_activations": (log_space("hard", True),),
         "bmm_data_free": (log_space("hard", False),),
+        "bmm_activations_skip": (log_space("hard", True, skip_unchanged=True),),
+        "bmm_data_free_lambda1": (log_space("hard", False, fixed_lambda=True),),
         "bmm_activations_linear": ("space=search_spaces/bmm_weights.yaml",),
         "bmm_data_free_linear": ("space=search_spaces/bmm_weights_data_free.yaml",),
     },
@@ -97,10 +128,11 @@ def run_one(bed: str, arm: str, seed: int, evaluations: int, work: Path) -> dict
     exp = experiment(bed, arm, seed, evaluations, work)
     t0 = time.perf_counter()
     summary = controller.run(exp, overwrite=True, progress=False)
-    best = max(t.values["mean"] for t in summary.front)
+    top = max(summary.front, key=lambda t: t.values["mean"])
     return {"testbed": bed, "arm": arm, "seed": seed, "evaluations": evaluations,
-            "best": best, "cost": summary.cost, "wall": time.perf_counter() - t0,
-            "trials": summary.finished, "failed": summary.failed}
+            "best": top.values["mean"], "cost": summary.cost,
+            "wall": time.perf_counter() - t0, "trials": summary.finished,
+            "failed": summary.failed, "best_trial": top.number, "recipe": top.recipe}
 
 
 def uniform(bed: str, work: Path) -> float:
@@ -117,23 +149,105 @@ def uniform(bed: str, work: Path) -> float:
     return bound.evaluate(Recipe.from_dict(recipe)).values["mean"]
 
 
+VARIANTS = {
+    # name: BMM options merged into the task-arithmetic arm's best recipe (its weights, its
+    # lambdas as BMM's scale); lambda_log2 in [-4, 8] reaches from near the pure fit to
+    # near the anchor
+    **{f"data_free l2={k}": {"activations": False, "lambda_log2": k} for k in (0, 2, 4, 8)},
+    **{f"activations l2={k}": {"activations": True, "lambda_log2": k} for k in (0, 2, 4, 8)},
+    **{f"activations skip l2={k}": {"activations": True, "skip_unchanged": True,
+                                    "lambda_log2": k} for k in (-4, 0, 2, 4, 8)},
+    **{f"data_free wt l2={k}": {"activations": False, "weighted_targets": True,
+                                "lambda_log2": k} for k in (-4, 0, 2, 4)},
+    **{f"activations skip wt l2={k}": {"activations": True, "skip_unchanged": True,
+                                       "weighted_targets": True, "lambda_log2": k}
+       for k in (-4, 0, 2, 4)},
+    # per module kind: the fit in one kind, (near) the anchor in the other
+    **{f"{g} attn l2={a} mlp l2={m}": {
+        "activations": g != "data_free", "skip_unchanged": g == "activations skip",
+        "lambda_log2": [{"filter": "self_attn", "value": a}, {"filter": "mlp", "value": m},
+                        {"value": 8}]}
+       for g in ("data_free", "activations skip") for a, m in ((-4, 8), (8, -4), (0, 8), (8, 0))},
+    # attention of the lower / upper two layers (the hard zoo's 4 layers) apart
+    **{f"{g} attn 0-1 l2={lo} attn 2-3 l2={up}": {
+        "activations": g != "data_free", "skip_unchanged": g == "activations skip",
+        "lambda_log2": [*({"filter": f"layers.{i}.self_attn", "value": lo} for i in (0, 1)),
+                        *({"filter": f"layers.{i}.self_attn", "value": up} for i in (2, 3)),
+                        {"value": 8}]}
+       for g in ("data_free", "activations skip") for lo, up in ((-4, 8), (8, -4), (0, 8))},
+}
+
+
+def as_bmm(recipe: dict, options: dict) -> dict:
+    """A task-arithmetic recipe as BMM's: the same weights, its lambda as BMM's scale."""
+    params = dict(recipe["parameters"])
+    params["scale"] = params.pop("lambda", 1.0)
+    return recipe | {"method": "bmm", "parameters": params | {"lambda": 1.0} | options}
+
+
+def at_point(bed: str, seed: int, evaluations: int, work: Path, data: dict,
+             variants: list[str]) -> list[tuple[str, Result]]:
+    """Score BMM's closed form at the task-arithmetic arm's best point (its run at this
+    seed and budget, from ``data``), one worker for every variant (activation Grams are
+    collected once)."""
+    from mergesearch import controller
+    from mergesearch.execution import make_worker
+    from mergesearch.recipe import Recipe
+    from mergesearch.trial import Candidate
+
+    run = next((r for r in data["runs"] if r["testbed"] == bed and r["arm"] ==
+                "task_arithmetic" and r["seed"] == seed and r["evaluations"] == evaluations
+                and r.get("recipe")), None)
+    if run is None:
+        raise SystemExit(f"no task_arithmetic run of {bed} at seed {seed} and {evaluations} "
+                         "evaluations with its recipe in --out: run it first")
+    bound = controller.BoundExperiment(experiment(bed, "task_arithmetic", seed, 1, work),
+                                       progress=False)
+    worker = make_worker(bound.worker_spec)
+    out = [("task_arithmetic (its best point)", worker.evaluate(
+        Candidate(id=0, genome=[], recipe=Recipe.from_dict(run["recipe"]))))]
+    for i, name in enumerate(variants, 1):
+        recipe = Recipe.from_dict(as_bmm(run["recipe"], VARIANTS[name]))
+        out.append((name, worker.evaluate(Candidate(id=i, genome=[], recipe=recipe))))
+        print(f"{name}: {out[-1][1].values}", file=sys.stderr, flush=True)
+    return out
+
+
+def point_table(rows: list[tuple[str, Result]]) -> str:
+    tasks = sorted(rows[0][1].scores)
+    lines = ["| merge at the point | mean | " + " | ".join(tasks) + " |",
+             "| --- | --- |" + " --- |" * len(tasks)]
+    for name, res in rows:
+        per = [f"{res.scores[t].get('char_accuracy', float('nan')):.3f}" for t in tasks]
+        lines.append(f"| {name} | {res.values.get('mean', float('nan')):.4f} | "
+                     + " | ".join(per) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def table(bed: str, runs: list[dict], base: float | None, evaluations: int) -> str:
     lines = [f"### BMM vs task arithmetic: {bed} ({evaluations} evaluations per run, "
              "same GP-BO outer search)", "",
-             "| inner merge | best search mean (± std) | seeds | items scored per run |",
-             "| --- | --- | --- | --- |"]
+             "| inner merge | best search mean (± std) | seeds | ahead of task_arithmetic "
+             "(same seed) | per seed | items scored per run |",
+             "| --- | --- | --- | --- | --- | --- |"]
     if base is not None:
-        lines.append(f"| uniform merge (reference) | {base:.4f} | - | 400 |")
+        lines.append(f"| uniform merge (reference) | {base:.4f} | - | - | - | 400 |")
+    ta = {r["seed"]: r["best"] for r in runs if r["testbed"] == bed
+          and r["arm"] == "task_arithmetic" and r["evaluations"] == evaluations}
     for arm in ARMS[bed]:
-        rows = [r for r in runs if r["testbed"] == bed and r["arm"] == arm
-                and r["evaluations"] == evaluations]
+        rows = sorted((r for r in runs if r["testbed"] == bed and r["arm"] == arm
+                       and r["evaluations"] == evaluations), key=lambda r: r["seed"])
         if not rows:
             continue
         vals = [r["best"] for r in rows]
         std = statistics.stdev(vals) if len(vals) > 1 else float("nan")
         cost = statistics.mean(r["cost"] for r in rows)
+        paired = [r for r in rows if r["seed"] in ta]
+        ahead = "-" if arm == "task_arithmetic" else \
+            f"{sum(r['best'] > ta[r['seed']] for r in paired)}/{len(paired)}"
+        per = ", ".join(f"{v:.4f}" for v in vals)
         lines.append(f"| {arm} | {statistics.mean(vals):.4f} ± {std:.4f} | {len(vals)} | "
-                     f"{cost:.0f} |")
+                     f"{ahead} | {per} | {cost:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,9 +264,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arms", default=DEFAULT_ARMS)
     ap.add_argument("--out", default="/tmp/bmm-bench.json")
     ap.add_argument("--work", default="/tmp/bmm-bench")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--point", type=int, metavar="SEED",
+                    help="no searches: score BMM's closed form (--variants) at the best point "
+                         "of the task-arithmetic run of this seed (in --out)")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"with --point, comma-separated, of: {'; '.join(VARIANTS)}")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     work, out = Path(args.work), Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"runs": [], "uniform": {}}
+    if args.point is not None:
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            ap.error(f"unknown variants {unknown}; known: {'; '.join(VARIANTS)}")
+        for bed in args.testbeds.split(","):
+            print(f"### {bed}, seed {args.point}, {args.evaluations} evaluations\n")
+            print(point_table(at_point(bed, args.point, args.evaluations, work, data,
+                                       variants)))
+        return 0
     beds = args.testbeds.split(",")
     for seed in range(args.first_seed, args.seeds):
         for bed in beds:
