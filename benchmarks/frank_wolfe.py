@@ -129,7 +129,8 @@ def search(zoo, k: int, cache: Path, work: Path, seed: int = 0,
     mass = abs(s.c).sum(axis=1)
     bad = sum(m for n, m in zip(names, mass, strict=True) if n not in RELEVANT)
     best = max(t.values["mean"] for t in store.trials() if t.state == "ok")
-    return {"k": k, "seed": seed, "label": label, "best": best, "report": report["values"]["mean"] if report else None,
+    return {"k": k, "seed": seed, "label": label, "best": best,
+            "report": report["values"]["mean"] if report else None,
             "distractor_mass": float(bad / max(mass.sum(), 1e-12)), "trials": summary.ok,
             "probes": summary.probes, "wall": wall}
 
@@ -270,8 +271,8 @@ def markdown(searches: list[dict], streamed: list[dict], held: list[dict]) -> st
     lines = []
     if searches:
         lines += robustness_table(searches) + [""]
-        lines += ["| distractors | seed | oracle options | trials + probes | best mean (search) | report mean | "
-                  "distractor share of the final coefficients | s/run |",
+        lines += ["| distractors | seed | oracle options | trials + probes | best mean (search) | "
+                  "report mean | distractor share of the final coefficients | s/run |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in searches:
             lines.append(f"| {r['k']} | {r['seed']} | {r['label']} | {r['trials']} + "

@@ -78,6 +78,10 @@ class FrankWolfeOptions(StrategyOptions):
     #: tensor and a mean cosine below -min_cosine is rare (the iterate would not move)
     base_vertex: bool | None = None
     min_cosine: float = Field(0.1, ge=0, le=1)
+    #: a guard on scored trials: a step whose scored merge is worse than the iterate's own
+    #: score (from the step that made it) is rejected, the iterate kept, and the next
+    #: iteration probes it again with its smaller step.  Off by default (the paper's loop)
+    guard: bool = False
 
 
 def fw_gamma(t: int, step_size: float) -> float:
@@ -141,6 +145,7 @@ class FrankWolfe(Strategy):
         self.recipe_next: dict[str, Any] | None = None  # with ties_density: the same
         self._soft_pending: list[np.ndarray] | None = None  # soft candidates to ask
         self.recipe: dict[str, Any] | None = None  # the iterate as a recipe (TIES nests)
+        self.loss = np.inf  # the iterate's scored loss (the guard's bar; inf: not scored)
         decode = self.problem.decode
         self.genome_mode = decode is None
         if self.genome_mode:
@@ -306,19 +311,30 @@ class FrankWolfe(Strategy):
                    for _ in range(o.soft_trials - 1)]
         self._soft_pending = [soft_step(self.c, vertices, a, gamma) for a in alphas]
 
+    def _rejects(self, loss: float) -> bool:
+        """Whether the guard keeps the iterate instead of a step scored ``loss``."""
+        return self.options.guard and not loss <= self.loss
+
     def _finish_soft(self) -> None:
         best = min(self._soft, key=lambda cid: (self._soft_scores.get(cid, np.inf), cid))
-        self.c = self._soft[best]
-        self.history[-1]["chosen"] = best
+        loss = self._soft_scores.get(best, np.inf)
+        if self._rejects(loss):
+            self.history[-1]["rejected"] = True
+        else:
+            self.c, self.loss = self._soft[best], loss
+            self.history[-1]["chosen"] = best
         self._soft, self._soft_scores = {}, {}
         self.t += 1
 
     def _advance(self, loss: float) -> None:
-        """The hard step's iterate was scored: it becomes ``x_{t+1}``."""
-        if self.recipe_next is not None:
-            self.recipe = self.recipe_next
+        """The hard step's iterate was scored: it becomes ``x_{t+1}`` (unless the guard
+        rejects it)."""
+        if self._rejects(loss):
+            self.history[-1]["rejected"] = True
+        elif self.recipe_next is not None:
+            self.recipe, self.loss = self.recipe_next, loss
         else:
-            self.c = self._next_c
+            self.c, self.loss = self._next_c, loss
         self._next_c, self.recipe_next = None, None
         self.history[-1]["score_loss"] = None if not np.isfinite(loss) else float(loss)
         self.t += 1

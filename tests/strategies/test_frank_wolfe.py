@@ -137,6 +137,29 @@ def test_soft_variant_searches_coefficients_over_one_pick_per_task():
     assert s.t == 1
 
 
+def test_guard_rejects_a_step_whose_scored_merge_is_worse_than_the_iterate():
+    favour_b = [[0.2] * 4, [-0.3] * 4, [0.1] * 4]
+    opts = {"step_size": 1.0, "scaling": 0.5}
+    tasks = {"ta": favour_b}  # the soft variant picks per task
+    for variant in ("hard", "soft"):
+        guarded = FrankWolfe(pool_problem(), opts | {"variant": variant, "guard": True})
+        plain = FrankWolfe(pool_problem(), opts | {"variant": variant})
+        for s in (guarded, plain):  # the first step: nothing to compare with
+            run_iteration(s, favour_b, acc=0.8, per_task=tasks)
+        kept = guarded.c.copy()
+        assert kept[1, 0] > 0 and guarded.c == pytest.approx(plain.c)
+        for s in (guarded, plain):  # every candidate below the iterate's 0.8
+            run_iteration(s, favour_b, acc=0.5, per_task=tasks)
+        assert guarded.c == pytest.approx(kept) and guarded.history[-1]["rejected"]
+        assert guarded.t == 2 and plain.c[1, 0] > kept[1, 0]  # the plain loop stepped on
+        (probe,) = guarded.ask(1)  # the kept iterate is probed again
+        assert weights(probe.recipe)[:, 0] == pytest.approx(kept[:, 0])
+        guarded.tell([Result(probe.id, payload=payload(favour_b, tasks))])
+        scored = guarded.ask(8)
+        guarded.tell([Result(c.id, {"acc": 0.9}) for c in scored])  # better: taken
+        assert guarded.c[1, 0] > kept[1, 0] and "rejected" not in guarded.history[-1]
+
+
 def test_evaluations_counts_probes_and_the_search_stops():
     s = FrankWolfe(pool_problem(), {"iterations": 50, "evaluations": 8, "probe_cost": 3.0})
     n = 0
