@@ -187,7 +187,7 @@ def build_zoo(
     reused unless ``force``. The build happens in a temporary directory beside
     ``out`` that is renamed into place at the end, so an interrupted build never
     leaves a directory that looks complete. Deterministic for a given seed (same
-    machine, same thread count).
+    machine: it is trained at :data:`BUILD_THREADS` torch threads).
     """
     config = config or ZooConfig()
     unknown = [s for s in config.skills if s not in SKILL_TABLE]
@@ -204,18 +204,43 @@ def build_cached(root: Path, key: str, force: bool, build: Callable[[Path], None
     built by ``build(tmp)`` in a temporary folder renamed into place (an interrupted
     build never leaves a folder that looks complete). Refuses to replace a zoo with
     another key, or a folder that is not a zoo, unless ``force``."""
-    if (root / MANIFEST).exists() and not force:
-        return _reuse(root, key)
-    with _build_lock(root):
+    if (root / MANIFEST).exists() and not force and (zoo := _reuse(root, key)):
+        return zoo
+    with _build_lock(root), _build_threads():
         # another process may have built it while this one waited for the lock
-        if (root / MANIFEST).exists() and not force:
-            return _reuse(root, key)
-        return _build_locked(root, force, build)
+        if (root / MANIFEST).exists() and not force and (zoo := _reuse(root, key)):
+            return zoo
+        return _build_locked(root, True if (root / MANIFEST).exists() else force, build)
 
 
-def _reuse(root: Path, key: str) -> Zoo:
+#: torch threads every zoo is trained with, whatever the caller's setting: float
+#: reductions depend on the thread count, so a zoo built with another count has other
+#: weights, and league figures made on one are not comparable with another's (one thread
+#: also runs anywhere, and does not slow down on a loaded machine as two do). The weights
+#: still depend on the CPU: benchmarks/RESULTS.md, "Zoo builds".
+BUILD_THREADS = 1
+
+
+@contextmanager
+def _build_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _reuse(root: Path, key: str) -> Zoo | None:
+    """The zoo at ``root``; None when it was built with another thread count than
+    :data:`BUILD_THREADS` (a stale cache, rebuilt)."""
     zoo = Zoo.load(root)
     if zoo.manifest.get("key") == key:
+        threads = zoo.manifest.get("torch_threads", BUILD_THREADS)
+        if threads != BUILD_THREADS:
+            logger.warning("the zoo at %s was trained with %d torch threads, not %d; "
+                           "rebuilding it", root, threads, BUILD_THREADS)
+            return None
         logger.info("reusing zoo at %s", root)
         return zoo
     raise FileExistsError(

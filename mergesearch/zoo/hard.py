@@ -208,7 +208,8 @@ def build_hard_zoo(out: str | Path | None = None, *, seed: int = 0, force: bool 
 
     Like :func:`mergesearch.zoo.build_zoo`: cached by a key of config, seed and version,
     built in a temporary directory renamed into place, deterministic for a seed (same
-    machine, same thread count). ``Zoo.experts`` maps every source name to its folder.
+    machine; trained at ``BUILD_THREADS`` torch threads). ``Zoo.experts`` maps every
+    source name to its folder.
     """
     config = config or HardZooConfig()
     key = config.key(seed)

@@ -170,3 +170,32 @@ def test_mergekit_task_arithmetic_matches_uniform_merge(tiny_zoo: Zoo, tmp_path:
     for k, v in ours.items():
         torch.testing.assert_close(merged[k], v, rtol=1e-5, atol=1e-6)
     assert AutoTokenizer.from_pretrained(out)("abc")["input_ids"][0] == 1
+
+
+def test_zoos_are_trained_with_the_fixed_thread_count(tmp_path: Path) -> None:
+    """Whatever the caller's torch threads, the build runs at BUILD_THREADS (the weights
+    depend on it) and restores the caller's; a cached zoo built at another count is
+    rebuilt, not reused."""
+    seen: list[int] = []
+
+    def build(tmp: Path) -> None:
+        seen.append(torch.get_num_threads())
+        (tmp / "base").mkdir()
+        (tmp / build_mod.MANIFEST).write_text(json.dumps(
+            {"key": "k", "models": {"base": "base"}, "skills": [],
+             "torch_threads": torch.get_num_threads()}))
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_mod.build_cached(tmp_path / "z", "k", False, build)
+        assert seen == [build_mod.BUILD_THREADS] and torch.get_num_threads() == 1
+        build_mod.build_cached(tmp_path / "z", "k", False, build)  # reused
+        assert len(seen) == 1
+        manifest = json.loads((tmp_path / "z" / build_mod.MANIFEST).read_text())
+        (tmp_path / "z" / build_mod.MANIFEST).write_text(json.dumps(
+            manifest | {"torch_threads": build_mod.BUILD_THREADS + 1}))
+        build_mod.build_cached(tmp_path / "z", "k", False, build)  # stale: rebuilt
+        assert len(seen) == 2
+    finally:
+        torch.set_num_threads(before)
