@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 VOCAB = 40
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_script(relative: str, name: str, monkeypatch=None) -> ModuleType:
+    """A script of the repository (``benchmarks/strategies.py``, ...) as a module. With
+    ``monkeypatch`` it is also put in ``sys.modules`` for the test (dataclasses defined in
+    it look their module up there)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    if monkeypatch is not None:
+        monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def tiny_config(**overrides) -> LlamaConfig:

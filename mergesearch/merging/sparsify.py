@@ -213,9 +213,9 @@ def kth_smallest_magnitude(x: torch.Tensor, k: int,
     ``base`` (:func:`_scan_rows`) counts, per row, the magnitudes below and inside the
     band and keeps the largest and smallest inside; a partition (numpy's on the CPU, a sort
     elsewhere) then runs on the few magnitudes inside, from those row extremes and the few
-    rows holding more than two.  When
-    the k-th value is outside the band (the sample misled), the same pass runs again on
-    the side that holds it: the sample only ever decides the speed.  With NaN the answer
+    rows holding more than two.  When the k-th value is outside the band (the sample
+    misled), the same pass runs again on the side that holds it: the sample only ever
+    decides the speed.  With NaN the answer
     is ``torch.kthvalue``'s own (NaN counts as the largest).
     """
     n = x.numel()

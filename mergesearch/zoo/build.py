@@ -210,7 +210,7 @@ def build_cached(root: Path, key: str, force: bool, build: Callable[[Path], None
         # another process may have built it while this one waited for the lock
         if (root / MANIFEST).exists() and not force and (zoo := _reuse(root, key)):
             return zoo
-        return _build_locked(root, True if (root / MANIFEST).exists() else force, build)
+        return _build_locked(root, force, build)
 
 
 #: torch threads every zoo is trained with, whatever the caller's setting: float
@@ -253,8 +253,9 @@ def _reuse(root: Path, key: str) -> Zoo | None:
 def _build_lock(root: Path) -> Iterator[None]:
     """One builder per zoo folder across processes (benchmarks, tests and workers started
     together would otherwise each train the same zoo): an exclusive ``flock`` on a file
-    named after the folder in the system's temporary folder; the others wait, then reuse what it built. Where ``fcntl`` is
-    missing (Windows) builds are not serialised, and stay correct (atomic rename)."""
+    named after the folder in the system's temporary folder; the others wait, then reuse
+    what it built.  Where ``fcntl`` is missing (Windows) builds are not serialised, and
+    stay correct (atomic rename)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("backends_bench",
-                                                  ROOT / "benchmarks" / "backends.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/backends.py", "backends_bench")
 
 
 def _row(hf_s: float, vllm_s: float, same: bool = True) -> dict:

@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from helpers import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("estimators_bench",
-                                                  ROOT / "benchmarks" / "estimators.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/estimators.py", "estimators_bench")
 
 
 def _run(label: str, plain: str, seed: int, reached: list[tuple], final: float) -> dict:

@@ -3,7 +3,6 @@ fresh process and a SIGKILLed search resumed."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -186,10 +185,9 @@ def test_bayesian_map_refuses_many_dimensions_by_name() -> None:
 def test_the_league_runs_bayesian_map_on_the_hard_zoos_seven_sources(monkeypatch) -> None:
     """benchmarks/strategies.py raises max_dims on the hard zoo only (7 per-source weights):
     with its options there bayesian_map starts on 7 dimensions, with the preset alone not."""
-    spec = importlib.util.spec_from_file_location("league", ROOT / "benchmarks" / "strategies.py")
-    league = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "league", league)  # its dataclasses look it up there
-    spec.loader.exec_module(league)
+    from helpers import load_script
+
+    league = load_script("benchmarks/strategies.py", "league", monkeypatch)
     hard = league.options_for("bayesian_map", "hard")
     assert hard == league.PRESETS["bayesian_map"] | {"max_dims": 7}
     assert league.options_for("bayesian_map", "zoo") == league.PRESETS["bayesian_map"]
