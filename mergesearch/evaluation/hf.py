@@ -4,11 +4,15 @@ Everything that does not depend on the weights (reading the suite, rendering and
 tokenising every item, padding, stop-string tables) happens once, in the constructor;
 :meth:`HFEvaluator.evaluate` only runs the model: length-sorted batches under
 ``no_grad``, one teacher-forced pass per row, and greedy generation only for tasks
-whose objectives need ``exact_match``.
+whose objectives need ``exact_match``. Generation is pooled across tasks: the tasks of an
+evaluation with the same generation settings (stop strings, ``max_gen_toks``, the rest of
+``generation_kwargs``) share one set of length-sorted batches, because a ``generate``
+call costs its decoding steps almost whatever its batch size on a small model.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -69,6 +73,11 @@ class HFEvaluator:
     ``metrics`` names extra metrics to compute on every task that can (in practice
     ``exact_match``: generation runs only for tasks that an objective or this asks it for).
     """
+
+    #: Generate for all tasks of an evaluation that share their generation settings in one
+    #: set of batches (the default); False: one set per task. Greedy texts are the same
+    #: either way (tests/evaluation/test_generation_pools.py); pooling only saves calls.
+    pool_generation: bool = True
 
     def __init__(self, config: EvaluatorConfig, tokenizer: PreTrainedTokenizerBase, *,
                  base_dir: str | Path | None = None, metrics: Collection[str] = ()) -> None:
@@ -277,10 +286,18 @@ class HFEvaluator:
                 "source models in evaluator.estimator.sources, or call calibrate()")
         out = Evaluation(values={}, scores={}, correct={}, n_items={})
         with self._scoring(model) as device:
+            generate: dict[str, list[int]] = {}  # task -> items to generate for
             for name, task in self._data.items():
                 items = self._estimator_items(name) if estimate else None
-                self._score_task(model, name, task, self._batches(
-                    name, task, fidelity, seed, device, items), out)
+                batches = self._batches(name, task, fidelity, seed, device, items)
+                if self._score_task(model, name, task, batches, out):
+                    generate[name] = batches.idx
+            texts: dict[str, list[str]] = {}
+            for pool in self._generation_pools(model, list(generate)):
+                jobs = [(self._data[name], generate[name]) for name in pool]
+                texts |= dict(zip(pool, self._generate_texts(model, jobs), strict=True))
+            for name, idx in generate.items():  # in task order, as the scores are
+                self._score_generated(name, self._data[name], idx, texts[name], out)
         if estimate:
             self._estimate(out)
         for obj in self._objectives:
@@ -291,8 +308,9 @@ class HFEvaluator:
     @contextmanager
     def _scoring(self, model: nn.Module) -> Iterator[torch.device]:
         """While the tasks are scored: ``model`` in eval mode, no gradients; its device.
-        (With :meth:`_teacher_forced` and :meth:`_generate_texts`, what another backend
-        that scores the same rows replaces.)"""
+        (With :meth:`_teacher_forced`, :meth:`_generate_texts` and
+        :meth:`_generation_pools`, what another backend that scores the same rows
+        replaces.)"""
         was_training = model.training
         model.eval()
         try:
@@ -344,7 +362,10 @@ class HFEvaluator:
         return task.batches[key]
 
     def _score_task(self, model: nn.Module, name: str, task: _Task, batches: _Batches,
-                    out: Evaluation) -> None:
+                    out: Evaluation) -> bool:
+        """The teacher-forced metrics of ``batches``' items into ``out``; whether the task
+        still needs generations (:meth:`_score_generated`): it generates and its logits
+        were finite."""
         idx = batches.idx
         stats = self._teacher_forced(model, task, batches)
         n_target, n_hit = stats.n_target.tolist(), stats.n_hit.tolist()
@@ -359,20 +380,6 @@ class HFEvaluator:
                    "greedy_match": [float(g) for g in greedy]}
             scores = {m: _mean(v) for m, v in per.items()}
             correct = greedy
-            if name in self._generate and finite:
-                texts = self._generate_texts(model, task, idx)
-                out.outputs[name] = texts
-                matches = _exact(task.spec, texts, [task.targets[i] for i in idx])
-                correct = next(iter(matches.values()))  # the first filter pipeline's
-                scores["exact_match"] = _mean(correct)
-                per["exact_match"] = [float(c) for c in correct]
-                scores |= {f"exact_match,{p}": _mean(ok) for p, ok in matches.items() if p}
-                for metric, path in task.spec.scorers.items():
-                    per[metric] = custom_scores(
-                        self._scorers[name, metric], path, metric, name, texts,
-                        [task.targets[i] for i in idx], [task.docs[i] for i in idx],
-                        out.indices[name])
-                    scores[metric] = _mean(per[metric])
         else:
             acc, acc_norm, pos = [], [], 0
             for i in idx:
@@ -384,12 +391,32 @@ class HFEvaluator:
                 pos += k
             scores, correct = {"acc": _mean(acc), "acc_norm": _mean(acc_norm)}, acc
             per = {"acc": [float(a) for a in acc], "acc_norm": [float(a) for a in acc_norm]}
-        if not finite:  # NaN/inf logits: the scores mean nothing, and generation was skipped
+        if not finite:  # NaN/inf logits: the scores mean nothing, and generation is skipped
             scores = {m: _NAN for m in task.spec.metrics
                       if not _generated(task.spec, m) or name in self._generate}
             correct = [False] * len(idx)
             per = {m: [_NAN] * len(idx) for m in scores}
         out.scores[name], out.correct[name], out.item_scores[name] = scores, correct, per
+        return finite and name in self._generate
+
+    def _score_generated(self, name: str, task: _Task, idx: list[int], texts: list[str],
+                         out: Evaluation) -> None:
+        """Exact match (per filter pipeline) and custom scorers of the generations
+        ``texts`` of items ``idx``, added to the task's teacher-forced scores."""
+        scores, per = out.scores[name], out.item_scores[name]
+        targets = [task.targets[i] for i in idx]
+        out.outputs[name] = texts
+        matches = _exact(task.spec, texts, targets)
+        correct = next(iter(matches.values()))  # the first filter pipeline's
+        scores["exact_match"] = _mean(correct)
+        per["exact_match"] = [float(c) for c in correct]
+        scores |= {f"exact_match,{p}": _mean(ok) for p, ok in matches.items() if p}
+        for metric, path in task.spec.scorers.items():
+            per[metric] = custom_scores(self._scorers[name, metric], path, metric, name, texts,
+                                        targets, [task.docs[i] for i in idx],
+                                        out.indices[name])
+            scores[metric] = _mean(per[metric])
+        out.correct[name] = correct
 
     def _teacher_forced(self, model: nn.Module, task: _Task, batches: _Batches) -> RowStats:
         """Row statistics of the batches' items, in item order."""
@@ -404,23 +431,41 @@ class HFEvaluator:
         return RowStats(*(t[inv].cpu() for t in (stats.n_target, stats.n_hit, stats.logprob,
                                                  stats.finite)))
 
-    def _generate_texts(self, model: nn.Module, task: _Task, idx: list[int]) -> list[str]:
-        """Greedy generations for items ``idx`` (cut at the task's stop strings)."""
-        tok, spec = self.tokenizer, task.spec
-        order = sorted(idx, key=lambda i: len(task.prompts[i]))
-        texts: dict[int, str] = {}
+    def _generation_pools(self, model: nn.Module, names: list[str]) -> list[list[str]]:
+        """``names`` (tasks to generate for) grouped into pools, each generated by one
+        :meth:`_generate_texts` call: tasks with the same generation settings
+        (:func:`_generation_key`), in task order; one pool per task when
+        :attr:`pool_generation` is off."""
+        if not self.pool_generation:
+            return [[name] for name in names]
+        pools: dict[tuple, list[str]] = {}
+        for name in names:
+            pools.setdefault(_generation_key(self.tasks[name]), []).append(name)
+        return list(pools.values())
+
+    def _generate_texts(self, model: nn.Module, jobs: Sequence[tuple[_Task, list[int]]]
+                        ) -> list[list[str]]:
+        """Greedy generations for each ``(task, items)`` of one pool (the same generation
+        settings), cut at the stop strings: one set of ``batch_size`` batches of all the
+        pool's prompts, sorted by length, so the fixed cost of a ``generate`` call (its
+        decoding steps) is paid once per batch, not once per task."""
+        tok, task = self.tokenizer, jobs[0][0]
+        rows = [(t, i) for t, idx in jobs for i in idx]
+        order = sorted(range(len(rows)), key=lambda r: len(rows[r][0].prompts[rows[r][1]]))
+        texts: list[str] = [""] * len(rows)
         for start in range(0, len(order), self.config.batch_size):
             chunk = order[start: start + self.config.batch_size]
-            new = greedy_generate(model, [task.prompts[i] for i in chunk],
-                                  max_new_tokens=spec.max_gen_toks,
+            new = greedy_generate(model, [rows[r][0].prompts[rows[r][1]] for r in chunk],
+                                  max_new_tokens=task.spec.max_gen_toks,
                                   eos_token_id=tok.eos_token_id, pad_token_id=self._pad,
                                   stopping=task.stopping)
-            for i, ids in zip(chunk, new, strict=True):
-                text = tok.decode(ids, skip_special_tokens=True)
-                for stop in spec.until:
-                    text = text.split(stop)[0] if stop else text
-                texts[i] = text
-        return [texts[i] for i in idx]
+            for r, ids in zip(chunk, new, strict=True):
+                texts[r] = _cut(tok.decode(ids, skip_special_tokens=True), task.spec.until)
+        out, pos = [], 0
+        for _, idx in jobs:
+            out.append(texts[pos: pos + len(idx)])
+            pos += len(idx)
+        return out
 
 
 def _exact(spec: TaskSpec, texts: Sequence[str], targets: Sequence[str]
@@ -429,6 +474,21 @@ def _exact(spec: TaskSpec, texts: Sequence[str], targets: Sequence[str]
     filtered = [spec.filtered(t) for t in texts]
     return {pipe: [spec.matches(f[pipe], t) for f, t in zip(filtered, targets, strict=True)]
             for pipe in filtered[0]}
+
+
+def _generation_key(spec: TaskSpec) -> tuple:
+    """What generation depends on besides the prompt: the stop strings, ``max_gen_toks``
+    and the rest of the task's ``generation_kwargs``. Tasks with equal keys can share
+    batches."""
+    rest = {k: v for k, v in spec.generation_kwargs.items() if k not in ("until", "max_gen_toks")}
+    return spec.until, spec.max_gen_toks, json.dumps(rest, sort_keys=True, default=repr)
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    """``text`` up to the first of each stop string in turn."""
+    for stop in until:
+        text = text.split(stop)[0] if stop else text
+    return text
 
 
 def _generated(spec: TaskSpec, metric: str) -> bool:

@@ -7,8 +7,9 @@ whose model runs are replaced): the teacher-forced metrics (``char_accuracy``,
 ``answer_logprob``, ``greedy_match``, multiple choice ``acc`` / ``acc_norm``) read vLLM's
 prompt log-probabilities of each row (the continuation token's log-probability and its
 rank: rank 1 is the argmax), and ``exact_match``, its filters and custom scorers read
-vLLM generations. On the zoo in float32 both backends give the same per-item answers
-(tests/evaluation/test_vllm.py).
+vLLM generations: one ``generate`` call per evaluation for every generating task, each
+prompt with its own task's SamplingParams. On the zoo in float32 both backends give the
+same per-item answers (tests/evaluation/test_vllm.py).
 
 The engine is built once, when the worker starts (:meth:`VLLMEvaluator.start`), from a
 checkpoint folder of the search's architecture. Each candidate then crosses vLLM's
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ from torch import nn
 from . import vllm_compat as compat
 from .base import Evaluation, EvaluationError
 from .config import EvaluatorConfig
-from .hf import HFEvaluator, _Batches, _Task
+from .hf import HFEvaluator, _Batches, _cut, _Task
 from .scorers import RowStats
 from .vllm_config import VLLMOptions
 
@@ -236,22 +237,32 @@ class VLLMEvaluator(HFEvaluator):
         return RowStats(torch.tensor(n_target), torch.tensor(n_hit),
                         torch.tensor(logprob, dtype=torch.float32), torch.tensor(finite))
 
-    def _generate_texts(self, model: Any, task: _Task, idx: list[int]) -> list[str]:
-        """Generations for items ``idx`` (cut at eos and at the task's stop strings)."""
+    def _generation_pools(self, model: Any, names: list[str]) -> list[list[str]]:
+        """On the engine, one pool of every task: each prompt carries its task's own
+        sampling settings, so one ``generate`` call serves them all."""
+        if isinstance(model, nn.Module) or not self.pool_generation:
+            return super()._generation_pools(model, names)
+        return [names] if names else []
+
+    def _generate_texts(self, model: Any, jobs: Sequence[tuple[_Task, list[int]]]
+                        ) -> list[list[str]]:
+        """Generations for each ``(task, items)`` (cut at eos and at the task's stop
+        strings), from one engine call with each prompt's own SamplingParams."""
         if isinstance(model, nn.Module):
-            return super()._generate_texts(model, task, idx)
-        tok, spec = self.tokenizer, task.spec
-        outputs = model.llm.generate([compat.tokens_prompt(task.prompts[i]) for i in idx],
-                                     self._sampling[spec.name], use_tqdm=False)
+            return super()._generate_texts(model, jobs)
+        tok = self.tokenizer
+        prompts = [compat.tokens_prompt(task.prompts[i]) for task, idx in jobs for i in idx]
+        params = [self._sampling[task.spec.name] for task, idx in jobs for _ in idx]
+        outputs = iter(model.llm.generate(prompts, params, use_tqdm=False))
         texts = []
-        for output in outputs:
-            ids = compat.generated_ids(output)
-            if tok.eos_token_id in ids:
-                ids = ids[: ids.index(tok.eos_token_id)]
-            text = tok.decode(ids, skip_special_tokens=True)
-            for stop in spec.until:
-                text = text.split(stop)[0] if stop else text
-            texts.append(text)
+        for task, idx in jobs:
+            texts.append([])
+            for _ in idx:
+                ids = compat.generated_ids(next(outputs))
+                if tok.eos_token_id in ids:
+                    ids = ids[: ids.index(tok.eos_token_id)]
+                texts[-1].append(_cut(tok.decode(ids, skip_special_tokens=True),
+                                      task.spec.until))
         return texts
 
     def _sampling_params(self, spec: Any) -> Any:

@@ -135,6 +135,9 @@ def _write_suite(folder: Path) -> None:
           filter_list=[{"name": "head", "filter": [{"function": "regex",
                                                     "regex_pattern": "^(..)"}]}])
     write("t_srt", docs("srt"))
+    # other generation settings (a stop string, fewer tokens) in the same engine call
+    write("t_cut", docs("srt"), generation_kwargs={"until": ["<eos>", "c"], "max_gen_toks": 4,
+                                                   "do_sample": False})
     pairs = [[d["answer"], d["prompt"][4:-1]] for d in docs("rev")]  # right, unreversed
     write("t_mc", [{"prompt": d["prompt"], "choices": pair[:: 1 - 2 * (i % 2)], "gold": i % 2}
                    for i, (d, pair) in enumerate(zip(docs("rev"), pairs, strict=True))],
@@ -146,6 +149,7 @@ OBJECTIVES = [
     {"name": "chars", "metric": "char_accuracy", "tasks": ["t_rev", "t_srt"]},
     {"name": "em", "metric": "exact_match", "tasks": ["t_rev", "t_srt"]},
     {"name": "lp", "metric": "answer_logprob", "tasks": ["t_rev"]},
+    {"name": "cut", "metric": "exact_match", "tasks": ["t_cut"]},
     {"name": "mc", "metric": "acc_norm", "tasks": ["t_mc"]},
     {"name": "overlap", "metric": "overlap", "tasks": ["t_rev"]},
     {"name": "l2", "metric": "delta_l2", "source": "weights"},
@@ -218,9 +222,18 @@ def _assert_same(v, h) -> None:
 
 
 @pytest.mark.slow
-def test_two_recipes_swapped_into_one_engine_match_hf_and_swap_back_exactly(engines) -> None:
+def test_two_recipes_swapped_into_one_engine_match_hf_and_swap_back_exactly(
+        engines, monkeypatch) -> None:
     vllm_worker, hf_worker, recipes = engines
+    llm = vllm_worker.evaluator._engine.llm
+    calls, generate = [], llm.generate
+    monkeypatch.setattr(llm, "generate", lambda prompts, params, **kw: calls.append(params)
+                        or generate(prompts, params, **kw))
     first = _evaluation(vllm_worker, recipes["A"])
+    # one generation call for the three generating tasks, each prompt with its task's params
+    pooled = [p for p in calls if isinstance(p, list)]
+    assert len(pooled) == 1 and len(pooled[0]) == 3 * 24
+    assert {p.max_tokens for p in pooled[0]} == {12, 4}
     second = _evaluation(vllm_worker, recipes["B"])
     again = _evaluation(vllm_worker, recipes["A"])
     _assert_same(first, _evaluation(hf_worker, recipes["A"]))
@@ -233,6 +246,8 @@ def test_two_recipes_swapped_into_one_engine_match_hf_and_swap_back_exactly(engi
     # the suite exercises what it claims: generation, filter, scorer, multiple choice
     assert {"exact_match", "overlap", "char_accuracy"} <= set(first.item_scores["t_rev"])
     assert {"exact_match,head", "overlap"} <= set(first.scores["t_rev"])
+    assert all(len(t) <= 4 and "c" not in t for t in first.outputs["t_cut"])
+    assert any("c" in t for t in first.outputs["t_srt"])  # the stop string did cut
     assert set(first.item_scores["t_mc"]) == {"acc", "acc_norm"}
     assert 0 < first.values["em"] < 1 and 0 < second.values["chars"] < 1
 
