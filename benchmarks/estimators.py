@@ -40,6 +40,13 @@ Multi-fidelity at equal cost:
     python benchmarks/estimators.py --fidelity-run zoo-gen [--seeds 5] [--full-evals 30]
         [--out /tmp/estimators/fidelity.json] [--work /tmp/estimators] [--threads 1]
 
+* ``--time-looks zoo-gen``: the seconds of one evaluation of the base model at 4, 48, 136
+  and 400 items (1/100, 1/9, 1/3 and all of each task), the hf evaluator generating for
+  all tasks in one set of batches (pooled) and with one set per task, interleaved; medians
+  of ``--repeats``.  It also checks that both give the same generated texts.
+
+    python benchmarks/estimators.py --time-looks zoo-gen [--repeats 5] [--threads 1]
+
 Output: progress on stderr; markdown for benchmarks/RESULTS.md on stdout.
 """
 
@@ -270,6 +277,41 @@ def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path) -
     return done
 
 
+#: fidelities of the look-cost table: 1 item per task, then asha's rungs
+LOOKS = (0.01, 0.111111, 0.333333, 1.0)
+
+
+def time_looks(bed: str, repeats: int) -> str:
+    """Markdown: evaluation seconds of the base model per look size, with generation pooled
+    across tasks and per task (medians of ``repeats``, the two interleaved)."""
+    from mergesearch import controller
+    from mergesearch.experiment import Experiment
+    from mergesearch.zoo import build_zoo
+
+    exp = Experiment.load(ROOT / FIDELITY_BEDS[bed], ["output=/tmp/estimators/looks"])
+    evaluator = controller.BoundExperiment(exp, progress=False).make_executor().worker.evaluator
+    model = build_zoo().load_model("base")
+    lines = ["| items | pooled s | per task s | per task / pooled |", "|---|---|---|---|"]
+    for fidelity in LOOKS:
+        times: dict[bool, list[float]] = {True: [], False: []}
+        texts: dict[bool, dict] = {}
+        for _ in range(repeats):
+            for pooled in (True, False):
+                evaluator.pool_generation = pooled
+                t0 = time.perf_counter()
+                res = evaluator.evaluate(model, fidelity=fidelity)
+                times[pooled].append(time.perf_counter() - t0)
+                texts[pooled] = res.outputs
+        if texts[True] != texts[False]:
+            raise SystemExit(f"fidelity {fidelity}: pooled and per-task generations differ")
+        a, b = (statistics.median(times[k]) for k in (True, False))
+        items = sum(len(v) for v in texts[True].values())
+        lines.append(f"| {items} | {a:.3f} | {b:.3f} | {b / a:.2f}x |")
+        log(f"{items} items: pooled {a:.3f} s, per task {b:.3f} s")
+    evaluator.pool_generation = True
+    return "\n".join(lines)
+
+
 # -- multi-fidelity at equal cost (from league runs) ----------------------------------------
 
 
@@ -433,12 +475,23 @@ def main(argv: list[str] | None = None) -> int:
                         help="budgets of the equal-cost table, in full evaluations (default "
                         "25,50,100; with --fidelity-run a quarter, half and all of "
                         "--full-evals)")
+    parser.add_argument("--time-looks", default=None, metavar="TESTBED",
+                        help="time one evaluation of the base model per look size, "
+                        "generation pooled across tasks and per task")
+    parser.add_argument("--repeats", type=int, default=5, help="--time-looks: repeats")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.time_looks:
+        if args.time_looks not in FIDELITY_BEDS or args.repeats < 1:
+            print(f"--time-looks takes one of {', '.join(FIDELITY_BEDS)}, and --repeats >= 1",
+                  file=sys.stderr)
+            return 2
+        print(time_looks(args.time_looks, args.repeats))
+        return 0
     if args.fidelity_run:
         if args.fidelity_run not in FIDELITY_BEDS:
             print(f"unknown --fidelity-run testbed {args.fidelity_run!r}; choose from "
