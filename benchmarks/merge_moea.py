@@ -61,13 +61,18 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "merge_moea": ("mergesearch.strategies.merge_moea:MergeMOEA", {"initial": 10, "batch": 4}),
     "nsga2": ("nsga2", {"population_size": 10}),
     "random": ("random", {}),
+    # the option: the front's one-change neighbours among the infill candidates (not run
+    # by default)
+    "merge_moea_neighbours": ("mergesearch.strategies.merge_moea:MergeMOEA",
+                              {"initial": 10, "batch": 4, "neighbours": 256}),
 }
+DEFAULT_STRATEGIES = "merge_moea,nsga2,random"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--testbeds", default="zoo,hard")
-    ap.add_argument("--strategies", default=",".join(PRESETS))
+    ap.add_argument("--strategies", default=DEFAULT_STRATEGIES)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--evaluations", type=int, default=60)
     ap.add_argument("--budgets", default="20,40")

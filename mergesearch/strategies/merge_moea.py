@@ -36,7 +36,14 @@ say which surrogate, MOEA or infill rule it uses; every one of those choices her
   pending (which count with their predicted mean: a "believer" rule, so one batch
   spreads along the front).  When no candidate improves the front, the most uncertain one
   (largest summed std) is picked instead.  With one objective, hypervolume improvement is
-  the improvement of the LCB over the best loss.
+  the improvement of the LCB over the best loss.  Besides NSGA-II's population, the
+  candidates may hold the evaluated front's one-change neighbours (each discrete
+  dimension of each non-dominated point set to each of its other values, ``neighbours``
+  at most; off by default):
+  on a component space a front that gains a little per block taken from an expert is
+  extended one block at a time, which NSGA-II's population alone may not cover.  At most
+  a quarter of a round's batch (at least one) are such neighbours, so the search does
+  not turn into a one-block-at-a-time local search.
 - **Initial design**: the problem's start point (``include_init``), then ``initial - 1``
   perturbations of it at stratified rates: the k-th point re-draws each dimension with
   probability ``(k + u) / n`` (at least one), so the first points span few to many
@@ -90,6 +97,12 @@ class MergeMOEAOptions(StrategyOptions):
     """Generations of the NSGA-II run on the surrogate, per round."""
     include_init: bool = True
     """Propose the problem's start point first."""
+    neighbours: int = Field(0, ge=0)
+    """Infill candidates added to NSGA-II's: genomes one discrete change away from an
+    evaluated non-dominated point, at most this many (a seeded sample when there are
+    more; e.g. 256); 0, the default, for NSGA-II's alone.  Measured in
+    benchmarks/RESULTS.md: more points on a flat front, a lower hypervolume on the hard
+    zoo."""
 
 
 @register
@@ -253,7 +266,8 @@ class MergeMOEA(Strategy):
     def _infill(self, size: int) -> list[list[float]]:
         surrogate = self.fit()
         X, Y = np.array(self._X), surrogate.scale(np.array(self._Y))
-        candidates = self._candidates(surrogate, X, Y)
+        candidates, local = self._candidates(surrogate, X, Y)
+        local_left = max(1, size // 4)  # neighbours of the front: a quarter of a round
         if candidates:
             mu, sd = surrogate.predict(self.encode(np.array(candidates)))
         believed = list(Y)
@@ -266,12 +280,17 @@ class MergeMOEA(Strategy):
         free = list(range(len(candidates)))
         kappa = self.options.kappa
         while len(out) < size and free:
+            if local_left == 0:
+                free = [i for i in free if i < local]
+                if not free:
+                    break
             lcb = mu[free] - kappa * sd[free]
             gains = _improvements(np.array(believed), lcb, ref)
             best = int(np.argmax(gains))
             if gains[best] <= 0:  # nothing improves the front: the most uncertain
                 best = int(np.argmax(sd[free].sum(axis=1)))
             pick = free.pop(best)
+            local_left -= pick >= local
             out.append(candidates[pick])
             believed.append(mu[pick])
         while len(out) < size:  # too few new candidates: perturb the front
@@ -280,8 +299,9 @@ class MergeMOEA(Strategy):
         return out
 
     def _candidates(self, surrogate: Surrogate, X: np.ndarray,
-                    Y: np.ndarray) -> list[list[float]]:
-        """NSGA-II's final population on the surrogate's lower bounds, new genomes only."""
+                    Y: np.ndarray) -> tuple[list[list[float]], int]:
+        """NSGA-II's final population on the surrogate's lower bounds, then the front's
+        neighbours, new genomes only; and where the neighbours start."""
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.population import Population
         from pymoo.operators.crossover.ux import UniformCrossover
@@ -300,13 +320,46 @@ class MergeMOEA(Strategy):
         pop = result.pop
         F = pop.get("F")
         order = np.lexsort(F.T[::-1]) if F.ndim == 2 else np.argsort(F)
-        out, keys = [], set()
-        for i in order:
-            genome = problem.as_genome(pop[i].X)
+        out, keys, local = [], set(), 0
+        for genome in [*(problem.as_genome(pop[i].X) for i in order), None,
+                       *self._neighbours(X, Y)]:
+            if genome is None:
+                local = len(out)
+                continue
             key = tuple(genome)
             if key not in self._seen and key not in keys:
                 keys.add(key)
                 out.append(genome)
+        return out, local
+
+    def _neighbours(self, X: np.ndarray, Y: np.ndarray) -> list[list[float]]:
+        """Genomes one discrete change away from an evaluated non-dominated point, not
+        proposed before: where a front that gains a little per module changed is
+        extended (at most ``neighbours``, a seeded sample of them)."""
+        from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+
+        limit = self.options.neighbours
+        if limit == 0:
+            return []
+        front = (NonDominatedSorting().do(Y, only_non_dominated_front=True) if len(Y) > 1
+                 else np.arange(len(Y)))
+        out, keys = [], set()
+        for i in front:
+            for j, d in enumerate(self.problem.dims):
+                if not d.discrete:
+                    continue
+                for v in range(int(d.low), int(d.high) + 1):
+                    if v == int(np.rint(X[i, j])):
+                        continue
+                    genome = [float(g) for g in X[i]]
+                    genome[j] = float(v)
+                    key = tuple(genome)
+                    if key not in self._seen and key not in keys:
+                        keys.add(key)
+                        out.append(genome)
+        if len(out) > limit:
+            keep = np.sort(self._rng.choice(len(out), size=limit, replace=False))
+            out = [out[k] for k in keep]
         return out
 
     def _first_population(self, X: np.ndarray, Y: np.ndarray) -> list[list[float]]:

@@ -108,6 +108,53 @@ def test_hypervolume_beats_random_at_equal_budget() -> None:
     assert min(sizes) >= 3  # a Pareto set trading score against storage
 
 
+def test_infill_candidates_hold_the_fronts_one_change_neighbours() -> None:
+    s = MergeMOEA(TOY, {"neighbours": 1000}, seed=0)
+    merged, one, worse = [4.0] * BLOCKS, [0.0] + [4.0] * 7, [1.0] + [4.0] * 7
+    X = np.array([merged, one, worse])
+    Y = np.array([TOY.losses(toy(g)) for g in X])  # worse is dominated by merged
+    s._seen = {tuple(g) for g in X}
+    got = s._neighbours(X, Y)
+    expected = set()
+    for g in (merged, one):
+        for j in range(BLOCKS):
+            for v in range(len(CHOICES)):
+                if v != g[j]:
+                    expected.add(tuple(g[:j] + [float(v)] + g[j + 1:]))
+    expected -= s._seen
+    assert len(got) == len(set(map(tuple, got))) == len(expected)
+    assert set(map(tuple, got)) == expected
+    capped = MergeMOEA(TOY, {"neighbours": 5}, seed=0)
+    capped._seen = set(s._seen)
+    few = capped._neighbours(X, Y)
+    assert len(few) == 5 and set(map(tuple, few)) <= expected
+    assert MergeMOEA(TOY, {"neighbours": 0})._neighbours(X, Y) == []
+
+
+def test_a_round_takes_at_most_a_quarter_of_its_batch_from_the_neighbours() -> None:
+    s = create_strategy("merge_moea", TOY, {"initial": 6, "batch": 8, "generations": 3,
+                                            "pop_size": 8, "neighbours": 256}, seed=1)
+    _asked(s, 16)  # two whole rounds: the next ask runs a surrogate round
+    local, fresh = set(), set()
+    candidates_of, fresh_of = s._candidates, s._fresh
+
+    def only_neighbours(*args):  # every infill candidate is a neighbour of the front
+        candidates, start = candidates_of(*args)
+        local.update(map(tuple, candidates[start:]))
+        return candidates[start:], 0
+
+    def recorded(*args):
+        genome = fresh_of(*args)
+        fresh.add(tuple(genome))
+        return genome
+
+    s._candidates, s._fresh = only_neighbours, recorded
+    batch = [tuple(c.genome) for c in s.ask(8)]
+    assert len(local) > 8
+    picked = [g for g in batch if g not in fresh]
+    assert len(picked) == 2 and set(picked) <= local  # 8 // 4; the rest perturbations
+
+
 def test_never_proposes_a_genome_twice() -> None:
     s = create_strategy("merge_moea", TOY, {"initial": 6, "generations": 5}, seed=2)
     seen = [tuple(c) for c in [x.genome for x in _asked(s, 30)]]
