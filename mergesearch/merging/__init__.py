@@ -16,10 +16,12 @@ from mergesearch.merging import (  # noqa: F401
 from mergesearch.merging.base import (
     MergeMethod,
     Param,
+    all_finite,
     compute_dtype,
     get_method,
     methods,
     register,
 )
 
-__all__ = ["MergeMethod", "Param", "compute_dtype", "get_method", "methods", "register"]
+__all__ = ["MergeMethod", "Param", "all_finite", "compute_dtype", "get_method", "methods",
+           "register"]

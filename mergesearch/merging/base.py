@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 MergeFn = Callable[..., torch.Tensor]
 """``fn(base, models, *, seed, **params) -> merged``.
@@ -20,7 +21,11 @@ scalars, both already resolved for this tensor.  ``seed`` (an int derived from
 the recipe seed and the tensor name) drives any randomness.  A method with
 ``context=True`` also gets ``context=``, a
 :class:`~mergesearch.merging.context.TensorContext` answering cached per-source
-statistics (norms, means, Gram matrices ...) of the tensor being merged.
+statistics (norms, means, Gram matrices ...) of the tensor being merged.  A method
+with ``writes_out=True`` also takes ``out=``: a tensor of the merged shape and compute
+dtype, sharing no memory with the inputs, that the result may be written into (the
+returned tensor is the result; it is ``out``'s memory only where the method could write
+there).
 """
 
 PrepareFn = Callable[[Iterable[tuple[torch.Tensor | None, list[torch.Tensor]]]], dict[str, Any]]
@@ -80,6 +85,7 @@ class MergeMethod:
     context: bool = False  # fn takes ``context=`` (per-source statistics, cached)
     doc: str = ""
     mergekit: bool = True  # mergekit 0.1.5 has a method of this name and meaning
+    writes_out: bool = False  # fn takes ``out=`` (see MergeFn): no copy into the destination
     # Checks across parameters, run on every value a model's settings can take:
     # check({param: [values...]}, where) raises ValueError naming ``where``.
     check: Callable[[dict[str, list], str], None] | None = None
@@ -128,3 +134,27 @@ def compile_enabled() -> bool:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Merges run in float32, or float64 when the inputs already are."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_nonfinite = WeakTensorKeyDictionary()  # merged tensor -> its count of NaN and inf entries
+
+
+def note_nonfinite(merged: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Record ``count``, the NaN and inf entries of ``merged`` (a 0-dim tensor computed in
+    the pass that wrote it), for :func:`all_finite`; returns ``merged``."""
+    _nonfinite[merged] = count
+    return merged
+
+
+def all_finite(merged: torch.Tensor) -> bool:
+    """Whether ``merged`` holds no NaN or inf.
+
+    A tensor straight from a compiled merge pass answers from the count that pass made
+    (:func:`note_nonfinite`): nothing is read again.  Any other tensor is checked by the
+    finiteness of its sum (NaN and inf survive a sum; a sum can also overflow, so huge
+    finite values fail the check too).
+    """
+    count = _nonfinite.pop(merged, None)
+    if count is not None:
+        return not bool(count)
+    return bool(torch.isfinite(merged.sum()))

@@ -17,13 +17,14 @@ def linear(
     weight: Sequence[float],
     normalize: bool = True,
     seed: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sum_i w_i theta_i``, divided by ``sum_i w_i`` when ``normalize``.
 
     Bit for bit mergekit's linear merge; large tensors take one compiled pass
-    (:func:`~mergesearch.merging.task_arithmetic.weighted_sum`).
+    (:func:`~mergesearch.merging.task_arithmetic.weighted_sum`), into ``out`` when given.
     """
-    return weighted_sum(models, weight, normalize)
+    return weighted_sum(models, weight, normalize, out)
 
 
 LINEAR = register(
@@ -35,6 +36,7 @@ LINEAR = register(
             Param("normalize", True, kind=bool, doc="divide by the sum of weights"),
         ),
         needs_base=False,
+        writes_out=True,
         doc="weighted average of the models",
     )
 )

@@ -155,6 +155,17 @@ def _scan_rows(x: torch.Tensor, base: torch.Tensor | None, lo: torch.Tensor, hi:
             torch.where(inside, a, math.inf).amin(dim=-1))
 
 
+def _scan_rows_multi(xs: list[torch.Tensor], base: torch.Tensor, lo: torch.Tensor,
+                     hi: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """:func:`_scan_rows` of several models against one base in one pass (model ``i``'s
+    band is ``[lo[i], hi[i]]``): the base is read once, not once per model.  Returns the
+    four row tensors of each model in turn."""
+    out = []
+    for i, x in enumerate(xs):
+        out.extend(_scan_rows(x, base, lo[i], hi[i]))
+    return tuple(out)
+
+
 _kernels: dict[str, object] = {}
 
 
@@ -218,31 +229,71 @@ def kth_smallest_magnitude(x: torch.Tensor, k: int,
     decides the speed.  With NaN the answer
     is ``torch.kthvalue``'s own (NaN counts as the largest).
     """
-    n = x.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be in [1, {n}], got {k}")
-    flat = x.reshape(-1)
-    bflat = None if base is None else base.reshape(-1)
-    if n < SELECT_MIN_NUMEL:
+    return kth_smallest_magnitudes([x], [k], base)[0]
+
+
+def kth_smallest_magnitudes(xs: list[torch.Tensor], ks: list[int],
+                            base: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """:func:`kth_smallest_magnitude` of each ``xs[i]`` (all shaped as ``base``) for
+    ``ks[i]``, the same values; with a base, the first counting pass of every model is one
+    pass (:func:`_scan_rows_multi`), which reads the base once instead of once per model."""
+    if len(xs) != len(ks):
+        raise ValueError(f"{len(xs)} tensors but {len(ks)} ranks")
+    for x, k in zip(xs, ks, strict=True):
+        if not 1 <= k <= x.numel():
+            raise ValueError(f"k must be in [1, {x.numel()}], got {k}")
+    if base is None or len(xs) == 1:  # nothing shared to read once
+        return [_kth_from(x.reshape(-1), k, None if base is None else base.reshape(-1), x)
+                for x, k in zip(xs, ks, strict=True)]
+    bflat = base.reshape(-1)
+    flats = [x.reshape(-1) for x in xs]
+    if bflat.numel() < SELECT_MIN_NUMEL:
+        return [torch.kthvalue(_magnitudes(f, bflat), k).values
+                for f, k in zip(flats, ks, strict=True)]
+    bands = [_place_band(f, bflat, k) for f, k in zip(flats, ks, strict=True)]
+    firsts = _bands(flats, bflat, bands, xs[0])
+    return [_kth_in_band(f, bflat, k, band, first, x)
+            for f, k, band, first, x in zip(flats, ks, bands, firsts, xs, strict=True)]
+
+
+def _kth_from(flat: torch.Tensor, k: int, bflat: torch.Tensor | None,
+              like: torch.Tensor) -> torch.Tensor:
+    if flat.numel() < SELECT_MIN_NUMEL:
         return torch.kthvalue(_magnitudes(flat, bflat), k).values
+    band = _place_band(flat, bflat, k)
+    return _kth_in_band(flat, bflat, k, band, _band(flat, bflat, *band, like), like)
+
+
+def _place_band(flat: torch.Tensor, bflat: torch.Tensor | None, k: int) -> tuple[float, float]:
+    """A band ``[lo, hi]`` of magnitudes likely to hold the k-th, from a strided sample."""
+    n = flat.numel()
     step = max(1, n // min(_SAMPLE, 16 * math.isqrt(n)))  # sorting costs less than it saves
     sample = _magnitudes(flat[::step], None if bflat is None else bflat[::step])
     m = sample.numel()
     j = (k - 0.5) * m / n  # the k-th value's expected place in the sample
     margin = _MARGIN * math.sqrt(max(j * (m - j) / m, 1.0)) + 2
     lo_at, hi_at = math.floor(j - margin), math.ceil(j + margin)
-    inf = math.inf
     places = [p for p in (lo_at, hi_at) if 0 <= p < m]
     stats = _order_statistics(sample, places).tolist() if places else []
-    lo = stats.pop(0) if 0 <= lo_at < m else -inf
-    hi = stats.pop(0) if 0 <= hi_at < m else inf
-    below, inside = _band(flat, bflat, lo, hi, x)
+    lo = stats.pop(0) if 0 <= lo_at < m else -math.inf
+    hi = stats.pop(0) if 0 <= hi_at < m else math.inf
+    return lo, hi
+
+
+def _kth_in_band(flat: torch.Tensor, bflat: torch.Tensor | None, k: int,
+                 band: tuple[float, float], first: tuple[int, torch.Tensor],
+                 like: torch.Tensor) -> torch.Tensor:
+    """The k-th magnitude, given the count below ``band`` and the magnitudes inside it
+    (``first``); scans again on the side that holds it when the band missed."""
+    inf = math.inf
+    lo, hi = band
+    below, inside = first
     if k <= below:  # below the band: [-inf, just under lo]
-        _, inside = _band(flat, bflat, -inf, _next_below(lo, x.dtype), x)
+        _, inside = _band(flat, bflat, -inf, _next_below(lo, like.dtype), like)
         below = 0
     elif k > below + inside.numel():  # above it: [just over hi, inf]
         below += inside.numel()
-        under, inside = _band(flat, bflat, _next_above(hi, x.dtype), inf, x)
+        under, inside = _band(flat, bflat, _next_above(hi, like.dtype), inf, like)
         if under != below or k > below + inside.numel():  # NaN counted nowhere
             return torch.kthvalue(_magnitudes(flat, bflat), k).values
     # the band holds no NaN: a partition (several times faster than kthvalue on the CPU)
@@ -275,18 +326,65 @@ def _band(flat: torch.Tensor, bflat: torch.Tensor | None, lo: float, hi: float,
         xr = flat[:rows].view(-1, _ROW)
         br = None if bflat is None else bflat[:rows].view(-1, _ROW)
         scan = partial(_run, "scan", _scan_rows) if _compiled_ok(like) else _scan_rows
-        under, count, top, bottom = scan(xr, br, lo_t, hi_t)
+        below, parts = _rows_inside(xr, br, lo_t, hi_t, *scan(xr, br, lo_t, hi_t))
+    return _tail(flat, bflat, rows, lo_t, hi_t, below, parts)
+
+
+def _bands(flats: list[torch.Tensor], bflat: torch.Tensor, bands: list[tuple[float, float]],
+           like: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """:func:`_band` of each model for its own band, the rows of all counted in one pass."""
+    n = bflat.numel()
+    bounds = torch.tensor(bands, dtype=bflat.dtype, device=bflat.device)  # (models, 2)
+    rows = n // _ROW * _ROW
+    xrs = [f[:rows].view(-1, _ROW) for f in flats]
+    br = bflat[:rows].view(-1, _ROW)
+    scan = (partial(_run, "scan_multi", _scan_rows_multi) if _compiled_ok(like)
+            else _scan_rows_multi)
+    scanned = scan(xrs, br, bounds[:, 0], bounds[:, 1]) if rows else ()
+    out = []
+    for i, f in enumerate(flats):
+        lo_t, hi_t = bounds[i, 0], bounds[i, 1]
+        below, parts = 0, []
+        if rows:
+            below, parts = _rows_inside(xrs[i], br, lo_t, hi_t, *scanned[4 * i: 4 * i + 4])
+        out.append(_tail(f, bflat, rows, lo_t, hi_t, below, parts))
+    return out
+
+
+def _rows_inside(xr: torch.Tensor, br: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor,
+                 under: torch.Tensor, count: torch.Tensor, top: torch.Tensor,
+                 bottom: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """From a scan's rows: the count below the band and the magnitudes inside it (a row
+    with one inside hands over its largest, with two its largest and smallest; rows with
+    more are read again).  The row bookkeeping runs in numpy on the CPU (faster masks)."""
+    if count.device.type == "cpu":
+        import numpy as np
+
+        c = count.numpy()
+        below = int(under.numpy().sum(dtype=np.float64))
+        def where(mask):
+            return torch.from_numpy(np.flatnonzero(mask))
+
+        parts = [top.index_select(0, where((c == 1) | (c == 2))),
+                 bottom.index_select(0, where(c == 2))]
+        many = where(c > 2)
+    else:
         below = int(under.sum(dtype=torch.float64))
-        parts.append(top[(count == 1) | (count == 2)])  # one inside is the largest there,
-        parts.append(bottom[count == 2])  # two are the largest and the smallest
+        parts = [top[(count == 1) | (count == 2)], bottom[count == 2]]
         many = (count > 2).nonzero().view(-1)
-        if many.numel():
-            parts.append(_inside(xr.index_select(0, many),
-                                 None if br is None else br.index_select(0, many), lo_t, hi_t))
-    if rows < n:
+    if many.numel():
+        parts.append(_inside(xr.index_select(0, many),
+                             None if br is None else br.index_select(0, many), lo, hi))
+    return below, parts
+
+
+def _tail(flat: torch.Tensor, bflat: torch.Tensor | None, rows: int, lo: torch.Tensor,
+          hi: torch.Tensor, below: int, parts: list[torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """Add the entries past the last whole row to a band's count and magnitudes."""
+    if rows < flat.numel():
         a = _magnitudes(flat[rows:], None if bflat is None else bflat[rows:])
-        below += int((a < lo_t).sum())
-        parts.append(a[(a >= lo_t) & (a <= hi_t)])
+        below += int((a < lo).sum())
+        parts.append(a[(a >= lo) & (a <= hi)])
     return below, torch.cat(parts)
 
 
@@ -317,6 +415,20 @@ def magnitude_band(mag: torch.Tensor, density: float,
         return math.inf, math.inf
     k = max(1, int(density * n))
     return float(kth_smallest_magnitude(mag, n - k + 1, base)), math.inf
+
+
+def magnitude_bands(models: list[torch.Tensor], densities: list[float],
+                    base: torch.Tensor) -> list[tuple[float, float]]:
+    """:func:`magnitude_band` of each model against one base, the cut-offs found together
+    (:func:`kth_smallest_magnitudes`: the base read once per counting pass)."""
+    bands = [magnitude_band(m, d, base) if d >= 1 or d <= 0 or m.numel() == 0 else None
+             for m, d in zip(models, densities, strict=True)]
+    todo = [i for i, b in enumerate(bands) if b is None]
+    ks = [models[i].numel() - max(1, int(densities[i] * models[i].numel())) + 1 for i in todo]
+    for i, v in zip(todo, kth_smallest_magnitudes([models[i] for i in todo], ks, base),
+                    strict=True):
+        bands[i] = (float(v), math.inf)
+    return bands
 
 
 def outlier_band(mag: torch.Tensor, density: float, gamma: float,

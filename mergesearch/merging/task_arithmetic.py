@@ -7,11 +7,14 @@ weight it, optionally keep only entries that agree with an elected sign
 the same in both tools.
 
 Speed: magnitude cut-offs are found first (:mod:`.sparsify`: exact, by counting in one
-compiled pass over each model and the base, nothing sorted but a sample); then one
+compiled pass over every model and the base, nothing sorted but a sample); then one
 elementwise *core* does everything else.  On large tensors the core runs
 through ``torch.compile``, which fuses it into one pass over memory instead of
 a dozen (see benchmarks/RESULTS.md); on the CPU it writes into recycled buffers
-(:class:`OutputBuffers`), so no fresh memory is faulted in per merged tensor.
+(:class:`OutputBuffers`), so no fresh memory is faulted in per merged tensor, or straight
+into the destination the caller names (``out=``: the resident model's parameter, so the
+merge is the only write); the same pass counts the NaN and inf results, so the merger's
+finiteness check (:func:`~mergesearch.merging.base.all_finite`) reads nothing again.
 DARE's and DELLA's random masks come from a counter-based hash of (seed, entry index)
 (:func:`.sparsify.uniform_bits`), so they are the same eager or compiled, on any device;
 the core hashes in int32 arithmetic (:func:`.sparsify.signed_bits`: the same bits, twice
@@ -34,7 +37,13 @@ from functools import partial
 import torch
 
 from mergesearch.merging import sparsify
-from mergesearch.merging.base import MergeMethod, Param, compile_enabled, register
+from mergesearch.merging.base import (
+    MergeMethod,
+    Param,
+    compile_enabled,
+    note_nonfinite,
+    register,
+)
 from mergesearch.merging.sparsify import as_int32, signed_bits
 
 log = logging.getLogger(__name__)
@@ -59,7 +68,8 @@ def _core(
     normalize: bool,
     bits: list[torch.Tensor] | None = None,
     out: torch.Tensor | None = None,
-) -> torch.Tensor:
+    check: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparsify, weight, elect, sum, normalise, scale and add: elementwise only.
 
     ``mode``: ``"none"`` (inputs are models), ``"band"`` (keep lo <= |tau| <= hi),
@@ -68,7 +78,8 @@ def _core(
     ``keep_below[i]``, times ``scale``), ``"bits"`` (the same with those int32 bits
     precomputed, ``bits[i]``),
     ``"deltas"`` (inputs are already sparsified task vectors).  ``out``: written with the
-    result and returned (compiled, the one pass stores straight into it).
+    result and returned (compiled, the one pass stores straight into it).  ``check``: also
+    return the number of non-finite results (:func:`_finish`).
     """
     index = None
     if mode == "random":  # entry indices modulo 2**32, as int32 (the hash reads 32 bits)
@@ -102,10 +113,18 @@ def _core(
         divisor = torch.where(divisor.abs() < 1e-8, 1.0, divisor)
     if normalize:
         mixed = mixed / divisor
-    merged = base + mixed * lambda_
-    if out is None:
-        return merged
-    return out.copy_(merged)
+    return _finish(base + mixed * lambda_, out, check)
+
+
+def _finish(merged: torch.Tensor, out: torch.Tensor | None, check: bool
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``merged`` (copied into ``out`` when given), with its count of NaN and inf entries
+    when ``check``: compiled, a reduction in the same pass as the store, so the merger's
+    finiteness check (:func:`~mergesearch.merging.base.all_finite`) reads nothing again."""
+    result = merged if out is None else out.copy_(merged)
+    if not check:
+        return result
+    return result, torch.where(torch.isfinite(merged), 0.0, 1.0).sum()
 
 
 _compiled = None
@@ -127,16 +146,20 @@ def _compiled_core():
     return _compiled or None
 
 
-def run_core(base: torch.Tensor, inputs: list[torch.Tensor], **kwargs) -> torch.Tensor:
+def run_core(base: torch.Tensor, inputs: list[torch.Tensor], out: torch.Tensor | None = None,
+             **kwargs) -> torch.Tensor:
     """The core, compiled for large tensors; eager on small ones or if compiling fails.
 
-    Compiled on the CPU, the result goes into a recycled buffer (:class:`OutputBuffers`)
-    when one is free: no fresh memory to fault in per merged tensor.
+    Compiled, the result goes into ``out`` when given (see :class:`MergeMethod`'s
+    ``writes_out``), else on the CPU into a recycled buffer (:class:`OutputBuffers`) when
+    one is free: no fresh memory to fault in per merged tensor.  The compiled pass also
+    counts the non-finite results (:func:`~mergesearch.merging.base.note_nonfinite`).
     """
     global _compiled
     if base.numel() >= FUSE_MIN_NUMEL and (fn := _compiled_core()) is not None:
         try:
-            return fn(base, inputs, out=output_buffers().take(base), **kwargs)
+            into = out if out is not None else output_buffers().take(base)
+            return note_nonfinite(*fn(base, inputs, out=into, check=True, **kwargs))
         except Exception as err:  # no C++ compiler, unsupported backend, ...
             log.warning("torch.compile failed (%s); merging eagerly from now on", err)
             _compiled = False
@@ -160,7 +183,8 @@ def eager_weighted_sum(models: Sequence[torch.Tensor], weight: Sequence[float],
 
 
 def _fused_sum(models: list[torch.Tensor], weight: torch.Tensor, divisor: torch.Tensor,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, check: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`eager_weighted_sum` as one pass, for ``torch.compile`` only.
 
     Each step is inductor's fused multiply-add (``prims.fma``: one rounding), so the
@@ -173,18 +197,17 @@ def _fused_sum(models: list[torch.Tensor], weight: torch.Tensor, divisor: torch.
                                                   device=models[0].device))
     for i in range(1, len(models)):
         total = fma(models[i], weight[i], total)
-    total = total / divisor
-    return total if out is None else out.copy_(total)
+    return _finish(total / divisor, out, check)
 
 
 _compiled_sum = None
 
 
 def weighted_sum(models: Sequence[torch.Tensor], weight: Sequence[float],
-                 normalize: bool) -> torch.Tensor:
+                 normalize: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """The linear merge ``sum_i w_i theta_i`` (divided by ``sum_i w_i`` when ``normalize``),
-    bit for bit :func:`eager_weighted_sum`; on large tensors one compiled pass into a
-    recycled buffer, like the core."""
+    bit for bit :func:`eager_weighted_sum`; on large tensors one compiled pass into ``out``
+    or a recycled buffer, counting non-finite results, like the core."""
     global _compiled_sum
     first = models[0]
     # half types would be summed in float32 when compiled: they keep the in-place adds
@@ -200,8 +223,9 @@ def weighted_sum(models: Sequence[torch.Tensor], weight: Sequence[float],
                 w = torch.tensor(list(weight), dtype=first.dtype, device=first.device)
                 divisor = torch.tensor(float(sum(weight)) if normalize else 1.0,
                                        dtype=first.dtype, device=first.device)
-                return _compiled_sum(list(models), w, divisor,
-                                     out=output_buffers().take(first))
+                into = out if out is not None else output_buffers().take(first)
+                return note_nonfinite(*_compiled_sum(list(models), w, divisor, out=into,
+                                                     check=True))
         except Exception as err:  # no C++ compiler, unsupported backend, ...
             log.warning("torch.compile failed (%s); summing eagerly from now on", err)
             _compiled_sum = False
@@ -332,6 +356,7 @@ def _merge(
     epsilon: Sequence[float] | None = None,
     rescale: bool = False,
     seed: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     n = len(models)
     lo, hi = [0.0] * n, [math.inf] * n
@@ -339,10 +364,11 @@ def _merge(
     mode, inputs = "none", list(models)
     if sparsifier in ("magnitude", "outliers"):
         mode = "band"
-        for i, model in enumerate(models):  # cut-offs of |model - base|, never written out
-            if sparsifier == "magnitude":
-                lo[i], hi[i] = sparsify.magnitude_band(model, density[i], base)
-            else:
+        if sparsifier == "magnitude":  # cut-offs of |model - base|, never written out
+            bands = sparsify.magnitude_bands(list(models), density, base)
+            lo, hi = [band[0] for band in bands], [band[1] for band in bands]
+        else:
+            for i, model in enumerate(models):
                 lo[i], hi[i] = sparsify.outlier_band(model, density[i], gamma[i], base)
     elif sparsifier == "random":
         mode = "random"
@@ -371,7 +397,7 @@ def _merge(
     return run_core(
         base, inputs, weight=vec(weight), lo=vec(lo), hi=vec(hi),
         keep_below=vec(keep_below, small), scale=vec(scale), seeds=vec(seeds, small),
-        lambda_=vec(lambda_), mode=mode, consensus=consensus, normalize=normalize,
+        lambda_=vec(lambda_), mode=mode, consensus=consensus, normalize=normalize, out=out,
         **({"bits": bits} if mode == "bits" else {}))
 
 
@@ -414,6 +440,7 @@ def _method(name: str, doc: str, sparsifier: str | None, consensus: bool,
             task_vectors=True,
             stochastic=sparsifier in ("random", "magprune"),
             check=_check_della if sparsifier == "magprune" else None,
+            writes_out=True,
             doc=doc,
         )
     )

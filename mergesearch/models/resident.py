@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
-from mergesearch.merging import compute_dtype, get_method
+from mergesearch.merging import all_finite, compute_dtype, get_method
 from mergesearch.merging.context import LoraFactors, MergeContext, TensorContext
 from mergesearch.merging.layers import (
     Source,
@@ -413,7 +413,7 @@ class ResidentMerger:
             return model
         model = self._resident(plan)
         sink = ModuleSink(model) if also is None else Tee(ModuleSink(model), also)
-        drain(self.stream(recipe, progress=progress), sink)
+        drain(self._merged(recipe, plan, progress, into=model), sink)
         self._set_input_scales(model, recipe)
         return model
 
@@ -435,9 +435,16 @@ class ResidentMerger:
             return iter(self._run_path(recipe).to_state_dict().items())
         return self._merged(recipe, plan, progress)
 
-    def _merged(self, recipe: Recipe, plan: _Plan, progress: bool
-                ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _merged(self, recipe: Recipe, plan: _Plan, progress: bool,
+                into: nn.Module | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """The merged tensors; a method that can (``writes_out``) writes them straight into
+        ``into``'s parameters of the compute dtype, so the sink has nothing to copy."""
         method = get_method(recipe.method)
+        targets = {}
+        if into is not None and method.writes_out and recipe.lines is None:
+            targets = {name: t.detach() for name, t in
+                       (dict(into.named_parameters()) | dict(into.named_buffers())).items()
+                       if t.dtype == compute_dtype(t.dtype) and t.is_contiguous()}
         num_layers = plan.config.num_hidden_layers
         with torch.no_grad():
             extra = method.prepare(self._groups(plan)) if method.prepare else {}
@@ -445,7 +452,8 @@ class ResidentMerger:
         if progress:
             items = tqdm(items, desc=f"merging ({recipe.method})", unit="tensor")
         for name, sources in items:
-            yield name, self._merge_tensor(recipe, method, plan, name, sources, num_layers, extra)
+            yield name, self._merge_tensor(recipe, method, plan, name, sources, num_layers, extra,
+                                           targets.get(name))
 
     def checkpoint_config(self, recipe: Recipe) -> PretrainedConfig:
         """A copy of the HF config of ``recipe``'s merged model (a layer path's depth)."""
@@ -478,7 +486,7 @@ class ResidentMerger:
         return model
 
     @torch.no_grad()
-    def _merge_tensor(self, recipe, method, plan, name, sources, num_layers, extra):
+    def _merge_tensor(self, recipe, method, plan, name, sources, num_layers, extra, out=None):
         base_src = plan.base[name]
         base = self._load(base_src, plan, name) if base_src else None
         models = [self._load(src, plan, name, base) for src in sources]
@@ -493,11 +501,13 @@ class ResidentMerger:
                 kwargs[p.arg] = [recipe.resolve(p.name, name, t, i) for i in range(len(models))]
             else:
                 kwargs[p.arg] = recipe.resolve(p.name, name, t)
+        if out is not None and out.shape == models[0].shape and out.dtype == models[0].dtype:
+            kwargs["out"] = out  # the resident parameter itself: no copy in the sink
         merged = method.fn(base, models, seed=_seed(recipe.seed, name), **kwargs)
         if recipe.lines is not None:
             scale = lines_scale(name, num_layers, recipe.lines.alpha, recipe.lines.beta)
             merged = base + scale * (merged - base)
-        if not torch.isfinite(merged.sum()):  # NaN and inf survive a sum
+        if not all_finite(merged):
             raise RecipeError(f"merging {name!r} produced NaN or inf values; check the weights")
         return merged
 

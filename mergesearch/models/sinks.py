@@ -66,11 +66,18 @@ class ModuleSink:
         except KeyError:
             raise KeyError(f"{type(self.module).__name__} has no parameter or buffer "
                            f"{name!r}") from None
-        with torch.no_grad():
-            target.copy_(tensor)
+        if not _same_memory(tensor, target):  # merged straight into it: nothing to copy
+            with torch.no_grad():
+                target.copy_(tensor)
 
     def close(self) -> nn.Module:
         return self.module
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same entries of the same memory."""
+    return (a.data_ptr() == b.data_ptr() and a.device == b.device and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride())
 
 
 class SafetensorsSink:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergesearch.merging import get_method, sparsify, task_arithmetic
+from mergesearch.merging import all_finite, get_method, sparsify, task_arithmetic
+from mergesearch.merging import base as base_module
 
 pytestmark = pytest.mark.slow  # one torch.compile per graph, ~20 s each on 2 cores
 
@@ -51,13 +52,48 @@ def test_compiled_select_matches_eager_and_kthvalue(dtype, monkeypatch):
     for x in cases:
         for k in ks:
             compiled[x.data_ptr(), k] = sparsify.kth_smallest_magnitude(x, k, base)
-    monkeypatch.setattr(sparsify, "_kernels", {"scan": sparsify._scan_rows})  # eager
+    together = sparsify.kth_smallest_magnitudes(cases, ks[:3], base)  # one compiled pass
+    monkeypatch.setattr(sparsify, "_kernels", {"scan": sparsify._scan_rows,
+                                               "scan_multi": sparsify._scan_rows_multi})
     for x in cases:
         want_all = (x - base).abs()
         for k in ks:
             eager = sparsify.kth_smallest_magnitude(x, k, base)
             want = torch.kthvalue(want_all, k).values
             assert compiled[x.data_ptr(), k] == eager == want
+    assert together == sparsify.kth_smallest_magnitudes(cases, ks[:3], base)
+    assert together == [compiled[x.data_ptr(), k] for x, k in zip(cases, ks[:3], strict=True)]
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "dare_ties"])
+def test_compiled_merges_write_into_out_and_count_nonfinite_entries(name):
+    """With ``out=`` the one compiled pass stores the merge there (the same bits as without);
+    the same pass counts NaN and inf, which all_finite reads instead of the tensor."""
+    method = get_method(name)
+    assert method.writes_out
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(task_arithmetic.FUSE_MIN_NUMEL // 64, 128, generator=gen)
+    models = [base + 0.1 * torch.randn(base.shape, generator=gen) for _ in range(3)]
+    params = {"weight": [0.5, 0.3, 0.2]}
+    params |= {p.arg: p.default for p in method.params if not p.per_model}
+    if name in ("ties", "dare_ties"):
+        params["density"] = [0.5, 0.7, 1.0]
+    b = None if name == "linear" else base
+    plain = method.fn(b, models, seed=4, **params)
+    assert plain in base_module._nonfinite  # counted by the compiled pass
+    out = torch.full_like(base, float("nan"))
+    into = method.fn(b, models, seed=4, out=out, **params)
+    assert into.data_ptr() == out.data_ptr() and torch.equal(into, plain)
+    assert all_finite(plain) and all_finite(into)
+    assert into not in base_module._nonfinite  # a count is read once
+    # (a NaN loses TIES's sign election, as in the eager core: only infinities survive it)
+    for bad in [float("inf"), -float("inf")] + [float("nan")] * (name in ("linear",
+                                                                        "task_arithmetic")):
+        broken = [m.clone() for m in models]
+        broken[2][5, 7] = bad  # density 1 for the third model: the entry survives
+        merged = method.fn(b, broken, seed=4, out=out, **params)
+        assert merged in base_module._nonfinite and not all_finite(merged)
+    assert all_finite(torch.ones(3)) and not all_finite(torch.tensor([1.0, float("nan")]))
 
 
 def test_merged_tensors_in_recycled_buffers_stay_intact_while_held(monkeypatch):

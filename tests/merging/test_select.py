@@ -20,7 +20,8 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 @pytest.fixture(autouse=True)
 def eager_kernels(monkeypatch):
-    monkeypatch.setattr(sparsify, "_kernels", {"scan": sparsify._scan_rows})
+    monkeypatch.setattr(sparsify, "_kernels", {"scan": sparsify._scan_rows,
+                                               "scan_multi": sparsify._scan_rows_multi})
 
 
 def expected(x, k, base=None):
@@ -129,6 +130,34 @@ def test_bands_equal_the_sort_based_cut_offs(density):
     # without a base the argument holds the magnitudes themselves (as before)
     mag = (x - base).abs()
     assert sparsify.magnitude_band(mag, density) == sparsify.magnitude_band(x, density, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [33, (1 << 16) + 77])
+def test_several_models_against_one_base_select_as_one_each(dtype, n, monkeypatch):
+    """kth_smallest_magnitudes (one counting pass over every model) gives each model's own
+    kthvalue: different ranks, a model equal to the base, one whose sample sees nothing."""
+    if n < sparsify.SELECT_MIN_NUMEL:
+        monkeypatch.setattr(sparsify, "SELECT_MIN_NUMEL", 1)  # no kthvalue shortcut
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(n, generator=gen)
+    blind = base + torch.randn(n, generator=gen)
+    step = max(1, n // min(sparsify._SAMPLE, 16 * int(n**0.5)))
+    blind[::step] = base[::step]  # the sample sees only zeros: the first band misses
+    models = [base + 0.1 * torch.randn(n, generator=gen), base.clone(), blind,
+              base + torch.randint(-3, 4, (n,), generator=gen) * 0.25]
+    base, models = base.to(dtype), [m.to(dtype) for m in models]
+    for ks in ([1, n, n // 2, n - 2], [n // 3, 2, n - n // 10, n // 2 + 1]):
+        got = sparsify.kth_smallest_magnitudes(models, ks, base)
+        for x, k, g in zip(models, ks, got, strict=True):
+            same(g, expected(x, k, base), k)
+    with pytest.raises(ValueError):
+        sparsify.kth_smallest_magnitudes(models, [1, 2], base)
+    with pytest.raises(ValueError):
+        sparsify.kth_smallest_magnitudes(models, [1, 2, 3, n + 1], base)
+    densities = [0.3, 1.0, 0.0, 0.5]
+    assert sparsify.magnitude_bands(models, densities, base) == [
+        sparsify.magnitude_band(x, d, base) for x, d in zip(models, densities, strict=True)]
 
 
 def test_output_buffers_never_hand_out_memory_in_use():

@@ -29,7 +29,7 @@ from mergesearch.merging.context import MergeContext
 from mergesearch.models.resident import ResidentMerger, merge
 from mergesearch.models.sinks import ModuleSink, ReducerSink, SafetensorsSink, Tee, drain
 from mergesearch.objectives import DeltaReducer, extra_objective_values, weight_sink
-from mergesearch.recipe import Recipe, uniform_recipe
+from mergesearch.recipe import Recipe, RecipeError, uniform_recipe
 from mergesearch.trial import Candidate
 
 WEIGHTS = [ObjectiveConfig(name=m, source="weights", metric=m)
@@ -383,3 +383,27 @@ def test_merge_context_caches_registered_statistics():
     assert fetched == [("m", "w"), ("m", "w")]  # once per statistic
     with pytest.raises(KeyError, match="unknown statistic 'gram'.*mean, norm"):
         ctx.stat("gram", "m", "w")
+
+
+@pytest.mark.slow  # torch.compile of the fused merges
+def test_fused_merges_are_written_straight_into_the_resident_parameters(tiny, monkeypatch):
+    """Where the method can (``writes_out``), apply merges into the parameters themselves:
+    the sink copies nothing, the model equals the stream's tensors, NaN still fails."""
+    from mergesearch.merging import task_arithmetic
+    from mergesearch.models import sinks
+
+    monkeypatch.setattr(task_arithmetic, "FUSE_MIN_NUMEL", 1)  # every tensor compiled
+    same = []
+    real = sinks._same_memory
+    monkeypatch.setattr(sinks, "_same_memory", lambda a, b: same.append(real(a, b)) or same[-1])
+    merger = ResidentMerger()
+    cases = recipes(tiny)
+    for case in ("linear", "ties", "dare_ties", "tied", "task_arithmetic_lines"):
+        same.clear()
+        held = {n: p.detach().clone() for n, p in merger.apply(cases[case]).named_parameters()}
+        assert same and all(same) == (case != "task_arithmetic_lines"), case  # LiNeS: copied
+        for name, tensor in merger.stream(cases[case]):
+            assert torch.equal(tensor, held[name]), (case, name)
+    huge = uniform_recipe("linear", None, tiny.sources, weight=3e38)  # sums overflow
+    with pytest.raises(RecipeError, match="produced NaN or inf"):
+        merger.apply(huge)
