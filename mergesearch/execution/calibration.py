@@ -226,12 +226,14 @@ class CalibratingWorker(Worker):
 
     Each source runs on the calibration items of its own tasks (those named after it,
     :func:`source_tasks`: RegMean's per-task Grams), every task's when none is.
-    Subclass to change the calibration set: ``items_per_task`` (class attribute), or
+    Subclass to change the calibration set: ``items_per_task`` and ``own_tasks`` (class
+    attributes; :class:`EveryTaskCalibratingWorker` runs every source on every task), or
     :meth:`calibration_batches` for models the hf evaluator does not score.
     """
 
     items_per_task: ClassVar[int] = 32
     batch_size: ClassVar[int] = 32
+    own_tasks: ClassVar[bool] = True  # False: every source on every task's items
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
@@ -246,7 +248,9 @@ class CalibratingWorker(Worker):
 
     def calibration_batches(self, source: str) -> tuple[list[Batch], int]:
         """The calibration batches of ``source`` and how many items they hold."""
-        tasks = source_tasks(source, list(getattr(self.evaluator, "tasks", None) or ()))
+        tasks = list(getattr(self.evaluator, "tasks", None) or ())
+        if self.own_tasks:
+            tasks = source_tasks(source, tasks)
         texts = calibration_texts(self.evaluator, self.items_per_task, tasks=tasks)
         return (tokenised_batches(self.tokenizer, texts, self.batch_size, self.merger.device),
                 len(texts))
@@ -261,3 +265,11 @@ class CalibratingWorker(Worker):
             result.cost += store.cost - cost0
             result.timings["calibrate"] = store.seconds - secs0
         return result
+
+
+class EveryTaskCalibratingWorker(CalibratingWorker):
+    """A :class:`CalibratingWorker` whose sources all run on every task's calibration items
+    (the objective's skills), not only on the tasks named after them: each source's Gram
+    then counts its outputs wherever the merged model is scored."""
+
+    own_tasks: ClassVar[bool] = False

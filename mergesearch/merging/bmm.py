@@ -31,7 +31,8 @@ in separate directions and ``lambda`` 0 the fit is then task arithmetic with tho
 weights; by default a weight only sets a source's say, so its size hardly matters in the
 fit), ``gram_norm`` scales each source's Gram to mean eigenvalue 1 before its
 weight (a source with a large task vector, data-free, or large activations no longer
-dominates the fit), and ``skip_unchanged`` leaves a source out of the fit of a tensor it
+dominates the fit), ``alpha`` < 1 shrinks the Grams' off-diagonal entries as RegMean
+does, and ``skip_unchanged`` leaves a source out of the fit of a tensor it
 left as the base's (an expert trained on some layers only: its activation Gram would
 pull the other sources' changes there back toward the base; data-free Grams are zero
 there already).
@@ -104,6 +105,12 @@ def relative_lambda(grams: Sequence[torch.Tensor], lam: float) -> float:
     return lam * trace / grams[0].shape[0]
 
 
+def shrink(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RegMean's shrink: the Gram's off-diagonal entries times ``alpha``
+    (``alpha G + (1 - alpha) diag(G)``)."""
+    return alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))
+
+
 def calibrated(context: TensorContext | None) -> bool:
     """Whether the context answers activation Grams (a calibrating worker's merge)."""
     return context is not None and context.provides(INPUT_GRAM)
@@ -145,8 +152,8 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
               weight: Sequence[float] | None = None, density: Sequence[float] | None = None,
               normalize: bool = False, lambda_log2: float = 0.0,
               weighted_targets: bool = False, gram_norm: bool = False,
-              skip_unchanged: bool = False, context: TensorContext | None = None,
-              seed: int = 0) -> torch.Tensor:
+              skip_unchanged: bool = False, alpha: float = 1.0,
+              context: TensorContext | None = None, seed: int = 0) -> torch.Tensor:
     """BMM's inner merge of one tensor (see the module docstring).  Without activation
     Grams (a plain function call, or a merge on a worker that does not calibrate: logged
     once) data-free ones are used."""
@@ -167,6 +174,8 @@ def bmm_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, lambda_: fl
     merged = anchor
     if grams is not None:  # each source's outputs count by its (non-negative) weight
         grams = [g.to(base.device, base.dtype) for g in grams]
+        if alpha != 1.0:  # RegMean's shrink of the off-diagonal entries
+            grams = [shrink(g, alpha) for g in grams]
         if gram_norm:  # every source's Gram to mean eigenvalue 1: its say is its weight
             grams = [g / t if (t := float(torch.diagonal(g).mean())) > 0 else g
                      for g in grams]
@@ -198,7 +207,7 @@ def regmean_merge(base: torch.Tensor, models: Sequence[torch.Tensor], *, alpha: 
                                   lambda_=1.0, seed=seed)
     grams = [g.to(base.device, base.dtype) for g in grams]
     if alpha != 1.0:
-        grams = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+        grams = [shrink(g, alpha) for g in grams]
     return ridge_solve(models, grams, None, 0.0)
 
 
@@ -227,9 +236,13 @@ BMM = register(
             Param("skip_unchanged", False, kind=bool,
                   doc="fit: a source whose tensor equals the base's has no say in that "
                       "tensor (activation Grams would pull it toward the base there)"),
+            Param("alpha", 1.0, low=0.0, high=1.0,
+                  doc="fit: scale of the Grams' off-diagonal entries (RegMean's shrink; "
+                      "1: none)"),
             Param("gram_norm", False, kind=bool,
                   doc="fit: each source's Gram scaled to mean eigenvalue 1 before its "
-                      "weight (its say no longer grows with its task vector or activations)"),
+                      "weight (its say no longer grows with its task vector, activations "
+                      "or calibration tokens)"),
         ),
         task_vectors=True,
         context=True,

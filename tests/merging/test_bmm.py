@@ -133,6 +133,28 @@ def test_log_lambda_weighted_targets_and_normalised_grams_against_the_stacked_so
                                rtol=1e-9, atol=1e-9)
 
 
+def test_alpha_shrinks_the_off_diagonal_grams_in_the_fit():
+    base, ws, xs = problem(4)
+    ctx = Grams({(f"s{i}", "w"): x.T @ x for i, x in enumerate(xs)})
+    weight = [0.9, 0.2, 0.5]
+    anchor = base + sum(w_ * (m - base) for w_, m in zip(weight, ws, strict=True))
+    got = bmm_merge(base, ws, lambda_=0.4, weight=weight, alpha=0.3, context=ctx.tensor("w"))
+    # the normal equations written out, with each Gram's off-diagonal entries times 0.3
+    gs = []
+    for w_, x in zip(weight, xs, strict=True):
+        g = x.T @ x
+        off = g - torch.diag(torch.diagonal(g))
+        gs.append(w_ * (g - 0.7 * off))
+    lam = 0.4 * float(sum(torch.trace(g) for g in gs)) / base.shape[1]
+    lhs = sum(gs) + lam * torch.eye(base.shape[1], dtype=torch.float64)
+    rhs = sum(m @ g for m, g in zip(ws, gs, strict=True)) + lam * anchor
+    torch.testing.assert_close(got, torch.linalg.solve(lhs, rhs.T).T, rtol=1e-9, atol=1e-9)
+    # alpha 0: only the diagonals count, so each output column fits on its own
+    diag = bmm_merge(base, ws, lambda_=0.0, weight=weight, alpha=0.0, context=ctx.tensor("w"))
+    d = [w_ * (x * x).sum(0) for w_, x in zip(weight, xs, strict=True)]
+    torch.testing.assert_close(diag, sum(m * e for m, e in zip(ws, d, strict=True)) / sum(d))
+
+
 def test_data_free_grams_are_the_task_vectors_own():
     base, ws, _ = problem(2, out=6)
     taus = [w - base for w in ws]
