@@ -17,7 +17,11 @@ strategy, budget and seed overridden per run):
   changed only half of the layers);
 * ``bmm_data_free_lambda1``: data-free Grams with ``lambda_log2`` fixed at 0 (lambda 1
   mean eigenvalue): the task-arithmetic arm's dimensions exactly (the fit in place of
-  nothing), no ridge strength to search.
+  nothing), no ridge strength to search;
+* ``bmm_activations_skip_norm``: activation Grams with ``skip_unchanged`` and
+  ``gram_norm`` (every source's Gram to mean eigenvalue 1, so its say in the fit is its
+  weight, not the size of its activations); ``*_fit``: the same with ``lambda_log2``
+  fixed at -4 (near the pure fit), the task-arithmetic arm's dimensions.
 
 The BMM arms (but ``*_lambda1``) search a log-scale ridge strength (``lambda_log2`` in [-4, 8]) and
 ``scale`` over the task-arithmetic arm's lambda range ([0.5, 3]), at the same positions
@@ -37,7 +41,9 @@ the script runs again.  Prints one markdown table per testbed for benchmarks/RES
 ``--point SEED`` runs no search: it scores BMM's closed form with each of ``--variants``
 (:data:`VARIANTS`) at the best point of the task-arithmetic run of that seed (same
 weights, its lambdas as BMM's scale), with per-skill scores: whether the fit itself adds
-anything where task arithmetic is best.
+anything where task arithmetic is best.  Variants may take their Grams from another
+calibration set (:data:`GRAM_SETS`) and scale the point's lambdas (``... scale xT``:
+the activation fit averages where task arithmetic adds, so it wants a larger scale).
 """
 
 from __future__ import annotations
@@ -56,14 +62,16 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 
 def log_space(bed: str, activations: bool, skip_unchanged: bool = False,
-              fixed_lambda: bool = False) -> str:
+              fixed_lambda: float | None = None, gram_norm: bool = False) -> str:
     """BMM's space with a log-scale ridge strength (``lambda_log2`` in [-4, 8]: lambda from
     1/16, near the pure fit, to 256, near the anchor) and ``scale`` over the range the
     task-arithmetic arm searches its lambda in ([0.5, 3]): at large lambda the space holds
     that arm's whole space.  Zoo: per 2 layers x module kind, weights fixed at 0.5; hard: a
     weight per source, lambda and scale per module kind.  ``skip_unchanged``: the fit leaves
-    out a source that did not change a tensor; ``fixed_lambda``: ``lambda_log2`` fixed at 0
-    (lambda 1 mean eigenvalue), so the space has the task-arithmetic arm's dimensions."""
+    out a source that did not change a tensor; ``gram_norm``: every source's Gram to mean
+    eigenvalue 1; ``fixed_lambda``: ``lambda_log2`` fixed at this value (0: lambda 1 mean
+    eigenvalue; -4: near the pure fit), so the space has the task-arithmetic arm's
+    dimensions."""
     where = "{groups: 2, modules: [self_attn, mlp]}" if bed == "zoo" else \
         "{modules: [self_attn, mlp]}"
     fixed = [f"activations: {str(activations).lower()}", "normalize: false"]
@@ -71,12 +79,14 @@ def log_space(bed: str, activations: bool, skip_unchanged: bool = False,
         fixed.append("weight: 0.5")
     if skip_unchanged:
         fixed.append("skip_unchanged: true")
+    if gram_norm:
+        fixed.append("gram_norm: true")
     params = []
     if bed != "zoo":
         params.append("weight: {per: source, granularity: global, bounds: [0.0, 1.0], "
                       "init: 0.5}")
-    if fixed_lambda:
-        fixed.append("lambda_log2: 0.0")
+    if fixed_lambda is not None:
+        fixed.append(f"lambda_log2: {float(fixed_lambda)}")
     else:
         params.append(f"lambda_log2: {{per: shared, granularity: {where}, "
                       "bounds: [-4.0, 8.0], init: 0.0}")
@@ -92,7 +102,11 @@ ARMS = {
         "bmm_activations": (log_space("zoo", True),),
         "bmm_data_free": (log_space("zoo", False),),
         "bmm_activations_skip": (log_space("zoo", True, skip_unchanged=True),),
-        "bmm_data_free_lambda1": (log_space("zoo", False, fixed_lambda=True),),
+        "bmm_data_free_lambda1": (log_space("zoo", False, fixed_lambda=0.0),),
+        "bmm_activations_skip_norm": (log_space("zoo", True, skip_unchanged=True,
+                                                gram_norm=True),),
+        "bmm_activations_skip_norm_fit": (log_space("zoo", True, skip_unchanged=True,
+                                                    gram_norm=True, fixed_lambda=-4.0),),
         # the first version's spaces: lambda in [0, 4] (linear), scale in [0.5, 2]
         "bmm_activations_linear": ("space=search_spaces/bmm.yaml",),
         "bmm_data_free_linear": ("space=search_spaces/bmm_data_free.yaml",),
@@ -102,7 +116,11 @@ ARMS = {
         "bmm_activations": (log_space("hard", True),),
         "bmm_data_free": (log_space("hard", False),),
         "bmm_activations_skip": (log_space("hard", True, skip_unchanged=True),),
-        "bmm_data_free_lambda1": (log_space("hard", False, fixed_lambda=True),),
+        "bmm_data_free_lambda1": (log_space("hard", False, fixed_lambda=0.0),),
+        "bmm_activations_skip_norm": (log_space("hard", True, skip_unchanged=True,
+                                                gram_norm=True),),
+        "bmm_activations_skip_norm_fit": (log_space("hard", True, skip_unchanged=True,
+                                                    gram_norm=True, fixed_lambda=-4.0),),
         "bmm_activations_linear": ("space=search_spaces/bmm_weights.yaml",),
         "bmm_data_free_linear": ("space=search_spaces/bmm_weights_data_free.yaml",),
     },
@@ -149,6 +167,17 @@ def uniform(bed: str, work: Path) -> float:
     return bound.evaluate(Recipe.from_dict(recipe)).values["mean"]
 
 
+#: Where a variant's activation Grams come from (``VARIANTS[...]["grams"]``): each source
+#: on its own tasks' items (``own``, the CalibratingWorker's), on every task's items
+#: (``every_task``, EveryTaskCalibratingWorker's), and two that match the merged model's
+#: data flow, on each source's own items: ``in_merge``, the source's changed tensors with
+#: the rest of the model the task-arithmetic point's merge (a source changed in the upper
+#: layers only sees the merged lower layers' outputs, as it will in the merge), and
+#: ``anchor``, the point's merge itself (RegMean++-like: every module's inputs are the
+#: merged model's).
+GRAM_SETS = ("own", "every_task", "in_merge", "anchor")
+
+
 VARIANTS = {
     # name: BMM options merged into the task-arithmetic arm's best recipe (its weights, its
     # lambdas as BMM's scale); lambda_log2 in [-4, 8] reaches from near the pure fit to
@@ -175,23 +204,98 @@ VARIANTS = {
                         *({"filter": f"layers.{i}.self_attn", "value": up} for i in (2, 3)),
                         {"value": 8}]}
        for g in ("data_free", "activations skip") for lo, up in ((-4, 8), (8, -4), (0, 8))},
+    # RegMean's off-diagonal shrink inside the fit
+    **{f"activations skip alpha={a} l2={k}": {"activations": True, "skip_unchanged": True,
+                                              "alpha": a, "lambda_log2": k}
+       for a, k in ((0.9, 0), (0.5, 0), (0.1, 0), (0.5, -4))},
+    # every source's Gram to mean eigenvalue 1 (its say is its weight)
+    **{f"activations skip gram_norm l2={k}": {"activations": True, "skip_unchanged": True,
+                                              "gram_norm": True, "lambda_log2": k}
+       for k in (-4, 0, 4)},
+    # Grams from other calibration sets (GRAM_SETS)
+    **{f"activations skip {g} l2={k}": {"activations": True, "skip_unchanged": True,
+                                        "grams": g, "lambda_log2": k}
+       for g in GRAM_SETS[1:] for k in (-4, 0, 4)},
+    # a TIES anchor (density 0.5; at l2=8 TIES itself)
+    **{f"activations skip ties l2={k}": {"activations": True, "skip_unchanged": True,
+                                         "ties": True, "density": 0.5, "lambda_log2": k}
+       for k in (0, 4, 8)},
+    # the anchor alone: task arithmetic at the point, as BMM (for its scale multiples)
+    "anchor only": {"activations": False, "lambda_log2": 30},
 }
+#: The point's scale times these (``VARIANTS[...]["scale_times"]``): where the sources' input
+#: directions overlap the fit averages their task vectors where task arithmetic adds them,
+#: so at task arithmetic's scale the fit takes a smaller step; the search tunes the scale.
+SCALE_TIMES = (1.25, 1.5, 1.75, 2.0)
+VARIANTS |= {f"{name} scale x{t}": VARIANTS[name] | {"scale_times": t}
+             for name in ("anchor only", "data_free l2=0", "activations skip l2=-4",
+                          "activations skip l2=0", "activations skip l2=4",
+                          "activations skip gram_norm l2=-4", "activations skip anchor l2=-4",
+                          "activations skip in_merge l2=-4", "activations skip ties l2=0")
+             for t in SCALE_TIMES}
 
 
 def as_bmm(recipe: dict, options: dict) -> dict:
-    """A task-arithmetic recipe as BMM's: the same weights, its lambda as BMM's scale."""
+    """A task-arithmetic recipe as BMM's: the same weights, its lambda as BMM's scale
+    (times ``options["scale_times"]`` where given: the activation fit averages the task
+    vectors in a direction where task arithmetic adds them)."""
+    times = options.get("scale_times", 1.0)
+    bmm = {k: v for k, v in options.items() if k not in ("grams", "scale_times")}
     params = dict(recipe["parameters"])
-    params["scale"] = params.pop("lambda", 1.0)
-    return recipe | {"method": "bmm", "parameters": params | {"lambda": 1.0} | options}
+    lam = params.pop("lambda", 1.0)
+    params["scale"] = [dict(e, value=e["value"] * times) for e in lam] \
+        if isinstance(lam, list) else lam * times
+    return recipe | {"method": "bmm", "parameters": params | {"lambda": 1.0} | bmm}
+
+
+def gram_sets(worker, recipe, names: set[str]) -> dict[str, dict]:
+    """The Gram sets ``names`` (but ``own``, the store's) for the sources of ``recipe``,
+    collected on ``worker`` (a CalibratingWorker) with the point's merge as anchor."""
+    import copy
+
+    import torch
+
+    from mergesearch.execution.calibration import (
+        calibration_texts,
+        input_grams,
+        source_module,
+        tokenised_batches,
+    )
+
+    out: dict[str, dict] = {}
+    refs = [m.model for m in recipe.models]
+    anchor = copy.deepcopy(worker.merger.apply(recipe)) if names & {"in_merge", "anchor"} \
+        else None
+    pool = worker.merger.pool
+    for name in names - {"own"}:
+        out[name] = {}
+        for ref in refs:
+            if name == "every_task":
+                texts = calibration_texts(worker.evaluator, worker.items_per_task)
+                batches = tokenised_batches(worker.tokenizer, texts, worker.batch_size,
+                                            worker.merger.device)
+                out[name][ref] = input_grams(source_module(worker, ref), batches)[0]
+                continue
+            model = anchor
+            if name == "in_merge":  # the source's own tensors where it changed the base's
+                model = copy.deepcopy(anchor)
+                with torch.no_grad():
+                    for pname, param in model.named_parameters():
+                        mine = pool.fetch(ref, pname).to(param)
+                        if not torch.equal(mine, pool.fetch(recipe.base, pname).to(param)):
+                            param.copy_(mine)
+            out[name][ref] = input_grams(model, worker.calibration_batches(ref)[0])[0]
+    return out
 
 
 def at_point(bed: str, seed: int, evaluations: int, work: Path, data: dict,
              variants: list[str]) -> list[tuple[str, Result]]:
     """Score BMM's closed form at the task-arithmetic arm's best point (its run at this
     seed and budget, from ``data``), one worker for every variant (activation Grams are
-    collected once)."""
+    collected once per Gram set)."""
     from mergesearch import controller
     from mergesearch.execution import make_worker
+    from mergesearch.merging.bmm import INPUT_GRAM
     from mergesearch.recipe import Recipe
     from mergesearch.trial import Candidate
 
@@ -204,10 +308,18 @@ def at_point(bed: str, seed: int, evaluations: int, work: Path, data: dict,
     bound = controller.BoundExperiment(experiment(bed, "task_arithmetic", seed, 1, work),
                                        progress=False)
     worker = make_worker(bound.worker_spec)
+    point = Recipe.from_dict(run["recipe"])
     out = [("task_arithmetic (its best point)", worker.evaluate(
-        Candidate(id=0, genome=[], recipe=Recipe.from_dict(run["recipe"]))))]
+        Candidate(id=0, genome=[], recipe=point)))]
+    sets = gram_sets(worker, point, {VARIANTS[v].get("grams", "own") for v in variants})
+    context = worker.merger.context
     for i, name in enumerate(variants, 1):
-        recipe = Recipe.from_dict(as_bmm(run["recipe"], VARIANTS[name]))
+        options = VARIANTS[name]
+        recipe = Recipe.from_dict(as_bmm(run["recipe"], options))
+        grams = sets.get(options.get("grams", "own"))
+        # providing anew drops the context's cached Grams
+        context.provide(INPUT_GRAM, worker.calibration.gram if grams is None else
+                        lambda source, tensor, g=grams: g[source].get(tensor))
         out.append((name, worker.evaluate(Candidate(id=i, genome=[], recipe=recipe))))
         print(f"{name}: {out[-1][1].values}", file=sys.stderr, flush=True)
     return out
