@@ -96,34 +96,33 @@ def log_space(bed: str, activations: bool, skip_unchanged: bool = False,
             f"parameters: {{{', '.join(params)}}}}}")
 
 
+#: the BMM arms of :func:`log_space`, the same on every testbed: arm -> its options
+LOG_ARMS = {
+    "bmm_activations": {"activations": True},
+    "bmm_data_free": {"activations": False},
+    "bmm_activations_skip": {"activations": True, "skip_unchanged": True},
+    "bmm_data_free_lambda1": {"activations": False, "fixed_lambda": 0.0},
+    "bmm_activations_skip_norm": {"activations": True, "skip_unchanged": True,
+                                  "gram_norm": True},
+    "bmm_activations_skip_norm_fit": {"activations": True, "skip_unchanged": True,
+                                      "gram_norm": True, "fixed_lambda": -4.0},
+}
+
+
+def _arms(bed: str, baseline: str, activations_linear: str, data_free_linear: str
+          ) -> dict[str, tuple[str, ...]]:
+    """A testbed's arms: its task-arithmetic baseline space, the :data:`LOG_ARMS`, and
+    the first version's spaces (lambda in [0, 4] linear, scale in [0.5, 2])."""
+    return {"task_arithmetic": (f"space=search_spaces/{baseline}",),
+            **{arm: (log_space(bed, **opts),) for arm, opts in LOG_ARMS.items()},
+            "bmm_activations_linear": (f"space=search_spaces/{activations_linear}",),
+            "bmm_data_free_linear": (f"space=search_spaces/{data_free_linear}",)}
+
+
 ARMS = {
-    "zoo": {
-        "task_arithmetic": ("space=search_spaces/bmm_task_arithmetic.yaml",),
-        "bmm_activations": (log_space("zoo", True),),
-        "bmm_data_free": (log_space("zoo", False),),
-        "bmm_activations_skip": (log_space("zoo", True, skip_unchanged=True),),
-        "bmm_data_free_lambda1": (log_space("zoo", False, fixed_lambda=0.0),),
-        "bmm_activations_skip_norm": (log_space("zoo", True, skip_unchanged=True,
-                                                gram_norm=True),),
-        "bmm_activations_skip_norm_fit": (log_space("zoo", True, skip_unchanged=True,
-                                                    gram_norm=True, fixed_lambda=-4.0),),
-        # the first version's spaces: lambda in [0, 4] (linear), scale in [0.5, 2]
-        "bmm_activations_linear": ("space=search_spaces/bmm.yaml",),
-        "bmm_data_free_linear": ("space=search_spaces/bmm_data_free.yaml",),
-    },
-    "hard": {
-        "task_arithmetic": ("space=search_spaces/bmm_task_arithmetic_weights.yaml",),
-        "bmm_activations": (log_space("hard", True),),
-        "bmm_data_free": (log_space("hard", False),),
-        "bmm_activations_skip": (log_space("hard", True, skip_unchanged=True),),
-        "bmm_data_free_lambda1": (log_space("hard", False, fixed_lambda=0.0),),
-        "bmm_activations_skip_norm": (log_space("hard", True, skip_unchanged=True,
-                                                gram_norm=True),),
-        "bmm_activations_skip_norm_fit": (log_space("hard", True, skip_unchanged=True,
-                                                    gram_norm=True, fixed_lambda=-4.0),),
-        "bmm_activations_linear": ("space=search_spaces/bmm_weights.yaml",),
-        "bmm_data_free_linear": ("space=search_spaces/bmm_weights_data_free.yaml",),
-    },
+    "zoo": _arms("zoo", "bmm_task_arithmetic.yaml", "bmm.yaml", "bmm_data_free.yaml"),
+    "hard": _arms("hard", "bmm_task_arithmetic_weights.yaml", "bmm_weights.yaml",
+                  "bmm_weights_data_free.yaml"),
 }
 DEFAULT_ARMS = "task_arithmetic,bmm_activations,bmm_data_free"
 FILES = {"zoo": "experiments/zoo/bmm.yaml", "hard": "experiments/hard/bmm.yaml"}

@@ -320,16 +320,17 @@ class MergeMOEA(Strategy):
         pop = result.pop
         F = pop.get("F")
         order = np.lexsort(F.T[::-1]) if F.ndim == 2 else np.argsort(F)
-        out, keys, local = [], set(), 0
-        for genome in [*(problem.as_genome(pop[i].X) for i in order), None,
-                       *self._neighbours(X, Y)]:
-            if genome is None:
-                local = len(out)
-                continue
-            key = tuple(genome)
-            if key not in self._seen and key not in keys:
-                keys.add(key)
-                out.append(genome)
+        out, keys = [], set()
+
+        def add(genomes):
+            for genome in genomes:
+                if (key := tuple(genome)) not in self._seen and key not in keys:
+                    keys.add(key)
+                    out.append(genome)
+
+        add(problem.as_genome(pop[i].X) for i in order)
+        local = len(out)
+        add(self._neighbours(X, Y))
         return out, local
 
     def _neighbours(self, X: np.ndarray, Y: np.ndarray) -> list[list[float]]:
