@@ -177,7 +177,7 @@ def _loaded_recipe(ref: str, loader: str) -> LoadedCheckpoint:
 
 def check_finite(ref: str, name: str, x: torch.Tensor) -> None:
     """Raise ModelLoadError naming the model and the tensor if ``x`` has NaN or inf."""
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
         raise ModelLoadError(f"model {ref!r} has non-finite values in {name!r} ({nan} NaN, "
                              f"{inf} inf): fix or drop this model")

@@ -96,6 +96,24 @@ def test_compiled_merges_write_into_out_and_count_nonfinite_entries(name):
     assert all_finite(torch.ones(3)) and not all_finite(torch.tensor([1.0, float("nan")]))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_is_exact_when_the_sum_overflows(dtype):
+    """A tensor no compiled pass counted is settled by its sum when that is finite; a sum
+    that overflows (huge finite entries) is not taken as NaN or inf: every entry is read."""
+    big = torch.finfo(dtype).max / 2
+    huge = torch.full((1000,), big, dtype=dtype)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    # float16's sum is taken in float32 and does not overflow; the others' does
+    assert bool(torch.isfinite(huge.sum(dtype=wide))) == (dtype == torch.float16)
+    assert all_finite(huge) and all_finite(-huge)
+    assert all_finite(torch.randn(64, 64).to(dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for x in (huge.clone(), torch.randn(64, 64).to(dtype)):
+            x.view(-1)[17] = bad
+            assert not all_finite(x), (dtype, bad)
+    assert all_finite(torch.arange(10))  # integers are finite
+
 def test_merged_tensors_in_recycled_buffers_stay_intact_while_held(monkeypatch):
     """The compiled core writes into recycled CPU buffers only when nothing holds them."""
     monkeypatch.setattr(task_arithmetic, "_output_buffers", task_arithmetic.OutputBuffers(1 << 24))
