@@ -7,8 +7,12 @@ perturbed sources, saved as safetensors), then times, on one device:
   the three sources for ``linear``, which has no base) and the output once at the
   device's measured copy bandwidth (``Tensor.copy_`` of a large buffer);
 * mergesearch's in-memory merge into the resident model (warm, best of N);
-* mergesearch merge + checkpoint write, and mergekit 0.1.5's ``run_merge`` of
-  the same YAML (both write a checkpoint: the like-for-like comparison).
+* mergesearch merge + checkpoint write (the resident model saved), mergesearch's export
+  from disk to disk (``save_merged``: the sources read from their checkpoints, the merge
+  streamed into safetensors shards, as ``mergesearch export`` does), and mergekit 0.1.5's
+  ``run_merge`` of the same YAML, which also reads the sources and writes a checkpoint:
+  the export is the like-for-like comparison, the in-memory merge what each candidate
+  of a search costs (mergekit-evolve runs ``run_merge`` per candidate).
 
     python benchmarks/merge_throughput.py [--device cuda] [--dtype bfloat16]
         [--hidden 768 --layers 8] [--methods ties,dare_ties,linear,task_arithmetic]
@@ -30,7 +34,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from mergesearch.export import save_checkpoint
+from mergesearch.export import save_checkpoint, save_merged
 from mergesearch.mergekit_config import to_mergekit
 from mergesearch.merging import get_method
 from mergesearch.models.resident import ResidentMerger
@@ -137,22 +141,30 @@ def main() -> None:
                 lambda r=recipe, o=out: save_checkpoint(merger.apply(r), o, recipe=r,
                                                         overwrite=True),
                 max(1, args.repeats - 1), device)
+            export = root / f"export_{method}"
+            save_merged(recipe, export, device=str(device), overwrite=True)  # warm, as above
+            t_export = best_time(lambda r=recipe, o=export: save_merged(r, o, device=str(device),
+                                                                        overwrite=True),
+                                 max(1, args.repeats - 1), device)
             t_mk = None if args.no_mergekit else mergekit_time(recipe, root, device,
                                                                max(1, args.repeats - 1))
-            rows.append((method, bound, t_ours, t_save, t_mk))
+            rows.append((method, bound, t_ours, t_save, t_export, t_mk))
             print(f"{method}: bound {bound:.3f} s, merge {t_ours:.3f} s "
-                  f"({bound / t_ours:.1%}), merge+save {t_save:.2f} s, mergekit {t_mk} s",
+                  f"({bound / t_ours:.1%}), merge+save {t_save:.2f} s, export {t_export:.2f} s, "
+                  f"mergekit {t_mk} s",
                   flush=True)
         print()
         print("| date | method | copy bound s | in-memory merge s | Mparam/s | of copy bound "
-              "| merge+save s | mergekit run_merge s | speed-up vs mergekit |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for method, bound, t_ours, t_save, t_mk in rows:
+              "| merge+save s | export s | mergekit run_merge s "
+              "| vs mergekit: merge / merge+save / export |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for method, bound, t_ours, t_save, t_export, t_mk in rows:
             mk = f"{t_mk:.2f}" if t_mk else "n/a"
-            speed = f"{t_mk / t_save:.1f}x" if t_mk else "n/a"
+            speed = (" / ".join(f"{t_mk / t:.1f}x" for t in (t_ours, t_save, t_export))
+                     if t_mk else "n/a")
             print(f"| {datetime.date.today()} | {method} | {bound:.3f} | {t_ours:.3f} | "
-                  f"{n_params / t_ours / 1e6:.0f} | {bound / t_ours:.1%} | {t_save:.2f} | {mk} "
-                  f"| {speed} |")
+                  f"{n_params / t_ours / 1e6:.0f} | {bound / t_ours:.1%} | {t_save:.2f} | "
+                  f"{t_export:.2f} | {mk} | {speed} |")
         print(yaml.safe_dump({"config": {"hidden": args.hidden, "layers": args.layers,
                                          "vocab": args.vocab, "dtype": args.dtype}},
                              sort_keys=False).strip())
