@@ -41,6 +41,7 @@ from mergesearch.experiment import Experiment, ExperimentError
 from mergesearch.merging.layers import layer_key
 from mergesearch.models.checkpoint import ModelLoadError
 from mergesearch.models.lora import open_checkpoint
+from mergesearch.objectives import exact_objectives
 from mergesearch.space import SpaceError, load_space
 from mergesearch.spaces import read_space
 from mergesearch.storage import StorageError, StudyExists, TrialRecord, TrialStore, lease
@@ -158,7 +159,9 @@ class BoundExperiment:
             raise ExperimentError(str(err)) from None
         objectives = tuple(Objective(o.name, o.direction, o.weight)
                            for o in exp.evaluator.objectives)
-        self.problem = Problem(tuple(self.space.dims), objectives, decode=self.space.decode)
+        self.problem = Problem(tuple(self.space.dims), objectives, decode=self.space.decode,
+                               exact=exact_objectives(self.space.decode,
+                                                      exp.evaluator.objectives))
         self.strategy = create_strategy(exp.strategy.name, self.problem, exp.strategy.options,
                                         seed=exp.seed)
         if self.problem.multi_objective and not self.strategy.multi_objective:

@@ -24,7 +24,8 @@ reducers work on whatever tensors they are given.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mergesearch.errors import MergesearchError
@@ -141,6 +142,25 @@ def distinct_modules(recipe: Recipe) -> float:
     if count is None:
         raise ObjectiveError(metric_problem("recipe", "distinct_modules"))
     return float(count(recipe))
+
+
+def genome_value(decode: Callable[[Sequence[float]], Recipe], metric: str,
+                 genome: Sequence[float]) -> float:
+    """The recipe metric ``metric`` of the genome's recipe: how a strategy computes a
+    ``source: recipe`` objective itself (``Problem.exact``; bind the first two arguments
+    with :func:`functools.partial`)."""
+    return float(_RECIPE[metric](decode(genome)))
+
+
+def exact_objectives(decode: Callable[[Sequence[float]], Recipe] | None,
+                     objectives: Iterable[ObjectiveConfig]
+                     ) -> dict[str, Callable[[Sequence[float]], float]]:
+    """``Problem.exact`` for a search: every ``source: recipe`` objective as a function
+    of the genome (none without ``decode``)."""
+    if decode is None:
+        return {}
+    return {o.name: partial(genome_value, decode, o.metric) for o in objectives
+            if o.source == "recipe" and o.metric in _RECIPE}
 
 
 def recipe_values(recipe: Recipe, objectives: Iterable[ObjectiveConfig]) -> dict[str, float]:

@@ -375,6 +375,22 @@ def test_distinct_modules_count_the_merge_plus_each_expert_block(tiny):
         count_distinct_modules(Recipe.from_dict(PS))
 
 
+def test_recipe_objectives_are_known_exactly_as_functions_of_the_genome(tiny):
+    from mergesearch.evaluation import ObjectiveConfig
+    from mergesearch.objectives import exact_objectives
+
+    sp, _ = comp_space(tiny)
+    objectives = [ObjectiveConfig(name="score", metric="char_accuracy"),
+                  ObjectiveConfig(name="storage", source="recipe", metric="distinct_modules",
+                                  direction="minimize")]
+    exact = exact_objectives(sp.decode, objectives)
+    assert set(exact) == {"storage"}  # the evaluator's metric is not a function of the genome
+    merged = float(sp.options.index("merged"))
+    for genome in ([merged] * 6, [0.0, merged, 2.0, merged, merged, 1.0], [0.0] * 6):
+        assert exact["storage"](genome) == count_distinct_modules(sp.decode(genome))
+    assert exact_objectives(None, objectives) == {}
+
+
 # ------------------------------------------------------------ shipped files
 def test_every_shipped_space_binds_to_zoo_like_models_and_merges_its_start(tiny):
     from mergesearch.models.checkpoint import Checkpoint

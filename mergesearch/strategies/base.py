@@ -21,7 +21,7 @@ import math
 import struct
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -169,12 +169,17 @@ class Objective:
 class Problem:
     """What a strategy may know: the genome's dimensions and the objectives, and (in a
     search) ``decode``, the search space's pure genome -> :class:`Recipe` map, for
-    strategies that build recipes from earlier ones (archives, crossovers)."""
+    strategies that build recipes from earlier ones (archives, crossovers), and
+    ``exact``: the objectives whose value is a pure function of the genome (recipe
+    metrics such as storage, through ``decode``), name -> ``genome -> value``, for
+    strategies that would otherwise model them (surrogates)."""
 
     dims: tuple[Dimension, ...]
     objectives: tuple[Objective, ...]
     decode: Callable[[Sequence[float]], Recipe] | None = field(default=None, compare=False,
                                                                repr=False)
+    exact: Mapping[str, Callable[[Sequence[float]], float]] = field(
+        default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if not self.dims:
@@ -187,6 +192,10 @@ class Problem:
             if twice:
                 raise StrategyError(f"{kind} name(s) {', '.join(map(repr, twice))} used more "
                                     "than once: names must be unique")
+        unknown = sorted(set(self.exact) - {o.name for o in self.objectives})
+        if unknown:
+            raise StrategyError(f"exact value(s) for {', '.join(map(repr, unknown))}, which "
+                                "is not an objective")
 
     @property
     def n_dims(self) -> int:
