@@ -61,6 +61,13 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "merge_moea": ("mergesearch.strategies.merge_moea:MergeMOEA", {"initial": 10, "batch": 4}),
     "nsga2": ("nsga2", {"population_size": 10}),
     "random": ("random", {}),
+    # storage modelled by a forest like the score, as before exact recipe objectives
+    # (not run by default)
+    "merge_moea_modelled": ("mergesearch.strategies.merge_moea:MergeMOEA",
+                            {"initial": 10, "batch": 4, "exact_objectives": False}),
+    # storage computed, a wider optimism on the score (not run by default)
+    "merge_moea_kappa2": ("mergesearch.strategies.merge_moea:MergeMOEA",
+                          {"initial": 10, "batch": 4, "kappa": 2.0}),
     # the option: the front's one-change neighbours among the infill candidates (not run
     # by default)
     "merge_moea_neighbours": ("mergesearch.strategies.merge_moea:MergeMOEA",

@@ -17,7 +17,12 @@ say which surrogate, MOEA or infill rule it uses; every one of those choices her
   trees' spread gives an uncertainty for free; a GP on one-hot codes needs a
   categorical kernel to be meaningful, an RBF gives no uncertainty.  Targets are
   standardised per objective; an objective that has not varied yet is predicted as its
-  constant.
+  constant.  An objective that is a function of the recipe alone (``source: recipe``,
+  such as MERGE's storage: the problem's ``exact`` map) is not modelled: it is computed
+  for every candidate, with no uncertainty (``exact_objectives``, on by default).  On a
+  component space storage is the number of blocks taken from an expert, which a forest
+  on one-hot codes only approximates (an additive count, split by split); computed, the
+  infill knows which candidates sit one module further along the front.
 - **MOEA: pymoo's NSGA-II** on genome arrays (categorical indices and integers rounded)
   with uniform crossover and a re-draw mutation (each dimension, with probability
   1 / dims and at least one per child, re-drawn to another of its values; a real one
@@ -97,6 +102,9 @@ class MergeMOEAOptions(StrategyOptions):
     """Generations of the NSGA-II run on the surrogate, per round."""
     include_init: bool = True
     """Propose the problem's start point first."""
+    exact_objectives: bool = True
+    """Compute the objectives the problem knows exactly (recipe metrics such as storage)
+    for each candidate instead of modelling them; False models every objective."""
     neighbours: int = Field(0, ge=0)
     """Infill candidates added to NSGA-II's: genomes one discrete change away from an
     evaluated non-dominated point, at most this many (a seeded sample when there are
@@ -134,6 +142,10 @@ class MergeMOEA(Strategy):
         self._phase = "initial"
         self._recorded: list[dict[str, Any]] = list(getattr(self, "_replay_rounds", []))
         self._columns = self._encoding()
+        self._exact = ([j for j, o in enumerate(self.problem.objectives)
+                        if o.name in self.problem.exact]
+                       if self.options.exact_objectives else [])
+        self._exact_cache: dict[tuple[float, ...], np.ndarray] = {}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "rounds": copy.deepcopy(self._rounds)}
@@ -168,6 +180,30 @@ class MergeMOEA(Strategy):
                 out[:, col] = (genomes[:, j] - d.low) / (d.high - d.low)
                 col += 1
         return out
+
+    def exact_losses(self, genomes: Sequence[Sequence[float]]) -> np.ndarray:
+        """The losses of the exactly known objectives (columns ``self._exact``), per genome."""
+        out = np.zeros((len(genomes), len(self._exact)))
+        objectives = self.problem.objectives
+        for i, genome in enumerate(genomes):
+            key = tuple(float(g) for g in genome)
+            if key not in self._exact_cache:
+                self._exact_cache[key] = np.array(
+                    [objectives[j].sign * self.problem.exact[objectives[j].name](list(key))
+                     for j in self._exact])
+            out[i] = self._exact_cache[key]
+        return out
+
+    def predict(self, surrogate: Surrogate,
+                genomes: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray]:
+        """Per genome and loss: the surrogate's mean and std (standardised units), the
+        exactly known losses computed (std 0)."""
+        mu, sd = surrogate.predict(self.encode(np.array(genomes, dtype=float)))
+        if self._exact:
+            cols = self._exact
+            mu[:, cols] = (self.exact_losses(genomes) - surrogate.mean[cols]) / surrogate.std[cols]
+            sd[:, cols] = 0.0
+        return mu, sd
 
     # -- ask / tell -------------------------------------------------------------------------
 
@@ -261,7 +297,7 @@ class MergeMOEA(Strategy):
         """Forests on the told ok points (one per objective)."""
         return Surrogate.fit(self.encode(np.array(self._X)), np.array(self._Y),
                              trees=self.options.trees, leaf=self.options.min_samples_leaf,
-                             seed=int(self._rng.integers(2**31 - 1)))
+                             seed=int(self._rng.integers(2**31 - 1)), skip=self._exact)
 
     def _infill(self, size: int) -> list[list[float]]:
         surrogate = self.fit()
@@ -269,11 +305,10 @@ class MergeMOEA(Strategy):
         candidates, local = self._candidates(surrogate, X, Y)
         local_left = max(1, size // 4)  # neighbours of the front: a quarter of a round
         if candidates:
-            mu, sd = surrogate.predict(self.encode(np.array(candidates)))
+            mu, sd = self.predict(surrogate, candidates)
         believed = list(Y)
         if self._pending_ids:  # in flight: counted at their predicted mean
-            pm, _ = surrogate.predict(self.encode(np.array(
-                [self._genome_of[i] for i in self._pending_ids])))
+            pm, _ = self.predict(surrogate, [self._genome_of[i] for i in self._pending_ids])
             believed += list(pm)
         ref = Y.max(axis=0) + 0.1 * (Y.max(axis=0) - Y.min(axis=0)) + 1e-9
         out: list[list[float]] = []
@@ -407,7 +442,9 @@ class Surrogate:
 
     @classmethod
     def fit(cls, X: np.ndarray, Y: np.ndarray, *, trees: int = 32, leaf: int = 1,
-            seed: int = 0) -> Surrogate:
+            seed: int = 0, skip: Sequence[int] = ()) -> Surrogate:
+        """Forests on ``X`` for the losses ``Y``; columns in ``skip`` get none (their
+        predictions are left at 0: the caller computes them)."""
         from sklearn.ensemble import RandomForestRegressor
 
         Y = np.atleast_2d(np.asarray(Y, dtype=float).T).T
@@ -416,7 +453,7 @@ class Surrogate:
         scale = np.where(constant, 1.0, scale)
         forests = []
         for j in range(Y.shape[1]):
-            if constant[j]:
+            if constant[j] or j in skip:
                 forests.append(None)
                 continue
             forest = RandomForestRegressor(n_estimators=trees, min_samples_leaf=leaf,
@@ -461,7 +498,7 @@ class _SurrogateProblem:
 
         class Optimistic(PymooProblem):
             def _evaluate(self, x: Any, out: dict[str, Any], *args: Any, **kwargs: Any) -> None:
-                mu, sd = surrogate.predict(strategy.encode(self.snap(x)))
+                mu, sd = strategy.predict(surrogate, self.snap(x))
                 out["F"] = mu - kappa * sd
 
             @staticmethod
