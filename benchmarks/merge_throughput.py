@@ -15,7 +15,8 @@ perturbed sources, saved as safetensors), then times, on one device:
   of a search costs (mergekit-evolve runs ``run_merge`` per candidate).
 
     python benchmarks/merge_throughput.py [--device cuda] [--dtype bfloat16]
-        [--hidden 768 --layers 8] [--methods ties,dare_ties,linear,task_arithmetic]
+        [--hidden 768 --layers 8 --intermediate N] [--no-save]
+        [--methods ties,dare_ties,linear,task_arithmetic]
 
 ``--dtype`` is the checkpoints' and the resident model's dtype (merges compute in
 float32 either way); the bound counts the bytes of that dtype.  The table rows start
@@ -42,8 +43,9 @@ from mergesearch.recipe import uniform_recipe
 
 
 def build_models(root: Path, hidden: int, layers: int, vocab: int,
-                 dtype: torch.dtype = torch.float32) -> tuple[str, list[str], int]:
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=4 * hidden,
+                 dtype: torch.dtype = torch.float32,
+                 intermediate: int | None = None) -> tuple[str, list[str], int]:
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
                          num_key_value_heads=hidden // 64, vocab_size=vocab,
                          tie_word_embeddings=False)
@@ -107,6 +109,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--intermediate", type=int, default=None,
+                        help="MLP width (default 4 x hidden; Llama-2-7B's is 11008)")
+    parser.add_argument("--no-save", action="store_true",
+                        help="time the in-memory merge only (no merge+save, no export)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--methods", default="ties,dare_ties,linear,task_arithmetic")
@@ -119,7 +125,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, sources, n_params = build_models(root, args.hidden, args.layers, args.vocab,
-                                               dtype)
+                                               dtype, args.intermediate)
         bandwidth = copy_bandwidth(device)
         size = torch.empty(0, dtype=dtype).element_size()
         print(f"{datetime.date.today()}  device {device}  threads {torch.get_num_threads()}  "
@@ -137,6 +143,11 @@ def main() -> None:
             merger.apply(recipe)  # plan, upload, build the resident model
             t_ours = best_time(lambda r=recipe: merger.apply(r), args.repeats, device)
             out = root / f"ours_{method}"
+            if args.no_save:
+                rows.append((method, bound, t_ours, None, None, None))
+                print(f"{method}: bound {bound:.3f} s, merge {t_ours:.3f} s "
+                      f"({bound / t_ours:.1%})", flush=True)
+                continue
             t_save = best_time(
                 lambda r=recipe, o=out: save_checkpoint(merger.apply(r), o, recipe=r,
                                                         overwrite=True),
@@ -162,11 +173,13 @@ def main() -> None:
             mk = f"{t_mk:.2f}" if t_mk else "n/a"
             speed = (" / ".join(f"{t_mk / t:.1f}x" for t in (t_ours, t_save, t_export))
                      if t_mk else "n/a")
+            save, export = (f"{t:.2f}" if t is not None else "n/a" for t in (t_save, t_export))
             print(f"| {datetime.date.today()} | {method} | {bound:.3f} | {t_ours:.3f} | "
-                  f"{n_params / t_ours / 1e6:.0f} | {bound / t_ours:.1%} | {t_save:.2f} | "
-                  f"{t_export:.2f} | {mk} | {speed} |")
+                  f"{n_params / t_ours / 1e6:.0f} | {bound / t_ours:.1%} | {save} | "
+                  f"{export} | {mk} | {speed} |")
         print(yaml.safe_dump({"config": {"hidden": args.hidden, "layers": args.layers,
-                                         "vocab": args.vocab, "dtype": args.dtype}},
+                                         "vocab": args.vocab, "dtype": args.dtype,
+                                         "intermediate": args.intermediate or 4 * args.hidden}},
                              sort_keys=False).strip())
 
 
