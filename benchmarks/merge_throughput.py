@@ -103,6 +103,21 @@ def mergekit_time(recipe, root: Path, device: torch.device, repeats: int) -> flo
     return best_time(lambda: run_merge(config, str(out), options=options), repeats, device)
 
 
+def save_times(recipe, merger: ResidentMerger, root: Path, device: torch.device,
+               args: argparse.Namespace) -> tuple[float, float, float | None]:
+    """Merge + checkpoint write, export disk to disk, mergekit's ``run_merge`` (None when
+    not installed or ``--no-mergekit``): seconds, best of ``repeats - 1``."""
+    repeats = max(1, args.repeats - 1)
+    out, export = root / f"ours_{recipe.method}", root / f"export_{recipe.method}"
+    t_save = best_time(lambda: save_checkpoint(merger.apply(recipe), out, recipe=recipe,
+                                               overwrite=True), repeats, device)
+    save_merged(recipe, export, device=str(device), overwrite=True)  # warm, as above
+    t_export = best_time(lambda: save_merged(recipe, export, device=str(device),
+                                             overwrite=True), repeats, device)
+    t_mk = None if args.no_mergekit else mergekit_time(recipe, root, device, repeats)
+    return t_save, t_export, t_mk
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -142,28 +157,14 @@ def main() -> None:
             bound = (len(sources) + has_base + 1) * n_params * size / bandwidth
             merger.apply(recipe)  # plan, upload, build the resident model
             t_ours = best_time(lambda r=recipe: merger.apply(r), args.repeats, device)
-            out = root / f"ours_{method}"
-            if args.no_save:
-                rows.append((method, bound, t_ours, None, None, None))
-                print(f"{method}: bound {bound:.3f} s, merge {t_ours:.3f} s "
-                      f"({bound / t_ours:.1%})", flush=True)
-                continue
-            t_save = best_time(
-                lambda r=recipe, o=out: save_checkpoint(merger.apply(r), o, recipe=r,
-                                                        overwrite=True),
-                max(1, args.repeats - 1), device)
-            export = root / f"export_{method}"
-            save_merged(recipe, export, device=str(device), overwrite=True)  # warm, as above
-            t_export = best_time(lambda r=recipe, o=export: save_merged(r, o, device=str(device),
-                                                                        overwrite=True),
-                                 max(1, args.repeats - 1), device)
-            t_mk = None if args.no_mergekit else mergekit_time(recipe, root, device,
-                                                               max(1, args.repeats - 1))
+            t_save = t_export = t_mk = None
+            if not args.no_save:
+                t_save, t_export, t_mk = save_times(recipe, merger, root, device, args)
             rows.append((method, bound, t_ours, t_save, t_export, t_mk))
-            print(f"{method}: bound {bound:.3f} s, merge {t_ours:.3f} s "
-                  f"({bound / t_ours:.1%}), merge+save {t_save:.2f} s, export {t_export:.2f} s, "
-                  f"mergekit {t_mk} s",
-                  flush=True)
+            save, export, mk = (f"{t:.2f} s" if t is not None else "n/a"
+                                for t in (t_save, t_export, t_mk))
+            print(f"{method}: bound {bound:.3f} s, merge {t_ours:.3f} s ({bound / t_ours:.1%}), "
+                  f"merge+save {save}, export {export}, mergekit {mk}", flush=True)
         print()
         print("| date | method | copy bound s | in-memory merge s | Mparam/s | of copy bound "
               "| merge+save s | export s | mergekit run_merge s "
