@@ -1,47 +1,59 @@
-"""Does searching pay? CMA-ES on the zoo against the uniform merge and every expert."""
+"""Does searching pay? CMA-ES on the hard zoo against the uniform merge it starts from.
+
+On the hard zoo the uniform merge is poor by construction (two harmful sources, experts
+that live in different layers), so a search that learns from its scores must beat it by a
+wide margin on items it never saw. The tiny zoo cannot carry this test: its uniform merge
+is near its best recipe, and what 48 evaluations gain over it (measured on one build over
+seeds 0-3: -0.004 to +0.004 on held-out items) depends on the zoo's build, which depends
+on the CPU (benchmarks/RESULTS.md, "Zoo builds").
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from mergesearch.controller import run
+from mergesearch.controller import BoundExperiment, run
 from mergesearch.evaluation import EvaluatorConfig, ObjectiveConfig, make_evaluator
 from mergesearch.experiment import Experiment
 from mergesearch.models.resident import ResidentMerger
-from mergesearch.recipe import Recipe, uniform_recipe
+from mergesearch.recipe import Recipe
 from mergesearch.storage import TrialStore
 
-SKILLS = ("rev", "srt", "dup", "evn")
+ROOT = Path(__file__).resolve().parents[1]
+POPSIZE, BUDGET = 8, 48
 
 
 @pytest.mark.slow
-def test_cmaes_beats_the_uniform_merge_and_every_expert(zoo, tmp_path):
-    exp = Experiment.from_dict({
-        "name": "quality",
-        "models": {"base": "zoo:base", "sources": {s: f"zoo:{s}" for s in SKILLS}},
-        "space": "search_spaces/task_arithmetic_layers.yaml",
-        "strategy": {"name": "cmaes", "options": {"popsize": 8, "sigma0": 0.2}},
-        "evaluator": {"suite": "evaluators/zoo", "limit": 64, "subset_seed": 1,
-                      "objectives": [{"name": "mean", "metric": "char_accuracy"}]},
-        "budget": {"evaluations": 48},
-        "output": str(tmp_path / "run"),
-        "seed": 0,
-    })
+def test_cmaes_beats_the_uniform_merge_on_held_out_items_and_learns(hard_zoo, tmp_path):
+    exp = Experiment.load(ROOT / "experiments" / "hard" / "cmaes.yaml", [
+        f"strategy.options.popsize={POPSIZE}", "strategy.options.sigma0=0.2",
+        f"evaluator.suite={ROOT / 'evaluators' / 'hard' / 'search'}",
+        f"budget.evaluations={BUDGET}", f"output={tmp_path / 'run'}", "seed=0"])
     summary = run(exp, progress=False)
-    assert summary.ok == 48
-    (best,) = TrialStore.open(exp.storage_url, "quality").pareto_front()
+    assert summary.ok == BUDGET
+    store = TrialStore.open(exp.storage_url, exp.name)
+    scores = [t.values["mean"] for t in sorted(store.trials(), key=lambda t: t.number)]
+    (best,) = store.pareto_front()
+    assert best.values["mean"] == max(scores)
 
-    # Judge on every held-out item (the search saw 64 of 200 per skill).
-    full = make_evaluator(
-        EvaluatorConfig(suite="evaluators/zoo",
+    # It learns: the last generations beat its first one (samples around the start), which
+    # a strategy told the wrong sign or nothing at all would not. Over seeds 0-4 on one
+    # build the gain was 0.09-0.38.
+    assert max(scores) > max(scores[:POPSIZE]) + 0.05
+
+    # It pays: on the report items (other items than the search's) the best recipe beats
+    # the uniform merge, the space's start, by a wide margin (seeds 0-4: 0.60-0.76 against
+    # 0.25-0.28 for the uniform merge on two builds).
+    report = make_evaluator(
+        EvaluatorConfig(suite=str(ROOT / "evaluators" / "hard" / "report"),
                         objectives=[ObjectiveConfig(name="mean", metric="char_accuracy")]),
-        zoo.load_tokenizer())
+        hard_zoo.load_tokenizer())
     merger = ResidentMerger()
-    found = full.evaluate(merger.apply(Recipe.from_dict(best.recipe))).values["mean"]
-    uniform = uniform_recipe("task_arithmetic", str(zoo.base),
-                             [str(zoo.experts[s]) for s in SKILLS], weight=0.5)
-    baseline = full.evaluate(merger.apply(uniform)).values["mean"]
-    experts = {s: full.evaluate(zoo.load_model(s)).values["mean"] for s in SKILLS}
-    print(f"cmaes {found:.4f}  uniform {baseline:.4f}  experts {experts}")
-    assert found > baseline + 0.01
-    assert all(found > v for v in experts.values())
+    found = report.evaluate(merger.apply(Recipe.from_dict(best.recipe))).values["mean"]
+    space = BoundExperiment(exp, progress=False).space
+    uniform = report.evaluate(merger.apply(space.decode(space.x0))).values["mean"]
+    print(f"cmaes {found:.4f} (search {max(scores):.4f}, first generation "
+          f"{max(scores[:POPSIZE]):.4f}); uniform merge {uniform:.4f}")
+    assert found > uniform + 0.25
