@@ -22,30 +22,32 @@ from mergesearch.strategies import get_strategy, strategies
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-# One language-model testbed is enough to check the table against its studies: hard is
-# the one strategies prove themselves on, and it covers what digits cannot run
-# (frank_wolfe). The zoo testbed runs the same code path and would add about 5 minutes on
-# 2 cores; its overrides in benchmarks/strategies.py are checked without running it
-# below. digits + digits-mo take under a minute, hard about 5 once its zoo is built (the
-# first build, minutes, is paid by whichever test needs it first).
-TESTBEDS = ["digits", "digits-mo", "hard"]
+# CI runs the quick league on the two digits testbeds (under a minute on 2 cores). The
+# language-model testbeds run the same code path at minutes each: hard (the one strategies
+# prove themselves on, and the one that runs frank_wolfe, which digits cannot) is checked
+# the same way under `pytest -m expensive`; the zoo's league options and overrides are
+# checked without running it (tests/test_league_testbeds.py).
+TESTBEDS = ["digits", "digits-mo"]
 SEEDS = [0, 1]
 BUDGETS = [6, 12]  # --quick
 
 
-@pytest.fixture(scope="module")
-def league(tmp_path_factory) -> dict:
-    tmp = tmp_path_factory.mktemp("league")
+def run_league(tmp: Path, testbeds: list[str]) -> dict:
     out, table = tmp / "runs.json", tmp / "table.json"
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "strategies.py"), "--quick", "--testbeds",
-         ",".join(TESTBEDS), "--out", str(out), "--json", str(table), "--threads", "1"],
+         ",".join(testbeds), "--out", str(out), "--json", str(table), "--threads", "1"],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-4000:]
     data = json.loads(table.read_text())
     data["stdout"] = done.stdout
     return data
+
+
+@pytest.fixture(scope="module")
+def league(tmp_path_factory) -> dict:
+    return run_league(tmp_path_factory.mktemp("league"), TESTBEDS)
 
 
 def better(direction: str) -> float:
@@ -66,11 +68,11 @@ def rule(a: dict, b: dict, up: float) -> str:
     return "W" if gain > spread else "L" if gain < -spread else "="
 
 
-def check_league(data: dict) -> None:
+def check_league(data: dict, testbeds: list[str] = TESTBEDS) -> None:
     """Every claim of the table that can be checked from the studies: raises AssertionError
     on the first that does not hold."""
     assert data["budgets"] == BUDGETS and data["seeds"] == SEEDS
-    assert set(data["testbeds"]) == set(TESTBEDS)
+    assert set(data["testbeds"]) == set(testbeds)
     registered = set(strategies())
     for name, bed in data["testbeds"].items():
         assert "error" not in bed, bed
@@ -168,7 +170,7 @@ def test_the_checks_fail_on_a_wrong_table(league):
         return data
 
     def nudge_a_best(d):
-        d["testbeds"]["hard"]["rows"][0]["studies"][1]["best"]["12"] += 1e-3
+        d["testbeds"]["digits"]["rows"][0]["studies"][1]["best"]["12"] += 1e-3
 
     def report_is_search(d):
         row = d["testbeds"]["digits"]["rows"][0]
@@ -178,7 +180,7 @@ def test_the_checks_fail_on_a_wrong_table(league):
         d["testbeds"]["digits"]["rows"][1]["seeds"] = [0]
 
     def flip_a_verdict(d):
-        row = next(r for r in d["testbeds"]["hard"]["rows"] if "random" in r["vs"])
+        row = next(r for r in d["testbeds"]["digits"]["rows"] if "random" in r["vs"])
         row["vs"]["random"]["search"] = {"W": "L", "L": "=", "=": "W"}[
             row["vs"]["random"]["search"]]
 
@@ -189,3 +191,12 @@ def test_the_checks_fail_on_a_wrong_table(league):
                    lose_a_strategy):
         with pytest.raises(AssertionError):
             check_league(edited(change))
+
+
+@pytest.mark.expensive
+def test_quick_league_on_the_hard_zoo_matches_its_studies(hard_zoo, tmp_path):
+    """The same checks on the hard zoo (about 5 minutes on 2 cores once it is built)."""
+    data = run_league(tmp_path, ["hard"])
+    check_league(data, ["hard"])
+    assert "frank_wolfe" in {r["strategy"] for r in data["testbeds"]["hard"]["rows"]}
+    assert "### hard (" in data["stdout"]
