@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run([sys.executable, "-m", "mergesearch", *args], capture_output=True,
-                         text=True, cwd=ROOT, timeout=600)
+    """``mergesearch *args`` in this process (the zoo and torch are loaded once for the
+    file, not once per command), its exit code and what it printed."""
+    from mergesearch.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    done = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
     if check:
-        assert out.returncode == 0, out.stderr
-    return out
+        assert done.returncode == 0, done.stderr
+    return done
 
 
 def zoo_yaml(tmp_path: Path) -> Path:
@@ -45,7 +55,7 @@ def zoo_yaml(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # subprocesses: a search, an export and evaluations
+@pytest.mark.slow  # a search, an export and evaluations
 def test_export_round_trip_reproduces_the_trial(zoo, tmp_path):
     exp = str(zoo_yaml(tmp_path))
     cli("run", exp, "--quiet")
@@ -64,7 +74,7 @@ def test_export_round_trip_reproduces_the_trial(zoo, tmp_path):
     assert "rev" in table and "task zoo_rev" in table
 
 
-@pytest.mark.slow  # subprocesses: a search, an export and evaluations
+@pytest.mark.slow  # the zoo
 def test_checkpoint_without_its_recipe_has_no_recipe_objectives(zoo, tmp_path):
     exp = str(zoo_yaml(tmp_path))
     got = json.loads(cli("eval", str(Path(zoo.experts["rev"])), exp, "--format",

@@ -63,6 +63,7 @@ def write(folder: Path) -> Path:
 def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path):
     from helpers import completed_count
 
+    from mergesearch.cli import main
     from mergesearch.storage import TrialStore
 
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
@@ -79,16 +80,13 @@ def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 5 <= completed_count(db) < 9
-    done = subprocess.run([*cmd, str(exp), "-q", "--resume"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(["run", str(exp), "-q", "--resume"]) == 0  # resumed in this process
     ok = [t for t in TrialStore.open(f"sqlite:///{db}", "zoo-bmm").trials() if t.state == "ok"]
     assert sorted(t.candidate_id for t in ok) == list(range(9))
 
     other = tmp_path / "whole"
     other.mkdir()
-    subprocess.run([*cmd, str(write(other)), "-q"], cwd=ROOT, env=env, check=True,
-                   timeout=600, capture_output=True)
+    assert main(["run", str(write(other)), "-q"]) == 0
     whole = TrialStore.open(f"sqlite:///{other / 'run' / 'study.db'}", "zoo-bmm").trials()
     assert {t.candidate_id: t.params for t in ok} == \
         {t.candidate_id: t.params for t in whole if t.state == "ok"}

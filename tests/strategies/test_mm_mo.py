@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -235,17 +233,14 @@ def _experiment(folder: Path) -> Path:
 def test_sigkill_mid_run_then_resume_continues_the_same_search(zoo, tmp_path) -> None:
     from helpers import completed_count, kill_mid_run
 
+    from mergesearch.cli import main
     from mergesearch.storage import TrialStore
 
     exp = _experiment(tmp_path)
     db = tmp_path / "run" / "study.db"
     kill_mid_run(exp, db, 8)  # into the second model round
     assert 8 <= completed_count(db) < 13
-    cmd = [sys.executable, "-m", "mergesearch.cli", "run"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([*cmd, str(exp), "-q", "--resume"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert main(["run", str(exp), "-q", "--resume"]) == 0  # resumed in this process
     name = yaml.safe_load(exp.read_text())["name"]
     ok = [t for t in TrialStore.open(f"sqlite:///{db}", name).trials() if t.state == "ok"]
     assert sorted(t.candidate_id for t in ok) == list(range(13))
@@ -253,8 +248,7 @@ def test_sigkill_mid_run_then_resume_continues_the_same_search(zoo, tmp_path) ->
     other = tmp_path / "whole"
     other.mkdir()
     again = _experiment(other)
-    subprocess.run([*cmd, str(again), "-q"], cwd=ROOT, env=env, check=True, timeout=600,
-                   capture_output=True)
+    assert main(["run", str(again), "-q"]) == 0
     whole = TrialStore.open(f"sqlite:///{other / 'run' / 'study.db'}", name).trials()
     assert {t.candidate_id: t.params for t in ok} == \
         {t.candidate_id: t.params for t in whole if t.state == "ok"}

@@ -4,9 +4,6 @@ the budget counts items; a SIGKILLed run resumes."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -147,24 +144,20 @@ def test_the_front_and_best_read_full_fidelity_trials_and_cost_counts_items(zoo,
 def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path):
     from helpers import completed_count, kill_mid_run
 
+    from mergesearch.cli import main
     from mergesearch.storage import TrialStore
 
     exp = _experiment(tmp_path, budget={"evaluations": 14})
     db = tmp_path / "run" / "study.db"
-    cmd = [sys.executable, "-m", "mergesearch.cli", "run", str(exp), "-q"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
     kill_mid_run(exp, db, 7)
     assert 7 <= completed_count(db) < 14
-    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert main(["run", str(exp), "-q", "--resume"]) == 0  # resumed in this process
     ok = [t for t in TrialStore.open(f"sqlite:///{db}", "toy").trials() if t.state == "ok"]
     assert sorted(t.candidate_id for t in ok) == list(range(14))
     other = tmp_path / "whole"
     other.mkdir()
     again = _experiment(other, budget={"evaluations": 14})
-    subprocess.run(cmd[:4] + [str(again), "-q"], cwd=ROOT, env=env, check=True, timeout=600,
-                   capture_output=True)
+    assert main(["run", str(again), "-q"]) == 0
     whole = TrialStore.open(f"sqlite:///{other / 'run' / 'study.db'}", "toy").trials()
     assert {t.candidate_id: (t.params, t.fidelity) for t in ok} == \
         {t.candidate_id: (t.params, t.fidelity) for t in whole if t.state == "ok"}

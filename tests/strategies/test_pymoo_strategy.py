@@ -334,19 +334,16 @@ def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path)
     from helpers import completed_count, kill_mid_run
     from test_run_cli import write_experiment
 
+    from mergesearch.cli import main
     from mergesearch.storage import TrialStore
 
     strategy = {"name": "mergesearch.strategies.pymoo_strategy:Pymoo",  # registered or not
                 "options": {"algorithm": "nsga2", "options": {"pop_size": 6}}}
     exp = write_experiment(tmp_path, strategy=strategy, budget={"evaluations": 14})
     db = tmp_path / "run" / "study.db"
-    cmd = [sys.executable, "-m", "mergesearch.cli", "run", str(exp), "-q"]
-    env = os.environ | {"PYTHONUNBUFFERED": "1"}
     kill_mid_run(exp, db, 8)  # into the second generation
     assert 8 <= completed_count(db) < 14
-    done = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert main(["run", str(exp), "-q", "--resume"]) == 0  # resumed in this process
     ok = [t for t in TrialStore.open(f"sqlite:///{db}", "toy").trials() if t.state == "ok"]
     assert sorted(t.candidate_id for t in ok) == list(range(14))
 
@@ -354,8 +351,7 @@ def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path)
     other = tmp_path / "whole"
     other.mkdir()
     again = write_experiment(other, strategy=strategy, budget={"evaluations": 14})
-    subprocess.run(cmd[:4] + [str(again), "-q"], cwd=ROOT, env=env, check=True, timeout=600,
-                   capture_output=True)
+    assert main(["run", str(again), "-q"]) == 0
     whole = TrialStore.open(f"sqlite:///{other / 'run' / 'study.db'}", "toy").trials()
     assert {t.candidate_id: t.params for t in ok} == \
         {t.candidate_id: t.params for t in whole if t.state == "ok"}
