@@ -5,6 +5,7 @@ and with Optuna directly)."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -58,9 +59,18 @@ def finite(v) -> bool:
     return isinstance(v, float) and math.isfinite(v)
 
 
-def optuna_trials(url: str, name: str) -> list[optuna.trial.FrozenTrial]:
+# The studies do not change once the league has run: each is read once for all the checks
+# (the wrong-table test checks five edited tables against the same studies).
+@functools.cache
+def optuna_trials(url: str, name: str) -> tuple[optuna.trial.FrozenTrial, ...]:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return sorted(optuna.load_study(study_name=name, storage=url).trials, key=lambda t: t.number)
+    return tuple(sorted(optuna.load_study(study_name=name, storage=url).trials,
+                        key=lambda t: t.number))
+
+
+@functools.cache
+def read_curves(specs: tuple[str, ...]):
+    return load_curves(list(specs), budgets=BUDGETS)
 
 
 def rule(a: dict, b: dict, up: float) -> str:
@@ -89,11 +99,11 @@ def check_league(data: dict, testbeds: list[str] = TESTBEDS) -> None:
             assert {"random", "cmaes"} <= set(rows)
 
         # an independent reading of every study the table claims, with the same budgets
-        specs = [f"{s['url']}#{s['study']}" for r in bed["rows"] for s in r["studies"]]
-        curves = {c.name: c for c in load_curves(specs, budgets=BUDGETS).curves}
+        specs = tuple(f"{s['url']}#{s['study']}" for r in bed["rows"] for s in r["studies"])
+        curves = {c.name: c for c in read_curves(specs).curves}
         ref = bed["ref_point"]
         if mo:
-            assert ref == load_curves(specs, budgets=BUDGETS).ref_point
+            assert ref == read_curves(specs).ref_point
         uniform = bed["uniform"]
         for s, row in rows.items():
             assert row["seeds"] == SEEDS, (name, s)
