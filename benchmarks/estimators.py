@@ -38,7 +38,8 @@ Multi-fidelity at equal cost:
   per-trial merge, scoring and controller seconds by fidelity.
 
     python benchmarks/estimators.py --fidelity-run zoo-gen [--seeds 5] [--full-evals 30]
-        [--out /tmp/estimators/fidelity.json] [--work /tmp/estimators] [--threads 1]
+        [--inner random --inner-options '{}'] [--out /tmp/estimators/fidelity.json]
+        [--work /tmp/estimators] [--threads 1]
 
 * ``--time-looks zoo-gen``: the seconds of one evaluation of the base model at 4, 48, 136
   and 400 items (1/100, 1/9, 1/3 and all of each task), the hf evaluator generating for
@@ -221,12 +222,15 @@ def markdown(bed: str, fig: dict[str, Any], seeds: int, sources: int, merges: in
 FIDELITY_BEDS = {"zoo-gen": "experiments/zoo/asha_generate.yaml"}
 
 
-def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path) -> list[dict]:
+def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path,
+                 inner_strategy: str | None = None,
+                 inner_options: dict | None = None) -> list[dict]:
     """asha over its inner strategy against the inner strategy alone, at the cost of
     ``full_evals`` full evaluations each, seeds 0..seeds-1, interleaved (asha seed 0, plain
-    seed 0, asha seed 1, ...) so both arms see the same machine load.  Each finished run is
-    appended to ``out`` (JSON, the league's run records plus ``started_at``); runs already
-    there are skipped."""
+    seed 0, asha seed 1, ...) so both arms see the same machine load.  ``inner_strategy``
+    (with ``inner_options``) replaces the experiment's inner strategy in both arms.  Each
+    finished run is appended to ``out`` (JSON, the league's run records plus
+    ``started_at``); runs already there are skipped."""
     from mergesearch import controller
     from mergesearch.experiment import Experiment
     from mergesearch.report.compare import strategy_label
@@ -236,13 +240,16 @@ def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path) -
     base = Experiment.load(file, [f"output={work / bed / 'probe'}"])
     if base.strategy.name != "asha":
         raise SystemExit(f"{file}: strategy must be asha (over the plain strategy)")
-    inner = base.strategy.options
+    inner = dict(base.strategy.options)
+    if inner_strategy is not None:
+        inner |= {"strategy": inner_strategy, "options": inner_options or {}}
     full_items = sum(controller.BoundExperiment(base, progress=False)
                      .make_executor().worker.evaluator.n_items.values())
     done = json.loads(out.read_text())["runs"] if out.exists() else []
     url = f"sqlite:///{(work / f'{bed}.db').as_posix()}"
     arms = {"asha": ("asha", inner, [f"budget.cost={full_evals * full_items}",
-                                     f"budget.evaluations={full_evals * 20}"]),
+                                     f"budget.evaluations={full_evals * 20}",
+                                     f"strategy.options={json.dumps(inner)}"]),
             "plain": (inner["strategy"], inner.get("options", {}),
                       [f"budget.evaluations={full_evals}", "budget.cost=null",
                        f"strategy.name={inner['strategy']}",
@@ -375,6 +382,57 @@ def first_reach(reached: list[tuple], target: float) -> tuple[float, float, floa
                  for w in (rest[0] if rest else None,)), None)
 
 
+#: the anytime table's time points, as shares of the plain arm's mean evaluation seconds
+ANYTIME = (0.25, 0.5, 0.75, 1.0)
+
+
+def best_by(reached: list[tuple], seconds: float) -> float | None:
+    """A run's best full-fidelity value among the trials finished within ``seconds`` of
+    evaluation time (merge + scoring of every trial before them, cheap looks included)."""
+    return max((v for s, v, *_ in reached if s <= seconds + 1e-9), default=None)
+
+
+def anytime_markdown(by: dict[tuple[str, str], list[dict]], bed: str,
+                     labels: list[str]) -> list[str]:
+    """Lines of the anytime table: each arm's best full-fidelity value after the same
+    evaluation seconds (shares of the plain arm's mean), mean ± std over seeds (a run with
+    no full-fidelity result by then counts as not there yet), and per seed which arm was
+    ahead.  "Gets there in less evaluation time" reads off it: the arm higher at a time
+    point reached that value sooner."""
+    plains = {by[bed, label][0]["plain"] for label in labels} & set(labels)
+    if not plains:
+        return []
+    plain = sorted(plains)[0]
+    total = statistics.mean(r["seconds"] for r in by[bed, plain])
+    head = ["strategy", *(f"best by {f:g} x ({f * total:.0f} s)" for f in ANYTIME)]
+    lines = [f"Anytime, in evaluation seconds: the best full-fidelity value reached within "
+             f"a share of {plain}'s mean evaluation seconds ({total:.0f} s); mean ± std "
+             "over seeds, (n) the runs with a full-fidelity result by then; last row: per "
+             "seed, how many wrapped runs were at least as high as the plain run of the "
+             "same seed.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    seeds = {label: {r["seed"]: r for r in by[bed, label]} for label in labels}
+    for label in labels:
+        cells = [label]
+        for f in ANYTIME:
+            vals = [v for r in by[bed, label] if (v := best_by(r["reached"], f * total))
+                    is not None]
+            cells.append((_pm(vals, 4) if vals else "—") + f" ({len(vals)})")
+        lines.append("| " + " | ".join(cells) + " |")
+    for label in labels:
+        if label == plain:
+            continue
+        cells = [f"{label}: seeds ahead or level"]
+        for f in ANYTIME:
+            pairs = [(best_by(r["reached"], f * total),
+                      best_by(seeds[plain][seed]["reached"], f * total))
+                     for seed, r in seeds[label].items() if seed in seeds[plain]]
+            ahead = sum(a is not None and (b is None or a >= b - 1e-12) for a, b in pairs)
+            cells.append(f"{ahead}/{len(pairs)}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
     """One table per testbed: best full-fidelity value at equal cost, evaluation seconds,
     and the cost and seconds to reach the baseline's mean final best; where the runs
@@ -426,6 +484,7 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
             cells.append((reach if ok else "—") + f" ({len(ok)}/{len(runs)})")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        lines += anytime_markdown(by, bed, labels)
         timed = [label for label in labels if all(r.get("timing") for r in by[bed, label])]
         if walls and timed:
             lines += ["Per trial, by fidelity (median over all trials of all seeds): items "
@@ -467,6 +526,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="run asha over cmaes and plain cmaes at equal cost, interleaved, "
                         f"on a testbed ({', '.join(FIDELITY_BEDS)}), into --out; then "
                         "print the equal-cost table of those runs")
+    parser.add_argument("--inner", default=None, metavar="STRATEGY",
+                        help="--fidelity-run: the strategy asha wraps and the plain arm runs "
+                        "(default: the experiment's, cmaes)")
+    parser.add_argument("--inner-options", default="{}", metavar="JSON",
+                        help="--fidelity-run: that strategy's options")
     parser.add_argument("--full-evals", type=int, default=30,
                         help="--fidelity-run: each run's budget, in full evaluations")
     parser.add_argument("--out", default="/tmp/estimators/fidelity.json",
@@ -502,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         work, out = Path(args.work), Path(args.out)
         work.mkdir(parents=True, exist_ok=True)
-        fidelity_run(args.fidelity_run, args.seeds, args.full_evals, out, work)
+        fidelity_run(args.fidelity_run, args.seeds, args.full_evals, out, work,
+                     args.inner, json.loads(args.inner_options))
         args.league = str(out)
         if args.units is None:
             n = args.full_evals

@@ -43,3 +43,26 @@ def test_the_table_reports_cost_seconds_and_wall_seconds_to_the_plain_best():
     assert "0.5 ± 0.0 / 1 ± 0 / 2 ± 1 (2/2)" in lines["| asha"]
     assert "2.0 ± 0.0 / 4 ± 0 / 8 ± 0 (2/2)" in lines["| plain"]
     assert "| asha | 0.500 | 2 | 5 | 0.100 | 1.000 | 0.050 | 10x |" in text
+
+
+def test_the_anytime_table_compares_the_arms_at_equal_evaluation_seconds():
+    bench = _bench()
+    # plain: 0.3 at 2 s, 0.5 at 4 s (mean evaluation seconds 4); asha seed 0 is ahead
+    # throughout, seed 1 has no full result until 3 s and is behind at the end
+    runs = [_run("plain", "plain", s, [(2.0, 0.3, 1.0, 4.0), (4.0, 0.5, 2.0, 8.0)], 0.5)
+            for s in (0, 1)]
+    runs += [_run("asha", "plain", 0, [(0.5, 0.4, 0.5, 1.0), (3.5, 0.6, 2.0, 6.0)], 0.6),
+             _run("asha", "plain", 1, [(3.0, 0.35, 0.5, 5.0), (4.0, 0.45, 2.0, 6.0)], 0.45)]
+    assert bench.best_by(runs[2]["reached"], 1.0) == 0.4
+    assert bench.best_by(runs[3]["reached"], 1.0) is None
+    text = "\n".join(bench.anytime_markdown(
+        {("t", r["label"]): [x for x in runs if x["label"] == r["label"]] for r in runs},
+        "t", ["asha", "plain"]))
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("|")}
+    # time points 1, 2, 3, 4 s
+    assert rows["| plain"] == "| plain | — (0) | 0.3000 ± 0.0000 (2) | 0.3000 ± 0.0000 (2) " \
+        "| 0.5000 ± 0.0000 (2) |"
+    assert rows["| asha"] == "| asha | 0.4000 (1) | 0.4000 (1) | 0.3750 ± 0.0354 (2) " \
+        "| 0.5250 ± 0.1061 (2) |"
+    assert rows["| asha: seeds ahead or level"] == \
+        "| asha: seeds ahead or level | 1/2 | 1/2 | 2/2 | 1/2 |"
