@@ -369,11 +369,14 @@ def test_searches_opening_an_empty_database_at_once_all_start(postgres_url):
 
 
 @pytest.mark.slow
-def test_a_second_writer_on_a_postgres_study_is_refused(zoo, postgres_url, tmp_path):
-    """Two `mergesearch run` processes on one study: the one that holds the lease runs to its
-    budget, the other stops with one line naming the holder; readers are never blocked."""
+def test_a_second_writer_on_a_postgres_study_is_refused(zoo, postgres_url, tmp_path, capsys):
+    """Two `mergesearch run` processes on one study (the second one this test's): the one
+    that holds the lease runs to its budget, the other stops with one line naming the
+    holder; readers are never blocked."""
+    from mergesearch.cli import main
+
     path = write_experiment(tmp_path, postgres_url, "pg_lease", evaluator__limit=64,
-                            budget={"evaluations": 40})
+                            budget={"evaluations": 24})
     engine = sqlalchemy.create_engine(postgres_url)
     first = subprocess.Popen([sys.executable, "-m", "mergesearch.cli", "run", str(path), "-q"],
                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -383,14 +386,15 @@ def test_a_second_writer_on_a_postgres_study_is_refused(zoo, postgres_url, tmp_p
         assert first.poll() is None, first.communicate()[1][-2000:]
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    second = cli("run", str(path), "--resume", "-q")
-    assert second.returncode == 2, second.stderr
-    lines = second.stderr.strip().splitlines()
+    capsys.readouterr()
+    assert main(["run", str(path), "--resume", "-q"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "is being written by another search" in lines[0]
     assert f"pid {first.pid}" in lines[0]
-    status = cli("status", str(path))  # a reader, while the writer runs
-    assert status.returncode == 0 and "trials:" in status.stdout
+    assert main(["status", str(path)]) == 0  # a reader, while the writer runs
+    assert "trials:" in capsys.readouterr().out
+    assert first.poll() is None, "the writer finished before the checks: raise its budget"
     assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
     trials = TrialStore.open(postgres_url, "pg_lease").trials()
-    assert sorted(t.candidate_id for t in trials) == list(range(40))
+    assert sorted(t.candidate_id for t in trials) == list(range(24))
     engine.dispose()
