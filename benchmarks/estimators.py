@@ -478,7 +478,8 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
                                      if r["best"][units[-1]] is not None)
             hit = [first_reach(r["reached"], target) for r in runs]
             ok = [h for h in hit if h is not None]
-            reach = f"{_pm([c for _, c, _ in ok], 1)} / {_pm([s for s, _, _ in ok], 0)}"
+            reach = f"{_pm([c for _, c, _ in ok], 1)} / {_pm([s for s, _, _ in ok], 0)}" \
+                if ok else ""
             if walls and ok and all(w is not None for _, _, w in ok):
                 reach += f" / {_pm([w for _, _, w in ok], 0)}"
             cells.append((reach if ok else "—") + f" ({len(ok)}/{len(runs)})")
