@@ -478,11 +478,12 @@ def fidelity_markdown(curves: dict[str, Any], units: tuple[int, ...]) -> str:
                                      if r["best"][units[-1]] is not None)
             hit = [first_reach(r["reached"], target) for r in runs]
             ok = [h for h in hit if h is not None]
-            reach = f"{_pm([c for _, c, _ in ok], 1)} / {_pm([s for s, _, _ in ok], 0)}" \
-                if ok else ""
-            if walls and ok and all(w is not None for _, _, w in ok):
-                reach += f" / {_pm([w for _, _, w in ok], 0)}"
-            cells.append((reach if ok else "—") + f" ({len(ok)}/{len(runs)})")
+            reach = "—"
+            if ok:
+                reach = f"{_pm([c for _, c, _ in ok], 1)} / {_pm([s for s, _, _ in ok], 0)}"
+                if walls and all(w is not None for _, _, w in ok):
+                    reach += f" / {_pm([w for _, _, w in ok], 0)}"
+            cells.append(f"{reach} ({len(ok)}/{len(runs)})")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines += anytime_markdown(by, bed, labels)
