@@ -38,7 +38,8 @@ Multi-fidelity at equal cost:
   per-trial merge, scoring and controller seconds by fidelity.
 
     python benchmarks/estimators.py --fidelity-run zoo-gen [--seeds 5] [--full-evals 30]
-        [--inner random --inner-options '{}'] [--out /tmp/estimators/fidelity.json]
+        [--inner random --inner-options '{}'] [--asha-options '{"fidelities": [0.333333, 1]}']
+        [--out /tmp/estimators/fidelity.json]
         [--work /tmp/estimators] [--threads 1]
 
 * ``--time-looks zoo-gen``: the seconds of one evaluation of the base model at 4, 48, 136
@@ -54,6 +55,7 @@ Output: progress on stderr; markdown for benchmarks/RESULTS.md on stdout.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -223,12 +225,13 @@ FIDELITY_BEDS = {"zoo-gen": "experiments/zoo/asha_generate.yaml"}
 
 
 def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path,
-                 inner_strategy: str | None = None,
-                 inner_options: dict | None = None) -> list[dict]:
+                 inner_strategy: str | None = None, inner_options: dict | None = None,
+                 asha_options: dict | None = None) -> list[dict]:
     """asha over its inner strategy against the inner strategy alone, at the cost of
     ``full_evals`` full evaluations each, seeds 0..seeds-1, interleaved (asha seed 0, plain
     seed 0, asha seed 1, ...) so both arms see the same machine load.  ``inner_strategy``
-    (with ``inner_options``) replaces the experiment's inner strategy in both arms.  Each
+    (with ``inner_options``) replaces the experiment's inner strategy in both arms;
+    ``asha_options`` (``fidelities``, ``eta``, ...) update asha's own options.  Each
     finished run is appended to ``out`` (JSON, the league's run records plus
     ``started_at``); runs already there are skipped."""
     from mergesearch import controller
@@ -243,6 +246,10 @@ def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path,
     inner = dict(base.strategy.options)
     if inner_strategy is not None:
         inner |= {"strategy": inner_strategy, "options": inner_options or {}}
+    if asha_options:
+        if {"strategy", "options"} & set(asha_options):
+            raise SystemExit("--asha-options: name the inner strategy with --inner")
+        inner |= asha_options
     full_items = sum(controller.BoundExperiment(base, progress=False)
                      .make_executor().worker.evaluator.n_items.values())
     done = json.loads(out.read_text())["runs"] if out.exists() else []
@@ -260,7 +267,9 @@ def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path,
             if any(r["label"] == label and r["seed"] == seed and r["testbed"] == bed
                    and r["evaluations"] == full_evals for r in done):
                 continue
-            name = f"{bed}-{arm}-f{full_evals}-s{seed}"
+            tag = f"-{hashlib.sha1(label.encode()).hexdigest()[:6]}" \
+                if arm == "asha" and asha_options else ""  # its own study per asha setting
+            name = f"{bed}-{arm}{tag}-f{full_evals}-s{seed}"
             exp = Experiment.load(file, [*sets, f"name={name}", f"seed={seed}",
                                          f"storage={url}", f"output={work / bed / name}"])
             started = time.time()
@@ -533,6 +542,9 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the experiment's, cmaes)")
     parser.add_argument("--inner-options", default="{}", metavar="JSON",
                         help="--fidelity-run: that strategy's options")
+    parser.add_argument("--asha-options", default="{}", metavar="JSON",
+                        help="--fidelity-run: asha's own options over the experiment's, "
+                        "e.g. '{\"fidelities\": [0.333333, 1.0]}'")
     parser.add_argument("--full-evals", type=int, default=30,
                         help="--fidelity-run: each run's budget, in full evaluations")
     parser.add_argument("--out", default="/tmp/estimators/fidelity.json",
@@ -569,7 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         work, out = Path(args.work), Path(args.out)
         work.mkdir(parents=True, exist_ok=True)
         fidelity_run(args.fidelity_run, args.seeds, args.full_evals, out, work,
-                     args.inner, json.loads(args.inner_options))
+                     args.inner, json.loads(args.inner_options),
+                     json.loads(args.asha_options))
         args.league = str(out)
         if args.units is None:
             n = args.full_evals
