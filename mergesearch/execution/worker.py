@@ -93,6 +93,13 @@ class Worker:
         if spec.check_recipe is not None:
             self.merger.plan(Recipe.from_dict(spec.check_recipe))
 
+    def close(self) -> None:
+        """Release what the evaluator holds (a vLLM engine and its processes); the worker
+        scores nothing after.  Safe to call twice."""
+        close = getattr(self.evaluator, "close", None)
+        if close is not None:
+            close()
+
     def evaluate(self, candidate: Candidate) -> Result:
         """Merge one candidate, then score it (a trial) or answer its probe; any exception
         becomes a failed result."""
