@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from contract_strategies import Repeat
 from helpers import zoo_experiment
 
 from mergesearch.controller import BoundExperiment, SearchLoop, run
+from mergesearch.execution import Worker
 from mergesearch.experiment import Experiment
 from mergesearch.storage import TrialStore
 from mergesearch.strategies import Strategy
@@ -190,3 +193,36 @@ def test_a_freed_worker_gets_its_next_candidate_before_the_last_result_is_writte
     for k in range(1, 6):
         assert events.index(("submit", k)) < events.index(("add", k - 1))
     assert [e for e in events if e[0] == "add"] == [("add", k) for k in range(6)]
+
+
+class ClosingWorker(Worker):
+    """Notes each close in the file that MERGESEARCH_TEST_CLOSED names."""
+
+    def close(self) -> None:
+        super().close()
+        path = Path(os.environ["MERGESEARCH_TEST_CLOSED"])
+        path.write_text((path.read_text() if path.exists() else "") + "closed\n")
+
+
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_run_closes_its_worker_when_it_ends(zoo, tmp_path, monkeypatch, interrupted):
+    """What a worker's evaluator holds (a vLLM engine and its processes) is released when
+    the run ends, also when it is interrupted, not when the process exits."""
+    marker = tmp_path / "closed"
+    monkeypatch.setenv("MERGESEARCH_TEST_CLOSED", str(marker))
+    exp = experiment(tmp_path, execution={"worker_class": "test_controller:ClosingWorker"},
+                     budget={"evaluations": 3})
+    seen = []
+
+    def on_result(result) -> None:
+        assert not marker.exists()  # the worker is open while the run scores
+        seen.append(result)
+        if interrupted and len(seen) == 2:
+            raise KeyboardInterrupt
+
+    if interrupted:
+        with pytest.raises(KeyboardInterrupt):
+            run(exp, progress=False, on_result=on_result)
+    else:
+        assert run(exp, progress=False, on_result=on_result).ok == 3
+    assert marker.read_text() == "closed\n"  # once
