@@ -105,6 +105,7 @@ def hand_best(rows, b: int) -> tuple[float, float, float]:
     return max(a for a, _ in first), min(v for _, v in first), first
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_compare_equals_numbers_computed_from_optuna_and_pymoo(searches):
     url, out = searches["url"], searches["tmp"] / "cmp.json"
     done = subprocess.run([sys.executable, "-m", "mergesearch", "compare", url, "--budgets",
@@ -183,6 +184,7 @@ def test_compare_equals_numbers_computed_from_optuna_and_pymoo(searches):
         "rand0;rand1", statistics.mean(accs), statistics.stdev(accs))
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_seeds_of_one_strategy_give_mean_and_sample_std(searches):
     trials = by_hand(searches["url"])
     c = load_curves([searches["url"]], BUDGETS)
@@ -212,6 +214,7 @@ def test_seeds_of_one_strategy_give_mean_and_sample_std(searches):
     assert f"{m:.4f} ± {s:.4f}" in text and "mean ± std" in text
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_a_study_held_by_a_live_writer_is_compared_without_touching_it(searches):
     url = searches["url"]
     holder = subprocess.Popen(
@@ -243,6 +246,7 @@ def _no_tables(path: Path) -> None:
     con.close()
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @pytest.mark.parametrize("spec, says", [
     ("missing.yaml", "experiment file missing.yaml does not exist"),
     ("missing.db", "missing.db: no such SQLite file"),
@@ -265,6 +269,7 @@ def test_a_bad_study_argument_is_one_line_and_exit_2(searches, tmp_path, capsys,
     assert tables == [("notes",)]  # nothing created in a file that is not a storage
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @pytest.mark.parametrize("args, says", [
     (["--budgets", "0,10"], "--budgets '0,10'"),
     (["--budgets", "ten"], "--budgets 'ten'"),
@@ -277,6 +282,7 @@ def test_bad_budgets_and_targets_are_refused(searches, capsys, args, says):
     assert err.count("\n") == 1 and says in err
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_studies_of_other_objectives_are_refused(searches, tmp_path, capsys):
     url = f"sqlite:///{(tmp_path / 'other.db').as_posix()}"
     TrialStore.create(url, "one", [Objective("accuracy")], [], {"strategy": {"name": "x"}})

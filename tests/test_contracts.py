@@ -56,6 +56,7 @@ def check_seen_is_recorded(strategy, trials, probes) -> None:
             assert seen["correct"] == {}
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_recipe_proposals_run_are_recorded_with_their_metadata(zoo, tmp_path):
     exp = experiment(tmp_path, CROSSOVER)
     summary = run(exp, progress=False)
@@ -77,6 +78,7 @@ def test_recipe_proposals_run_are_recorded_with_their_metadata(zoo, tmp_path):
     check_seen_is_recorded(strategy, trials, probes)
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_probes_are_recorded_but_are_not_trials(zoo, tmp_path):
     exp = experiment(tmp_path, PROBER)
     summary = run(exp, progress=False)
@@ -97,6 +99,7 @@ def test_probes_are_recorded_but_are_not_trials(zoo, tmp_path):
     assert main(["status", str(_write(tmp_path, exp))]) == 0
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_a_probe_payload_matches_an_independent_computation(zoo, tmp_path):
     import torch
 

@@ -28,6 +28,7 @@ def completed(exp: Experiment, study: str = "t"):
     return store, [t for t in store.trials() if t.state == "ok"]
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_every_trial_is_recorded_with_its_recipe_scores_and_state(zoo, tmp_path):
     exp = experiment(tmp_path)
     summary = run(exp, progress=False)
@@ -61,6 +62,7 @@ def test_every_trial_is_recorded_with_its_recipe_scores_and_state(zoo, tmp_path)
     assert set(first.params.values()) == {0.5}
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_rerun_resumes_and_a_larger_budget_continues(zoo, tmp_path):
     exp = experiment(tmp_path, budget={"evaluations": 4})
     run(exp, progress=False)
@@ -82,6 +84,7 @@ class Crash(BaseException):
     """Stands in for a kill: not an Exception, so nothing in the loop catches it."""
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @pytest.mark.parametrize("where", ["add", "save_state", "tell"])
 def test_resume_after_a_crash_at_each_step(zoo, tmp_path, monkeypatch, where):
     """Crash on the 4th call of a step (writing a trial, checkpointing, telling the strategy
@@ -204,6 +207,7 @@ class ClosingWorker(Worker):
         path.write_text((path.read_text() if path.exists() else "") + "closed\n")
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @pytest.mark.parametrize("interrupted", [False, True])
 def test_a_run_closes_its_worker_when_it_ends(zoo, tmp_path, monkeypatch, interrupted):
     """What a worker's evaluator holds (a vLLM engine and its processes) is released when

@@ -310,6 +310,7 @@ def _fresh(url: str) -> list:
     return optuna.load_study(study_name="syn", storage=url).get_trials()
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_the_dashboard_keeps_up_with_new_trials(tmp_path):
     from optuna_dashboard._custom_plot_data import get_plotly_graph_objects
 

@@ -135,6 +135,7 @@ def test_a_space_file_edited_between_kill_and_resume_is_refused(zoo, tmp_path):
     assert ids(exp) == before
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @pytest.mark.parametrize("change, named", [
     ({"execution": {"dtype": "bfloat16"}}, r"execution.dtype \(float32 -> bfloat16\)"),
     ({"evaluator__limit": 8}, "evaluator"),
@@ -377,6 +378,7 @@ def test_sources_listed_in_another_order_are_another_search(zoo, tmp_path):
                            models={"base": "zoo:base", "sources": shuffled}), progress=False)
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_new_epoch_continues_a_changed_study_with_a_fresh_strategy(zoo, tmp_path):
     exp = zoo_experiment(tmp_path, budget={"evaluations": 2})
     run(exp, progress=False)

@@ -184,6 +184,7 @@ def parse_recipes(out: str) -> dict[int, tuple[dict[str, str], str]]:
 # -- tests ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_search_on_postgres_reads_back_the_same_from_another_process(zoo, postgres_url,
                                                                      tmp_path):
     path = write_experiment(tmp_path, postgres_url, "pg_front", budget={"evaluations": 5})

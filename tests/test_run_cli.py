@@ -62,6 +62,7 @@ def test_sigkill_mid_search_then_resume_records_the_budget_exactly(zoo, tmp_path
     assert "Pareto front" in done.stdout
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_run_status_pareto_export_in_process(zoo, tmp_path, capsys):
     exp = write_experiment(tmp_path, budget={"evaluations": 5}, strategy={"name": "random"})
     assert main(["run", str(exp), "-q", "--set", "evaluator.limit=8"]) == 0
@@ -96,6 +97,7 @@ def test_run_status_pareto_export_in_process(zoo, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_overrides_and_study_names_keep_sweeps_apart(zoo, tmp_path, capsys):
     exp = write_experiment(tmp_path, budget={"evaluations": 2}, strategy={"name": "random"})
     for seed in (1, 2):
@@ -191,6 +193,7 @@ def test_every_shipped_experiment_and_sweep_is_valid():
                 assert exp.find(exp.evaluator.suite) is not None, path
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_status_pareto_and_listing_start_without_torch(zoo, tmp_path):
     """Reading a study must not pay for torch, transformers or pycma (seconds): checked in
     a fresh interpreter, on a real study. (Printing recipes, ``pareto --recipes``, needs

@@ -392,6 +392,7 @@ def test_recipe_objectives_are_known_exactly_as_functions_of_the_genome(tiny):
 
 
 # ------------------------------------------------------------ shipped files
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_every_shipped_space_binds_to_zoo_like_models_and_merges_its_start(tiny):
     from mergesearch.models.checkpoint import Checkpoint
     from mergesearch.models.resident import merge

@@ -32,6 +32,7 @@ def staged(tmp_path: Path, second: int = 6) -> Experiment:
     return Experiment.from_dict(data)
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_a_later_stage_merges_with_the_trial_the_earlier_one_chose(zoo, tmp_path):
     exp = staged(tmp_path)
     first, second = run_stages(exp, progress=False)
@@ -80,6 +81,7 @@ def test_killed_in_the_second_stage_it_resumes_there(zoo, tmp_path):
     second = TrialStore.open(exp.storage_url, "t.more").trials()
     assert sorted(t.candidate_id for t in second) == list(range(12))
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_status_reads_the_stage_asked_for(zoo, tmp_path, capsys):
     from mergesearch.cli import main
 

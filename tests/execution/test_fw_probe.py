@@ -85,6 +85,7 @@ def test_payload_equals_autograd_cosines_on_the_same_merge(zoo):
             assert payload["tnorm"][i][p] == pytest.approx(float(tau.norm()), rel=1e-5)
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_probe_refuses_a_candidate_without_its_pool(zoo):
     worker = Worker(WorkerSpec(tokenizer=str(zoo.base), evaluator={
         "suite": str(ROOT / "evaluators/zoo"), "tasks": ["zoo_rev"],

@@ -135,6 +135,7 @@ def _module_storage(model: torch.nn.Module) -> tuple[int, frozenset]:
                                    for t in tensors)
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @torch.no_grad()
 def test_fifty_paths_of_any_length_copy_no_weights(sources):
     model = LayerPathModel(sources)

@@ -47,6 +47,7 @@ def test_invalid_hold_is_refused():
         ModelPool("cpu", hold="gpu")
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_host_and_device_holding_give_identical_merges_on_cpu(tiny):
     host, device = ResidentMerger(hold="host"), ResidentMerger(hold="device")
     for recipe in recipes(tiny):

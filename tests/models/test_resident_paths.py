@@ -103,6 +103,7 @@ def test_one_source_model_per_model_and_a_new_path_model_only_for_a_new_model(ti
     assert built == [a, b, c]
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @torch.no_grad()
 def test_thirty_paths_of_two_depths_through_apply_copy_no_weights(tiny):
     refs = [tiny.base, tiny.sources[0]]

@@ -63,6 +63,7 @@ def recipes(tiny) -> dict[str, Recipe]:
 
 # ------------------------------------------------------------- stream == apply
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 def test_stream_equals_the_applied_module_tensor_by_tensor(tiny, dtype):
     merger = ResidentMerger(dtype=dtype)

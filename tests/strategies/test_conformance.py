@@ -405,6 +405,7 @@ json.dump(out, sys.stdout)
 """
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 @pytest.mark.parametrize("group", ["light", pytest.param("heavy", marks=EXPENSIVE)])
 def test_resume_in_a_fresh_process(group: str) -> None:
     """A state replays identically in another interpreter (other hash seed: a resumed run)."""

@@ -200,6 +200,7 @@ def test_the_league_runs_bayesian_map_on_the_hard_zoos_seven_sources(monkeypatch
 
 # -- nested MAP --------------------------------------------------------------------------
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_nested_map_merges_the_closest_pairs_and_composes_their_weights() -> None:
     """Four 'experts' (one per dimension), objective i best at weight i = 1: experts 0 and
     1 score alike, 2 and 3 alike, so they pair up first; the last merge searches x a + y b
@@ -265,6 +266,7 @@ def test_expert_groups_read_the_task_arithmetic_names() -> None:
     assert mergesearch.strategies.map.expert_groups(["a", "b"]) == [("a", [0]), ("b", [1])]
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_nested_map_on_a_per_layer_space_runs_as_on_its_per_expert_space() -> None:
     """Two layer groups per expert: the experts are scored with weight 1 on all of their
     layers, and every later merge keeps an expert's layers at one weight (merges compose
@@ -340,6 +342,7 @@ json.dump(out, sys.stdout)
 """
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_a_state_mid_front_replays_identically_in_a_fresh_process() -> None:
     problem = toy_problem(2, 2)
     small = {"map": {"front_points": 4}, "bayesian_map": {"design": 6, "adaptive": 2},

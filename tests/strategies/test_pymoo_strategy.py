@@ -98,6 +98,7 @@ json.dump(out, sys.stdout)
 """
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_resume_in_a_fresh_process() -> None:
     states, expected = [], []
     for algorithm in SUBSET:

@@ -34,6 +34,7 @@ def _hashes(root: Path) -> dict[str, str]:
             for p in sorted(root.glob("*/model.safetensors"))}
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_tiny_hard_zoo_builds_the_same_weights_twice(tmp_path: Path) -> None:
     first = build_hard_zoo(tmp_path / "a", config=TINY, progress=False)
     second = build_hard_zoo(tmp_path / "b", config=TINY, progress=False)
@@ -46,6 +47,7 @@ def test_tiny_hard_zoo_builds_the_same_weights_twice(tmp_path: Path) -> None:
     assert _hashes(other.root)["rot"] != hashes["rot"]
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_tiny_hard_zoo_experts_change_only_their_layers(tmp_path: Path) -> None:
     zoo = build_hard_zoo(tmp_path / "z", config=TINY, progress=False)
     base = load_file(zoo.base / "model.safetensors")

@@ -56,6 +56,7 @@ def test_manifest_scores_are_reproduced_by_score_all(tiny_zoo: Zoo) -> None:
     assert got == tiny_zoo.manifest["scores"][expert]
 
 
+@pytest.mark.slow  # seconds: kept out of the quick suite, run by CI
 def test_same_seed_gives_identical_weights_and_other_seed_differs(
     tiny_zoo: Zoo, tmp_path: Path
 ) -> None:
