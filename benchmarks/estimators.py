@@ -250,8 +250,11 @@ def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path,
         if {"strategy", "options"} & set(asha_options):
             raise SystemExit("--asha-options: name the inner strategy with --inner")
         inner |= asha_options
-    full_items = sum(controller.BoundExperiment(base, progress=False)
-                     .make_executor().worker.evaluator.n_items.values())
+    probe = controller.BoundExperiment(base, progress=False).make_executor()
+    try:
+        full_items = sum(probe.worker.evaluator.n_items.values())
+    finally:
+        probe.close()
     done = json.loads(out.read_text())["runs"] if out.exists() else []
     url = f"sqlite:///{(work / f'{bed}.db').as_posix()}"
     arms = {"asha": ("asha", inner, [f"budget.cost={full_evals * full_items}",

@@ -210,9 +210,7 @@ class BoundExperiment:
         try:
             return worker.evaluate(Candidate(id=0, genome=[], recipe=recipe))
         finally:
-            close = getattr(worker, "close", None)
-            if close is not None:
-                close()
+            worker.close()
 
     def fingerprint(self) -> dict[str, Any]:
         """What this search's results depend on, by content: a resumed study must match it

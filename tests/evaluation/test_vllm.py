@@ -105,6 +105,11 @@ def test_the_shipped_experiment_runs_a_search_on_vllm(zoo, tmp_path, monkeypatch
     assert all(t.tracked for t in trials)  # evaluator.track: greedy_match
 
 
+def engine_processes() -> list[str]:
+    """The names of this process's live vLLM EngineCore children."""
+    return [p.name for p in multiprocessing.active_children() if "EngineCore" in p.name]
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_ray_workers_each_with_an_engine_score_as_the_local_run(zoo, ray_cluster, tmp_path,
@@ -129,11 +134,9 @@ def test_ray_workers_each_with_an_engine_score_as_the_local_run(zoo, ray_cluster
         # the run closed its engine: no vLLM engine process of this one is left running
         # (vLLM kills it after a grace period: give the kill a few seconds to land)
         deadline = time.monotonic() + 15
-        while [p for p in multiprocessing.active_children() if "EngineCore" in p.name] \
-                and time.monotonic() < deadline:
+        while engine_processes() and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not [p.name for p in multiprocessing.active_children()
-                    if "EngineCore" in p.name], where
+        assert not engine_processes(), where
         trials = TrialStore.open(exp.storage_url, exp.name).trials()
         scores[where] = {tuple(t.params.values()): (t.values, t.items) for t in trials}
     assert len(scores["ray"]) == 6
