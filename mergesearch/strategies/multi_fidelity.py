@@ -6,7 +6,10 @@ New configurations come from the inner strategy and are scored at the lowest fid
 (rung 0); the best ``1/eta`` of a rung are scored again at the next fidelity, up to the
 last (1: the whole evaluation set).  The inner strategy is told each configuration's
 rung-0 result, once: it searches the cheap objective, and the rungs above decide which of
-its points get paid for in full.
+its points get paid for in full.  With ``tell: last`` (synchronous only) it is told instead,
+once a bracket has ended, each configuration's result at the highest rung it reached, so
+the points it ranks best are ranked by their full evaluations (``bracket`` is best set to
+the inner strategy's batch, e.g. CMA-ES's population).
 
 * ``asynchronous: true`` (ASHA; Li et al., "A System for Massively Parallel Hyperparameter
   Tuning", MLSys 2020): whenever a candidate is asked for, the highest rung with a
@@ -29,7 +32,7 @@ log, which rebuilds the inner strategy too (the inner one is driven only from he
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -58,6 +61,10 @@ class ASHAOptions(StrategyOptions):
     """ASHA (never waits) or synchronous successive halving in brackets."""
     bracket: int | None = Field(None, gt=0)
     """Synchronous only: configurations per bracket (default ``eta ** (rungs - 1)``)."""
+    tell: Literal["first", "last"] = "first"
+    """What the inner strategy is told of a configuration: its first (rung-0) result, as
+    soon as it is back, or (synchronous only) its result at the highest rung it reached,
+    once its bracket has ended."""
 
     @field_validator("fidelities")
     @classmethod
@@ -74,6 +81,9 @@ class ASHAOptions(StrategyOptions):
     def _bracket_sync(self) -> ASHAOptions:
         if self.bracket is not None and self.asynchronous:
             raise ValueError("bracket is for asynchronous: false only")
+        if self.tell == "last" and self.asynchronous:
+            raise ValueError("tell: last is for asynchronous: false only (ASHA may promote a "
+                             "configuration at any later time, so no result of it is its last)")
         if self.strategy == "asha":
             raise ValueError("strategy: asha cannot wrap itself; name the inner strategy")
         return self
@@ -161,7 +171,8 @@ class SuccessiveHalving(Strategy):
             self._configs.append({"genome": cand.genome,
                                   "recipe": None if cand.recipe is None
                                   else cand.recipe.to_dict(),
-                                  "meta": cand.meta, "inner": cand.id, "loss": {}})
+                                  "meta": cand.meta, "inner": cand.id, "loss": {},
+                                  "result": {}})
             config = len(self._configs) - 1
             if not self.options.asynchronous:
                 self._bracket[0].append(config)
@@ -198,11 +209,17 @@ class SuccessiveHalving(Strategy):
         top = max(r for r in range(len(self._fid)) if self._bracket[r] or r == 0)
         members = self._bracket[top]
         if top == 0 and len(members) < self._size:
-            return self._new(min(n, self._size - len(members)))
+            fresh = self._new(min(n, self._size - len(members)))
+            if fresh or not members:
+                return fresh
+            # the inner strategy has nothing more for now (a generation waiting for its
+            # results, or done): the bracket is what it gave
         if any(self._loss(c, top) is None for c in members):
             return []  # wait for the rung
         best = [c for c in self._top(members, top) if math.isfinite(self._loss(c, top))]
         if top == len(self._fid) - 1 or not best:
+            if self.options.tell == "last":
+                self._tell_last(self._bracket[0])
             self._bracket = [[] for _ in self._fid]  # the next bracket
             return self._new(min(n, self._size))
         self._bracket[top + 1] = list(best)
@@ -216,15 +233,31 @@ class SuccessiveHalving(Strategy):
             if config is not None:
                 self._configs[config]["loss"][rung] = (
                     self.problem.scalar_loss(res.values) if res.ok else math.inf)
-            if rung <= 0:  # rung 0, or a probe of the inner strategy
-                inner.append(Result(candidate_id=inner_id, values=dict(res.values),
-                                    status=res.status, reason=res.reason,
-                                    payload=res.payload, correct=res.correct,
-                                    items=res.items, cost=res.cost))
+                self._configs[config]["result"][rung] = res
+            # rung 0 (unless held back for the bracket's end), or a probe of the inner one
+            if config is None or (rung == 0 and self.options.tell == "first"):
+                inner.append(_for_inner(res, inner_id))
         if inner:
             self.inner.tell(inner)
+
+    def _tell_last(self, configs: list[int]) -> None:
+        """``tell: last``: the inner strategy hears each of a finished bracket's
+        configurations at the highest rung it reached."""
+        told = []
+        for c in configs:
+            results = self._configs[c]["result"]
+            told.append(_for_inner(results[max(results)], self._configs[c]["inner"]))
+        if told:
+            self.inner.tell(told)
 
     @property
     def done(self) -> bool:
         return self.inner.done and not self._asked and self._promotion() is None \
             and not self._queue
+
+
+def _for_inner(res: Result, inner_id: int) -> Result:
+    """A result as the inner strategy's, under the id it proposed the configuration with."""
+    return Result(candidate_id=inner_id, values=dict(res.values), status=res.status,
+                  reason=res.reason, payload=res.payload, correct=res.correct,
+                  items=res.items, cost=res.cost)

@@ -97,6 +97,69 @@ def test_inner_cmaes_state_round_trip_mid_rung() -> None:
     assert not other.multi_objective  # as its inner cmaes
 
 
+def _inner_tells(s) -> list[list]:
+    """The results the inner strategy was told, batch by batch: [(inner id, loss)]."""
+    return [[(r["id"], r["values"]["loss"]) for r in e[1]]
+            for e in s.inner.state_dict()["log"] if e[0] == "tell"]
+
+
+def test_tell_last_tells_the_inner_strategy_each_configs_highest_rung_at_the_bracket_end():
+    opts = {"strategy": "cmaes", "options": {"popsize": 4}, "asynchronous": False,
+            "eta": 2, "fidelities": [0.5, 1.0], "bracket": 4, "tell": "last"}
+    s = create_strategy("asha", LINE, opts, seed=2)
+    rung0 = s.ask(10)
+    assert len(rung0) == 4 and {c.fidelity for c in rung0} == {0.5}
+    s.tell([Result(c.id, {"loss": loss(c.genome)}) for c in rung0])
+    rung1 = s.ask(10)
+    assert _inner_tells(s) == []  # held back while the bracket runs
+    best2 = sorted(rung0, key=lambda c: loss(c.genome))[:2]
+    assert [c.genome for c in rung1] == [c.genome for c in best2]
+    s.tell([Result(c.id, {"loss": 7.0 + i}) for i, c in enumerate(rung1)])
+    nxt = s.ask(10)  # the bracket ended: the inner cmaes heard all four, then sampled anew
+    assert len(nxt) == 4 and {c.fidelity for c in nxt} == {0.5}
+    assert s.inner.generation == 1
+    [told] = _inner_tells(s)
+    genome_of = {cfg["inner"]: cfg["genome"] for cfg in s._configs}
+    heard = {tuple(genome_of[inner_id]): value for inner_id, value in told}
+    want = {tuple(c.genome): loss(c.genome) for c in rung0}
+    want |= {tuple(c.genome): 7.0 + i for i, c in enumerate(rung1)}  # the full results
+    assert heard == pytest.approx(want)
+
+
+def test_a_bracket_the_inner_strategy_cannot_fill_goes_on_with_what_it_gave():
+    """cmaes hands out a generation of 4; with brackets of 3 and ``tell: last`` the second
+    bracket holds the generation's last member, not a wait that never ends."""
+    opts = {"strategy": "cmaes", "options": {"popsize": 4}, "asynchronous": False,
+            "eta": 2, "fidelities": [0.5, 1.0], "bracket": 3, "tell": "last"}
+    s = create_strategy("asha", LINE, opts, seed=0)
+    fidelities = []
+    for _ in range(40):
+        cands = s.ask(3)
+        assert cands, "asked with nothing pending and got nothing"
+        fidelities += [c.fidelity for c in cands]
+        s.tell([Result(c.id, {"loss": loss(c.genome)}) for c in cands])
+    assert s.inner.generation >= 5 and 1.0 in fidelities
+    # brackets of 3, then the generation's last one: each told when its bracket ended
+    assert [len(batch) for batch in _inner_tells(s)][:6] == [3, 1, 3, 1, 3, 1]
+
+
+def test_tell_last_state_round_trip_mid_bracket() -> None:
+    opts = {"strategy": "cmaes", "options": {"popsize": 4}, "asynchronous": False,
+            "eta": 2, "fidelities": [0.5, 1.0], "bracket": 4, "tell": "last"}
+    s = create_strategy("asha", LINE, opts, seed=5)
+    for _ in range(7):
+        cands = s.ask(2)
+        s.tell([Result(c.id, {"loss": loss(c.genome)}) for c in cands[:-1]])
+    other = create_strategy("asha", LINE, opts, seed=5)
+    other.load_state_dict(s.state_dict())
+    assert [c.genome for c in other.pending] == [c.genome for c in s.pending]
+    for strat in (s, other):
+        strat.tell([Result(c.id, {"loss": loss(c.genome)}) for c in strat.pending])
+    assert [(c.genome, c.fidelity) for c in other.ask(4)] == \
+        [(c.genome, c.fidelity) for c in s.ask(4)]
+    assert _inner_tells(other) == _inner_tells(s)
+
+
 @pytest.mark.parametrize("options, match", [
     ({"fidelities": [0.5, 0.9]}, "the last fidelity must be 1"),
     ({"fidelities": [0.5, 0.3, 1.0]}, "fidelities must increase"),
@@ -104,6 +167,8 @@ def test_inner_cmaes_state_round_trip_mid_rung() -> None:
     ({"strategy": "nope"}, "options.strategy: unknown strategy 'nope'"),
     ({"strategy": "cmaes", "options": {"popsize": "x"}}, "options.options: strategy 'cmaes'"),
     ({"bracket": 4}, "bracket is for asynchronous: false only"),
+    ({"tell": "last"}, "tell: last is for asynchronous: false only"),
+    ({"tell": "best", "asynchronous": False}, "tell"),
 ])
 def test_bad_options_are_refused(options, match) -> None:
     with pytest.raises(StrategyError, match=match):
