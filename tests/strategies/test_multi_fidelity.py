@@ -178,11 +178,11 @@ def test_bad_options_are_refused(options, match) -> None:
 # -- through the controller ----------------------------------------------------------------
 
 
-def _experiment(tmp_path: Path, **changes) -> Path:
+def _experiment(tmp_path: Path, options: dict | None = None, **changes) -> Path:
     from test_run_cli import write_experiment
 
     strategy = {"name": PATH, "options": {"strategy": "random", "eta": 2,
-                                          "fidelities": [0.25, 1.0]}}
+                                          "fidelities": [0.25, 1.0], **(options or {})}}
     return write_experiment(tmp_path, strategy=strategy, **changes)
 
 
@@ -206,13 +206,15 @@ def test_the_front_and_best_read_full_fidelity_trials_and_cost_counts_items(zoo,
 
 
 @pytest.mark.slow
-def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path):
+@pytest.mark.parametrize("options", [{}, {"asynchronous": False, "bracket": 4, "tell": "last"}],
+                         ids=["asha", "sync-tell-last"])
+def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path, options):
     from helpers import completed_count, kill_mid_run
 
     from mergesearch.cli import main
     from mergesearch.storage import TrialStore
 
-    exp = _experiment(tmp_path, budget={"evaluations": 14})
+    exp = _experiment(tmp_path, options, budget={"evaluations": 14})
     db = tmp_path / "run" / "study.db"
     kill_mid_run(exp, db, 7)
     assert 7 <= completed_count(db) < 14
@@ -221,7 +223,7 @@ def test_sigkill_mid_search_then_resume_continues_the_same_search(zoo, tmp_path)
     assert sorted(t.candidate_id for t in ok) == list(range(14))
     other = tmp_path / "whole"
     other.mkdir()
-    again = _experiment(other, budget={"evaluations": 14})
+    again = _experiment(other, options, budget={"evaluations": 14})
     assert main(["run", str(again), "-q"]) == 0
     whole = TrialStore.open(f"sqlite:///{other / 'run' / 'study.db'}", "toy").trials()
     assert {t.candidate_id: (t.params, t.fidelity) for t in ok} == \
