@@ -233,7 +233,8 @@ class SuccessiveHalving(Strategy):
             if config is not None:
                 self._configs[config]["loss"][rung] = (
                     self.problem.scalar_loss(res.values) if res.ok else math.inf)
-                self._configs[config]["result"][rung] = res
+                if self.options.tell == "last":  # told at the bracket's end
+                    self._configs[config]["result"][rung] = res
             # rung 0 (unless held back for the bracket's end), or a probe of the inner one
             if config is None or (rung == 0 and self.options.tell == "first"):
                 inner.append(_for_inner(res, inner_id))
