@@ -35,7 +35,9 @@ Multi-fidelity at equal cost:
   evaluations, seeds 0..``--seeds``-1 interleaved (asha, plain, asha, plain ...) so both
   arms share the machine's load; finished runs go to ``--out`` and are not run again.
   The table adds wall seconds (to the plain arm's final best, from the run's start) and
-  per-trial merge, scoring and controller seconds by fidelity.
+  per-trial merge, scoring and controller seconds by fidelity.  ``zoo-gen-wide``
+  (experiments/zoo/asha_generate_wide.yaml) is the same testbed on a 32-dimensional space
+  (a weight per expert, layer and block), where cmaes does not converge in the budget.
 
     python benchmarks/estimators.py --fidelity-run zoo-gen [--seeds 5] [--full-evals 30]
         [--inner random --inner-options '{}'] [--asha-options '{"fidelities": [0.333333, 1]}']
@@ -221,7 +223,8 @@ def markdown(bed: str, fig: dict[str, Any], seeds: int, sources: int, merges: in
 # -- multi-fidelity at equal cost: interleaved runs ----------------------------------------
 
 #: testbed -> experiment file whose strategy is ``asha`` over its plain strategy
-FIDELITY_BEDS = {"zoo-gen": "experiments/zoo/asha_generate.yaml"}
+FIDELITY_BEDS = {"zoo-gen": "experiments/zoo/asha_generate.yaml",
+                 "zoo-gen-wide": "experiments/zoo/asha_generate_wide.yaml"}
 
 
 def fidelity_run(bed: str, seeds: int, full_evals: int, out: Path, work: Path,
