@@ -130,7 +130,8 @@ SELECT_MIN_NUMEL = 1 << 16
 
 _SAMPLE = 1 << 16  # at most this many entries in the strided sample placing the band
 _ROW = 32  # entries per row of the scan (shorter rows compile to slower loops)
-_MARGIN = 3.5  # sample standard deviations on each side of the k-th value's sample rank
+_MARGIN = 2.5  # sample standard deviations on each side of the k-th value's sample rank
+_WIDE = 4  # the band counted after a miss is this many times as wide
 
 
 def _magnitudes(x: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
@@ -220,14 +221,15 @@ def kth_smallest_magnitude(x: torch.Tensor, k: int,
 
     Nothing is sorted but a strided sample, and the magnitudes are never written out:
     the sample's order statistics place a band ``[lo, hi]`` around the k-th value (about
-    seven standard deviations of its sample rank wide); one compiled pass over ``x`` and
-    ``base`` (:func:`_scan_rows`) counts, per row, the magnitudes below and inside the
-    band and keeps the largest and smallest inside; a partition (numpy's on the CPU, a sort
-    elsewhere) then runs on the few magnitudes inside, from those row extremes and the few
-    rows holding more than two.  When the k-th value is outside the band (the sample
-    misled), the same pass runs again on the side that holds it: the sample only ever
-    decides the speed.  With NaN the answer
-    is ``torch.kthvalue``'s own (NaN counts as the largest).
+    five standard deviations of its sample rank wide; the stride visits every column,
+    :func:`sample_step`); one compiled pass over ``x`` and ``base`` (:func:`_scan_rows`)
+    counts, per row, the magnitudes below and inside the band and keeps the largest and
+    smallest inside; a partition (numpy's on the CPU, a sort elsewhere) then runs on the
+    few magnitudes inside, from those row extremes and the few rows holding more than two.
+    When the k-th value is outside the band (the sample misled), a pass counts again on
+    the side that holds it, out to a band four times as wide and to the end only if that
+    misses too: the sample only ever decides the speed.  With NaN the answer is
+    ``torch.kthvalue``'s own (NaN counts as the largest).
     """
     return kth_smallest_magnitudes([x], [k], base)[0]
 
@@ -250,7 +252,8 @@ def kth_smallest_magnitudes(xs: list[torch.Tensor], ks: list[int],
     if bflat.numel() < SELECT_MIN_NUMEL:
         return [torch.kthvalue(_magnitudes(f, bflat), k).values
                 for f, k in zip(flats, ks, strict=True)]
-    bands = [_place_band(f, bflat, k) for f, k in zip(flats, ks, strict=True)]
+    cols = _columns(base)
+    bands = [_place_band(f, bflat, k, cols) for f, k in zip(flats, ks, strict=True)]
     firsts = _bands(flats, bflat, bands, xs[0])
     return [_kth_in_band(f, bflat, k, band, first, x)
             for f, k, band, first, x in zip(flats, ks, bands, firsts, xs, strict=True)]
@@ -260,40 +263,81 @@ def _kth_from(flat: torch.Tensor, k: int, bflat: torch.Tensor | None,
               like: torch.Tensor) -> torch.Tensor:
     if flat.numel() < SELECT_MIN_NUMEL:
         return torch.kthvalue(_magnitudes(flat, bflat), k).values
-    band = _place_band(flat, bflat, k)
-    return _kth_in_band(flat, bflat, k, band, _band(flat, bflat, *band, like), like)
+    band = _place_band(flat, bflat, k, _columns(like))
+    return _kth_in_band(flat, bflat, k, band, _band(flat, bflat, *band[:2], like), like)
 
 
-def _place_band(flat: torch.Tensor, bflat: torch.Tensor | None, k: int) -> tuple[float, float]:
-    """A band ``[lo, hi]`` of magnitudes likely to hold the k-th, from a strided sample."""
+def _columns(x: torch.Tensor) -> int:
+    """The row length of a matrix-shaped tensor (1 for a vector: no columns to cover)."""
+    return x.shape[-1] if x.dim() > 1 else 1
+
+
+def sample_step(n: int, columns: int = 1) -> int:
+    """The stride of the sample that places a band in ``n`` entries of rows ``columns``
+    long: about ``min(_SAMPLE, 16 sqrt(n))`` entries (sorting them costs less than it
+    saves), the stride made coprime to the row length so that the sample visits every
+    column.  A stride sharing a factor with it would see only a few columns (96 on 768-wide
+    rows sees 8 of them); where columns differ in scale, as in trained weights, the band
+    would then miss the k-th value most of the time and the counting pass run again.
+    """
+    step = max(1, n // min(_SAMPLE, 16 * math.isqrt(n)))
+    while math.gcd(step, columns) != 1:
+        step += 1
+    return step
+
+
+def _place_band(flat: torch.Tensor, bflat: torch.Tensor | None, k: int,
+                columns: int) -> tuple[float, float, float, float]:
+    """A band ``[lo, hi]`` of magnitudes likely to hold the k-th, and a band four times as
+    wide for when it misses, from a strided sample (:func:`sample_step`) of ``flat``, whose
+    rows are ``columns`` long: ``(lo, hi, lo_wide, hi_wide)``, infinite past the sample."""
     n = flat.numel()
-    step = max(1, n // min(_SAMPLE, 16 * math.isqrt(n)))  # sorting costs less than it saves
+    step = sample_step(n, columns)
     sample = _magnitudes(flat[::step], None if bflat is None else bflat[::step])
     m = sample.numel()
     j = (k - 0.5) * m / n  # the k-th value's expected place in the sample
     margin = _MARGIN * math.sqrt(max(j * (m - j) / m, 1.0)) + 2
-    lo_at, hi_at = math.floor(j - margin), math.ceil(j + margin)
-    places = [p for p in (lo_at, hi_at) if 0 <= p < m]
-    stats = _order_statistics(sample, places).tolist() if places else []
-    lo = stats.pop(0) if 0 <= lo_at < m else -math.inf
-    hi = stats.pop(0) if 0 <= hi_at < m else math.inf
-    return lo, hi
+    at = [math.floor(j - margin), math.ceil(j + margin),
+          math.floor(j - _WIDE * margin), math.ceil(j + _WIDE * margin)]
+    places = sorted({p for p in at if 0 <= p < m})
+    stats = dict(zip(places, _order_statistics(sample, places).tolist() if places else [],
+                     strict=True))
+    lo, hi, lo_wide, hi_wide = (stats.get(p, -math.inf if p < 0 else math.inf) for p in at)
+    return lo, hi, lo_wide, hi_wide
 
 
 def _kth_in_band(flat: torch.Tensor, bflat: torch.Tensor | None, k: int,
-                 band: tuple[float, float], first: tuple[int, torch.Tensor],
+                 band: tuple[float, float, float, float], first: tuple[int, torch.Tensor],
                  like: torch.Tensor) -> torch.Tensor:
     """The k-th magnitude, given the count below ``band`` and the magnitudes inside it
-    (``first``); scans again on the side that holds it when the band missed."""
-    inf = math.inf
-    lo, hi = band
+    (``first``).  When the band missed, the side that holds the k-th is counted again, out
+    to the wide band's edge first and to the end only if that misses too: a miss costs a
+    pass, not a partition of half the tensor."""
+    inf, dtype = math.inf, like.dtype
+    lo, hi, lo_wide, hi_wide = band
     below, inside = first
-    if k <= below:  # below the band: [-inf, just under lo]
-        _, inside = _band(flat, bflat, -inf, _next_below(lo, like.dtype), like)
-        below = 0
-    elif k > below + inside.numel():  # above it: [just over hi, inf]
+    if k <= below:  # below the band (so lo > -inf)
+        upper = _next_below(lo, dtype)
+        for lower in ([lo_wide] if lo_wide > -inf else []) + [-inf]:
+            if lower > upper:  # the wide band ends where the band does
+                continue
+            below, inside = _band(flat, bflat, lower, upper, like)
+            if below < k:  # always at -inf: nothing is counted below it
+                break
+            upper = _next_below(lower, dtype)
+    elif k > below + inside.numel():  # above it
+        if hi == inf:  # past every number: NaN
+            return torch.kthvalue(_magnitudes(flat, bflat), k).values
         below += inside.numel()
-        under, inside = _band(flat, bflat, _next_above(hi, like.dtype), inf, like)
+        lower = _next_above(hi, dtype)
+        for upper in ([hi_wide] if hi_wide < inf else []) + [inf]:
+            if upper < lower:
+                continue
+            under, inside = _band(flat, bflat, lower, upper, like)
+            if under != below or k <= below + inside.numel():
+                break
+            below += inside.numel()
+            lower = _next_above(upper, dtype)
         if under != below or k > below + inside.numel():  # NaN counted nowhere
             return torch.kthvalue(_magnitudes(flat, bflat), k).values
     # the band holds no NaN: a partition (several times faster than kthvalue on the CPU)
@@ -334,7 +378,8 @@ def _bands(flats: list[torch.Tensor], bflat: torch.Tensor, bands: list[tuple[flo
            like: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """:func:`_band` of each model for its own band, the rows of all counted in one pass."""
     n = bflat.numel()
-    bounds = torch.tensor(bands, dtype=bflat.dtype, device=bflat.device)  # (models, 2)
+    bounds = torch.tensor([b[:2] for b in bands], dtype=bflat.dtype,
+                          device=bflat.device)  # (models, 2)
     rows = n // _ROW * _ROW
     xrs = [f[:rows].view(-1, _ROW) for f in flats]
     br = bflat[:rows].view(-1, _ROW)
@@ -393,11 +438,6 @@ def _inside(x: torch.Tensor, base: torch.Tensor | None, lo: torch.Tensor,
     """The magnitudes of these entries in ``[lo, hi]``, flat."""
     a = _magnitudes(x, base).reshape(-1)
     return a[(a >= lo) & (a <= hi)]
-
-
-def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of a flat tensor (k >= 1)."""
-    return kth_smallest(values, values.numel() - k + 1)
 
 
 def magnitude_band(mag: torch.Tensor, density: float,
