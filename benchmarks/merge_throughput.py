@@ -5,7 +5,8 @@ perturbed sources, saved as safetensors), then times, on one device:
 
 * the memory-copy bound of each method: streaming every input once (four models, or
   the three sources for ``linear``, which has no base) and the output once at the
-  device's measured copy bandwidth (``Tensor.copy_`` of a large buffer);
+  device's measured copy bandwidth (``Tensor.copy_`` of a large buffer, probed just
+  before and just after that method's merges, the faster reading kept);
 * mergesearch's in-memory merge into the resident model (warm, best of N);
 * mergesearch merge + checkpoint write (the resident model saved), mergesearch's export
   from disk to disk (``save_merged``: the sources read from their checkpoints, the merge
@@ -16,7 +17,7 @@ perturbed sources, saved as safetensors), then times, on one device:
 
     python benchmarks/merge_throughput.py [--device cuda] [--dtype bfloat16]
         [--hidden 768 --layers 8 --intermediate N] [--no-save]
-        [--methods ties,dare_ties,linear,task_arithmetic]
+        [--methods ties,dare_ties,linear,task_arithmetic] [--column-scale 0.5]
 
 ``--dtype`` is the checkpoints' and the resident model's dtype (merges compute in
 float32 either way); the bound counts the bytes of that dtype.  The table rows start
@@ -43,8 +44,11 @@ from mergesearch.recipe import uniform_recipe
 
 
 def build_models(root: Path, hidden: int, layers: int, vocab: int,
-                 dtype: torch.dtype = torch.float32,
-                 intermediate: int | None = None) -> tuple[str, list[str], int]:
+                 dtype: torch.dtype = torch.float32, intermediate: int | None = None,
+                 column_scale: float = 0.0) -> tuple[str, list[str], int]:
+    """A base and three sources, each base + 0.01 * noise.  ``column_scale`` > 0 scales
+    the noise of every matrix column by ``exp(column_scale * z)`` (one ``z`` per column
+    and source), as trained task vectors' columns differ in scale; 0 keeps it i.i.d."""
     config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or 4 * hidden,
                          num_hidden_layers=layers, num_attention_heads=hidden // 64,
                          num_key_value_heads=hidden // 64, vocab_size=vocab,
@@ -57,7 +61,10 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int,
     for i in range(4):
         with torch.no_grad():
             for k, p in model.state_dict().items():
-                p.copy_(base[k] + (0.01 * torch.randn(p.shape, generator=gen) if i else 0))
+                noise = 0.01 * torch.randn(p.shape, generator=gen) if i else 0
+                if i and column_scale and p.dim() == 2:
+                    noise = noise * torch.exp(column_scale * torch.randn(p.shape[1], generator=gen))
+                p.copy_(base[k] + noise)
         path = root / ("base" if i == 0 else f"source{i}")
         model.to(dtype).save_pretrained(path)
         model.float()
@@ -132,6 +139,9 @@ def main() -> None:
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--methods", default="ties,dare_ties,linear,task_arithmetic")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--column-scale", type=float, default=0.0,
+                        help="spread of the task vectors' per-column scales (log-normal "
+                             "sigma; default 0: i.i.d. noise)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -140,12 +150,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, sources, n_params = build_models(root, args.hidden, args.layers, args.vocab,
-                                               dtype, args.intermediate)
-        bandwidth = copy_bandwidth(device)
+                                               dtype, args.intermediate, args.column_scale)
         size = torch.empty(0, dtype=dtype).element_size()
         print(f"{datetime.date.today()}  device {device}  threads {torch.get_num_threads()}  "
               f"dtype {args.dtype}  params {n_params / 1e6:.1f}M")
-        print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
         merger = ResidentMerger(device=device, dtype=dtype)
         rows = []
         for method in args.methods.split(","):
@@ -153,18 +161,23 @@ def main() -> None:
             params = {"weight": 0.5, **({"density": 0.5} if "density" in own else {})}
             has_base = get_method(method).needs_base
             recipe = uniform_recipe(method, base if has_base else None, sources, **params)
+            merger.apply(recipe)  # plan, upload, build the resident model
+            # the copy probe just before and just after the merges, the faster reading
+            # kept: the machine's bandwidth drifts between methods on a shared host
+            before = copy_bandwidth(device)
+            t_ours = best_time(lambda r=recipe: merger.apply(r), args.repeats, device)
+            bandwidth = max(before, copy_bandwidth(device))
             # every input read once, the output written once
             bound = (len(sources) + has_base + 1) * n_params * size / bandwidth
-            merger.apply(recipe)  # plan, upload, build the resident model
-            t_ours = best_time(lambda r=recipe: merger.apply(r), args.repeats, device)
             t_save = t_export = t_mk = None
             if not args.no_save:
                 t_save, t_export, t_mk = save_times(recipe, merger, root, device, args)
             rows.append((method, bound, t_ours, t_save, t_export, t_mk))
             save, export, mk = (f"{t:.2f} s" if t is not None else "n/a"
                                 for t in (t_save, t_export, t_mk))
-            print(f"{method}: bound {bound:.3f} s, merge {t_ours:.3f} s ({bound / t_ours:.1%}), "
-                  f"merge+save {save}, export {export}, mergekit {mk}", flush=True)
+            print(f"{method}: copy {bandwidth / 1e9:.1f} GB/s, bound {bound:.3f} s, merge "
+                  f"{t_ours:.3f} s ({bound / t_ours:.1%}), merge+save {save}, export {export}, "
+                  f"mergekit {mk}", flush=True)
         print()
         print("| date | method | copy bound s | in-memory merge s | Mparam/s | of copy bound "
               "| merge+save s | export s | mergekit run_merge s "
@@ -180,7 +193,8 @@ def main() -> None:
                   f"{export} | {mk} | {speed} |")
         print(yaml.safe_dump({"config": {"hidden": args.hidden, "layers": args.layers,
                                          "vocab": args.vocab, "dtype": args.dtype,
-                                         "intermediate": args.intermediate or 4 * args.hidden}},
+                                         "intermediate": args.intermediate or 4 * args.hidden,
+                                         "column_scale": args.column_scale}},
                              sort_keys=False).strip())
 
 
