@@ -98,32 +98,6 @@ def uniform(shape: torch.Size | tuple[int, ...], key: int, device: torch.device,
     return (uniform_bits(index, key) >> 8).to(dtype) * 2.0**-24
 
 
-def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th smallest entry (1-based) of a flat tensor of any values, exactly.
-
-    Bracketed with a sorted strided sample, counted and finished with ``kthvalue`` on
-    the entries inside the bracket (the plain ``kthvalue`` when the bracket misses: the
-    sample only decides the speed).  Magnitudes (TIES, Breadcrumbs) take the faster
-    :func:`kth_smallest_magnitude`, which never writes them out.
-    """
-    n = values.numel()
-    if n < 1 << 15:
-        return torch.kthvalue(values, k).values
-    sample = values[:: n // min(1 << 14, n // 32)]
-    m = sample.numel()
-    margin = int(4 * m**0.5) + 1  # ~4 standard deviations of the sample rank
-    j = int(k * m / n)
-    if j - margin < 0 or j + margin >= m:
-        return torch.kthvalue(values, k).values
-    ordered = torch.sort(sample).values
-    lo, hi = ordered[j - margin], ordered[j + margin]
-    below = int(torch.count_nonzero(values < lo))
-    band = values[(values >= lo) & (values <= hi)]
-    if not below < k <= below + band.numel():
-        return torch.kthvalue(values, k).values
-    return torch.kthvalue(band, k - below).values
-
-
 # ------------------------------------------------------- exact select by counting
 SELECT_MIN_NUMEL = 1 << 16
 """Magnitude tensors at least this large are selected by counting (smaller: ``kthvalue``)."""
@@ -374,7 +348,8 @@ def _band(flat: torch.Tensor, bflat: torch.Tensor | None, lo: float, hi: float,
     return _tail(flat, bflat, rows, lo_t, hi_t, below, parts)
 
 
-def _bands(flats: list[torch.Tensor], bflat: torch.Tensor, bands: list[tuple[float, float]],
+def _bands(flats: list[torch.Tensor], bflat: torch.Tensor,
+           bands: list[tuple[float, float, float, float]],
            like: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
     """:func:`_band` of each model for its own band, the rows of all counted in one pass."""
     n = bflat.numel()
