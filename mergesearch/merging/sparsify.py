@@ -226,8 +226,9 @@ def kth_smallest_magnitudes(xs: list[torch.Tensor], ks: list[int],
     if bflat.numel() < SELECT_MIN_NUMEL:
         return [torch.kthvalue(_magnitudes(f, bflat), k).values
                 for f, k in zip(flats, ks, strict=True)]
-    cols = _columns(base)
-    bands = [_place_band(f, bflat, k, cols) for f, k in zip(flats, ks, strict=True)]
+    step = sample_step(bflat.numel(), _columns(base))
+    bsample = bflat[::step].contiguous()  # the base's part of every model's sample
+    bands = [_place_band(f, bsample, k, step) for f, k in zip(flats, ks, strict=True)]
     firsts = _bands(flats, bflat, bands, xs[0])
     return [_kth_in_band(f, bflat, k, band, first, x)
             for f, k, band, first, x in zip(flats, ks, bands, firsts, xs, strict=True)]
@@ -237,7 +238,8 @@ def _kth_from(flat: torch.Tensor, k: int, bflat: torch.Tensor | None,
               like: torch.Tensor) -> torch.Tensor:
     if flat.numel() < SELECT_MIN_NUMEL:
         return torch.kthvalue(_magnitudes(flat, bflat), k).values
-    band = _place_band(flat, bflat, k, _columns(like))
+    step = sample_step(flat.numel(), _columns(like))
+    band = _place_band(flat, None if bflat is None else bflat[::step], k, step)
     return _kth_in_band(flat, bflat, k, band, _band(flat, bflat, *band[:2], like), like)
 
 
@@ -260,14 +262,14 @@ def sample_step(n: int, columns: int = 1) -> int:
     return step
 
 
-def _place_band(flat: torch.Tensor, bflat: torch.Tensor | None, k: int,
-                columns: int) -> tuple[float, float, float, float]:
+def _place_band(flat: torch.Tensor, bsample: torch.Tensor | None, k: int,
+                step: int) -> tuple[float, float, float, float]:
     """A band ``[lo, hi]`` of magnitudes likely to hold the k-th, and a band four times as
-    wide for when it misses, from a strided sample (:func:`sample_step`) of ``flat``, whose
-    rows are ``columns`` long: ``(lo, hi, lo_wide, hi_wide)``, infinite past the sample."""
+    wide for when it misses, from the sample of every ``step``-th entry
+    (:func:`sample_step`; ``bsample`` is the base's, taken once for all models):
+    ``(lo, hi, lo_wide, hi_wide)``, infinite past the sample."""
     n = flat.numel()
-    step = sample_step(n, columns)
-    sample = _magnitudes(flat[::step], None if bflat is None else bflat[::step])
+    sample = _magnitudes(flat[::step], bsample)
     m = sample.numel()
     j = (k - 0.5) * m / n  # the k-th value's expected place in the sample
     margin = _MARGIN * math.sqrt(max(j * (m - j) / m, 1.0)) + 2
